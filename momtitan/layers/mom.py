@@ -1,0 +1,191 @@
+"""The Mixture-of-Memories layer.
+
+    x [B, T, D]
+    -> router: fp32 softmax, top-k, renormalised weights            (routing.route)
+    -> dispatch plan: routed rows in (memory, batch, time) order     (routing.plan_dispatch)
+       plus one shared-memory row per token
+    -> q once on x (gathered to the routed rows); k/v/beta/decay of the routed rows as one
+       grouped GEMM over the memories; the shared memory's with its own weights
+    -> causal short conv + SiLU on q, k, v along every segment, restarting at segment starts
+       and document boundaries (the same in training, prefill and decoding)
+    -> one linear_recurrence call over all E*B (+B shared) segments
+    -> sum_j w_j o_j + o_shared, gated RMSNorm per head, o_proj
+
+A memory's state only moves at the tokens routed to it: un-routed memories are frozen, not decayed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from momtitan.cache import MoMLayerState
+from momtitan.config import MoMModelArgs
+from momtitan.layers.norm import GatedRMSNorm
+from momtitan.ops.conv import _short_conv, short_conv_step
+from momtitan.ops.grouped_linear import grouped_linear
+from momtitan.ops.recurrence import _linear_recurrence, linear_recurrence_step
+from momtitan.routing import combine, load_balance_loss, plan_dispatch, route, stale_streams, stream_resets
+
+
+class MoMLayer(nn.Module):
+    def __init__(self, args: MoMModelArgs):
+        super().__init__()
+        D, E, H = args.hidden_size, args.num_memories, args.num_heads
+        self.num_memories, self.topk, self.num_heads = E, args.topk, H
+        self.head_k, self.head_v = args.head_dim, args.head_v_dim
+        self.key_dim, self.value_dim = args.key_dim, args.value_dim
+        self.shared_mem, self.qk_l2norm = args.shared_mem, args.qk_l2norm
+        self.uses_delta, self.uses_decay = args.uses_delta, args.uses_decay
+        self.conv_size = args.conv_size
+
+        self.router = nn.Linear(D, E, bias=False)
+        self.q_proj = nn.Linear(D, self.key_dim, bias=False)
+        # Per-memory projections, stacked [E, out, in] for the grouped GEMM.
+        self.k_proj = nn.Parameter(torch.empty(E, self.key_dim, D))
+        self.v_proj = nn.Parameter(torch.empty(E, self.value_dim, D))
+        self.b_proj = nn.Parameter(torch.empty(E, H, D)) if self.uses_delta else None
+        self.a_proj = nn.Parameter(torch.empty(E, H, D)) if self.uses_decay else None
+        if self.shared_mem:
+            self.shared_k = nn.Linear(D, self.key_dim, bias=False)
+            self.shared_v = nn.Linear(D, self.value_dim, bias=False)
+            self.shared_b = nn.Linear(D, H, bias=False) if self.uses_delta else None
+            self.shared_a = nn.Linear(D, H, bias=False) if self.uses_decay else None
+        if self.uses_decay:  # shared by every memory
+            self.A_log = nn.Parameter(torch.empty(H, dtype=torch.float32))
+            self.dt_bias = nn.Parameter(torch.empty(H, dtype=torch.float32))
+        # One depthwise conv over the concatenated q | k | v channels, shared by all memories.
+        self.conv_weight = nn.Parameter(torch.empty(2 * self.key_dim + self.value_dim, args.conv_size))
+        self.g_proj = nn.Linear(D, self.value_dim, bias=False)
+        self.o_norm = GatedRMSNorm(self.head_v, eps=args.norm_eps)
+        self.o_proj = nn.Linear(self.value_dim, D, bias=False)
+
+    # ---- parameters -------------------------------------------------------------------------
+    def _split_sizes(self) -> list[int]:
+        return [self.key_dim, self.value_dim] + [self.num_heads] * (int(self.uses_delta) + int(self.uses_decay))
+
+    def memory_weight(self) -> torch.Tensor:
+        """`[E, out, D]`: each memory's k | v | beta | decay projections, concatenated."""
+        parts = [self.k_proj, self.v_proj] + [p for p in (self.b_proj, self.a_proj) if p is not None]
+        return torch.cat(parts, dim=1)
+
+    def shared_weight(self) -> torch.Tensor:
+        parts = [self.shared_k, self.shared_v] + [m for m in (self.shared_b, self.shared_a) if m is not None]
+        return torch.cat([m.weight for m in parts], dim=0)
+
+    def reset_parameters(self) -> None:
+        gain = 2**-2.5  # fla's MoM init for every linear of the layer
+        for linear in (self.router, self.q_proj, self.g_proj, self.o_proj):
+            nn.init.xavier_uniform_(linear.weight, gain=gain)
+        for stacked in (self.k_proj, self.v_proj, self.b_proj, self.a_proj):
+            if stacked is not None:
+                for m in range(stacked.shape[0]):
+                    nn.init.xavier_uniform_(stacked[m], gain=gain)
+        if self.shared_mem:
+            for linear in (self.shared_k, self.shared_v, self.shared_b, self.shared_a):
+                if linear is not None:
+                    nn.init.xavier_uniform_(linear.weight, gain=gain)
+        if self.uses_decay:
+            with torch.no_grad():
+                self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0, 16).clamp_min(1e-4).log())
+                dt = torch.exp(torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+                dt = dt.clamp_min(1e-4)
+                self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        bound = 1 / math.sqrt(self.conv_size)  # nn.Conv1d's default for a depthwise conv
+        nn.init.uniform_(self.conv_weight, -bound, bound)
+        self.o_norm.reset_parameters()
+
+    # ---- shared pieces of the forward and the decoding step -----------------------------------
+    def _gates(self, extra: torch.Tensor):
+        """beta and the log-decay g from the extra projection columns."""
+        beta = g = None
+        H = self.num_heads
+        if self.uses_delta:
+            beta = torch.sigmoid(extra[..., :H].to(torch.promote_types(extra.dtype, torch.float32)))
+        if self.uses_decay:
+            a = extra[..., -H:].to(torch.promote_types(extra.dtype, torch.float32))
+            g = -torch.exp(self.A_log.to(a.dtype)) * F.softplus(a + self.dt_bias.to(a.dtype))
+        return beta, g
+
+    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        shape = o.shape[:-1]
+        gate = self.g_proj(x).view(*shape, self.num_heads, self.head_v)
+        o = self.o_norm(o.view(*shape, self.num_heads, self.head_v).to(gate.dtype), gate)
+        return self.o_proj(o.reshape(*shape, self.value_dim))
+
+    # ---- training / prefill ------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, doc_starts: torch.Tensor | None = None, state: MoMLayerState | None = None):
+        """Returns `(out [B, T, D], aux_loss, memory_load [E])`; advances `state` in place if given."""
+        B, T, D = x.shape
+        H, K, V = self.num_heads, self.head_k, self.head_v
+        routing = route(self.router(x), self.topk)
+        plan = plan_dispatch(routing.indices, self.num_memories, self.shared_mem)
+        flat = x.reshape(B * T, D)
+        q_tok = self.q_proj(flat)
+        proj = grouped_linear(flat[plan.token_of_row], self.memory_weight(), plan.memory_offsets)
+        q = q_tok[plan.token_of_row]
+        if self.shared_mem:
+            proj = torch.cat([proj, F.linear(flat, self.shared_weight())])
+            q = torch.cat([q, q_tok])
+        rows = q.shape[0]
+        k, v, extra = proj.split([self.key_dim, self.value_dim, proj.shape[-1] - self.key_dim - self.value_dim], dim=-1)
+        reset = None if doc_starts is None else stream_resets(doc_starts, plan, self.shared_mem)[None]
+
+        qkv, conv_final = _short_conv(
+            torch.cat([q, k, v], dim=-1)[None], self.conv_weight, cu_seqlens=plan.cu_seqlens, reset=reset,
+            initial_state=None if state is None else state.conv, output_final_state=state is not None,
+        )
+        q, k, v = qkv[0].split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        beta, g = self._gates(extra)
+        o, final = _linear_recurrence(
+            q.view(1, rows, H, K), k.view(1, rows, H, K), v.view(1, rows, H, V),
+            None if g is None else g.view(1, rows, H), None if beta is None else beta.view(1, rows, H),
+            scale=None, initial_state=None if state is None else state.recurrent,
+            output_final_state=state is not None, cu_seqlens=plan.cu_seqlens, reset=reset, qk_l2norm=self.qk_l2norm,
+        )
+        if state is not None:
+            if doc_starts is not None:  # memories that saw nothing of the last document start it empty
+                stale = stale_streams(doc_starts, plan, self.shared_mem)
+                final = final.masked_fill(stale[:, None, None, None], 0)
+                conv_final = conv_final.masked_fill(stale[:, None, None], 0)
+            state.recurrent.copy_(final)
+            state.conv.copy_(conv_final)
+        o = o.view(rows, self.value_dim)
+        R = B * T * self.topk
+        out = combine(o[:R], o[R:] if self.shared_mem else None, plan, routing.weights)
+        aux, load = load_balance_loss(routing, self.num_memories)
+        return self._output(out, x), aux, load
+
+    # ---- decoding ----------------------------------------------------------------------------
+    def step(self, x: torch.Tensor, state: MoMLayerState) -> torch.Tensor:
+        """One token per row, `x [B, 1, D]`: reads and writes only the k (+1 shared) active states."""
+        B = x.shape[0]
+        E, k_top, H, K, V = self.num_memories, self.topk, self.num_heads, self.head_k, self.head_v
+        flat = x[:, 0]
+        routing = route(self.router(flat), k_top)  # [B, k]
+        # Every memory's projection of the token (the weights are read once either way), then pick k.
+        proj_all = torch.einsum("bd,eod->beo", flat, self.memory_weight())
+        proj = proj_all.gather(1, routing.indices[..., None].expand(B, k_top, proj_all.shape[-1])).reshape(B * k_top, -1)
+        index = (routing.indices * B + torch.arange(B, device=x.device)[:, None]).reshape(-1)
+        q_tok = self.q_proj(flat)
+        q = q_tok.repeat_interleave(k_top, dim=0)
+        if self.shared_mem:
+            proj = torch.cat([proj, F.linear(flat, self.shared_weight())])
+            q = torch.cat([q, q_tok])
+            index = torch.cat([index, E * B + torch.arange(B, device=x.device)])
+        k, v, extra = proj.split([self.key_dim, self.value_dim, proj.shape[-1] - self.key_dim - self.value_dim], dim=-1)
+        qkv = short_conv_step(torch.cat([q, k, v], dim=-1), self.conv_weight, state.conv, index)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        beta, g = self._gates(extra)
+        rows = q.shape[0]
+        o = linear_recurrence_step(
+            q.view(rows, H, K), k.view(rows, H, K), v.view(rows, H, V), g, beta, state.recurrent, index,
+            qk_l2norm=self.qk_l2norm,
+        ).reshape(rows, self.value_dim)
+        out = (o[: B * k_top].view(B, k_top, -1) * routing.weights[..., None].to(o.dtype)).sum(1)
+        if self.shared_mem:
+            out = out + o[B * k_top :]
+        return self._output(out[:, None], x)

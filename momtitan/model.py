@@ -1,0 +1,153 @@
+"""The MoM language model: embeddings -> pre-norm blocks (MoM or attention, then SwiGLU) -> norm -> head.
+
+torchtitan-shaped: `layers` is a ModuleDict of blocks, `init_weights` works after building on the
+meta device, and `get_nparams_and_flops` feeds MFU.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from momtitan.cache import ModelCache
+from momtitan.config import MoMModelArgs
+from momtitan.layers.attention import Attention
+from momtitan.layers.mlp import SwiGLU
+from momtitan.layers.mom import MoMLayer
+from momtitan.layers.norm import RMSNorm
+
+
+class MoMOutput(NamedTuple):
+    logits: torch.Tensor       # [B, T, vocab]
+    aux_loss: torch.Tensor     # scalar: mean load-balance loss over MoM layers (unscaled; k at balance)
+    memory_load: torch.Tensor  # [num MoM layers, E]: share of routed rows per memory (detached)
+
+
+class Block(nn.Module):
+    def __init__(self, args: MoMModelArgs, layer_id: int):
+        super().__init__()
+        self.is_attention = layer_id in args.attn_layers
+        self.mixer_norm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.mixer = Attention(args) if self.is_attention else MoMLayer(args)
+        self.mlp_norm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.mlp = SwiGLU(args.hidden_size, args.intermediate_size)
+
+    def forward(self, h, doc_starts=None, state=None, start=None):
+        """Returns `(h, aux_loss, memory_load)`; attention blocks return zeros for the last two."""
+        x = self.mixer_norm(h)
+        if self.is_attention:
+            out, aux, load = self.mixer(x, doc_starts, state, start), None, None
+        else:
+            out, aux, load = self.mixer(x, doc_starts, state)
+        h = h + out
+        return h + self.mlp(self.mlp_norm(h)), aux, load
+
+    def step(self, h, state, start):
+        x = self.mixer_norm(h)
+        out = self.mixer(x, None, state, start) if self.is_attention else self.mixer.step(x, state)
+        h = h + out
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class MoMTransformer(nn.Module):
+    def __init__(self, args: MoMModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleDict({str(i): Block(args, i) for i in range(args.num_hidden_layers)})
+        self.norm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.output = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        """(Re)initialise every parameter in place; works after `to_empty` from the meta device."""
+        std = self.args.initializer_range
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for block in self.layers.values():
+            block.mixer_norm.reset_parameters()
+            block.mlp_norm.reset_parameters()
+            block.mlp.reset_parameters(std)
+            if block.is_attention:
+                block.mixer.reset_parameters(std)
+            else:
+                block.mixer.reset_parameters()
+        self.norm.reset_parameters()
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, std=std)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm(h)
+        return F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+
+    def forward(self, tokens: torch.Tensor, doc_starts: torch.Tensor | None = None, cache: ModelCache | None = None) -> MoMOutput:
+        """`tokens [B, T]`; `doc_starts [B, T]` bool marks the first token of each packed document;
+        with `cache`, this is a prefill that continues from and advances the cache."""
+        _check_tokens(tokens, self.args.vocab_size)
+        if doc_starts is not None and (doc_starts.shape != tokens.shape or doc_starts.dtype != torch.bool):
+            raise ValueError(f"doc_starts must be a bool tensor of shape {tuple(tokens.shape)}, got {doc_starts.dtype} {tuple(doc_starts.shape)}")
+        h = self.tok_embeddings(tokens)
+        auxes, loads = [], []
+        start = None if cache is None else cache.position
+        for i, block in enumerate(self.layers.values()):
+            h, aux, load = block(h, doc_starts, None if cache is None else cache.layers[i], start)
+            if aux is not None:
+                auxes.append(aux)
+                loads.append(load)
+        if cache is not None:
+            cache.position += tokens.shape[1]
+        aux = torch.stack(auxes).mean() if auxes else h.new_zeros((), dtype=torch.float32)
+        load = torch.stack(loads) if loads else h.new_zeros(0, self.args.num_memories, dtype=torch.float32)
+        return MoMOutput(self._head(h), aux, load)
+
+    def decode_step(self, tokens: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+        """One token per sequence, `tokens [B, 1]` -> logits `[B, 1, vocab]`; advances `cache` in place."""
+        if tokens.dim() != 2 or tokens.shape[1] != 1:
+            raise ValueError(f"decode_step takes tokens of shape [B, 1], got {tuple(tokens.shape)}")
+        h = self.tok_embeddings(tokens)
+        for i, block in enumerate(self.layers.values()):
+            h = block.step(h, cache.layers[i], cache.position)
+        cache.position += 1
+        return self._head(h)
+
+
+def _check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        raise ValueError(f"tokens must be a [B, T] tensor, got {getattr(tokens, 'shape', type(tokens).__name__)}")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens must be int64 or int32, got {tokens.dtype}")
+
+
+def recurrence_flops_per_token(args: MoMModelArgs, chunk_size: int = 64) -> int:
+    """Forward FLOPs of the chunked recurrence per token and stream (ANCHORS.md §1.9 model)."""
+    dk, dv, C = args.head_dim, args.head_v_dim, chunk_size
+    flops = 2 * C * (dk + dv) + 4 * dk * dv  # intra-chunk q k^T, (q k^T) v; inter q S, state update
+    if args.uses_delta:
+        flops += 2 * C * (2 * dk + dv) + 2 * dk * dv  # beta k k^T, W = T k, U = T v, u = U - W S
+    return args.num_heads * flops
+
+
+def get_nparams_and_flops(args: MoMModelArgs, model: nn.Module, seq_len: int) -> tuple[int, int]:
+    """Total parameters, and training FLOPs per token (forward + backward = 3x forward).
+
+    Matmul FLOPs count 6 per *activated* weight (routed memories' projections k times out of E);
+    the recurrence runs k (+1 shared) streams per token; attention layers add 6 * heads * head_dim *
+    seq_len (causal half of 12). Embedding lookups are free; the output head is a matmul.
+    """
+    nparams = sum(p.numel() for p in model.parameters())
+    E, k = args.num_memories, args.topk
+    active = nparams - model.tok_embeddings.weight.numel()
+    for block in model.layers.values():
+        if not block.is_attention:
+            per_memory = sum(p.numel() for p in (block.mixer.k_proj, block.mixer.v_proj, block.mixer.b_proj, block.mixer.a_proj) if p is not None)
+            active -= per_memory * (E - k) // E
+    head = args.vocab_size * args.hidden_size  # the output matmul, tied or not
+    if args.tie_word_embeddings:
+        active += head
+    num_mom = args.num_hidden_layers - len(args.attn_layers)
+    streams = k + int(args.shared_mem)
+    flops = 6 * active + 3 * num_mom * streams * recurrence_flops_per_token(args)
+    flops += 6 * len(args.attn_layers) * args.hidden_size * seq_len
+    return nparams, flops

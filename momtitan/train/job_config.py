@@ -1,0 +1,44 @@
+"""The `[mom]` TOML section: per-run overrides of the model flavor's fields.
+
+torchtitan merges this `JobConfig` into its own when `job.custom_config_module` names this module
+(the TOMLs in train_configs/ and run_train.sh do). Every field defaults to None, meaning "keep the
+flavor's value"; a set value replaces that field of `momtitan.config.MoMModelArgs`, and the result
+is validated before the model is built. On the command line: `--mom.num_memories 8`,
+`--mom.attn_layers 3,7`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class MoM:
+    vocab_size: int | None = None
+    """Vocabulary size. Unset: the tokenizer's size (rounded up to a multiple of 64)."""
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_heads: int | None = None
+    head_dim: int | None = None
+    expand_v: float | None = None
+    num_memories: int | None = None
+    topk: int | None = None
+    shared_mem: bool | None = None
+    memory_rule: str | None = None
+    """One of gated_delta, delta, gated, linear."""
+    conv_size: int | None = None
+    aux_loss_scale: float | None = None
+    """Weight of the load-balancing loss added to the cross entropy (paper: 0.01 or 0.001)."""
+    hidden_ratio: float | None = None
+    intermediate_size: int | None = None
+    attn_layers: list[int] | None = None
+    """Layer indices that use softmax attention instead of MoM (hybrid models)."""
+    attn_num_heads: int | None = None
+    attn_num_kv_heads: int | None = None
+    norm_eps: float | None = None
+    tie_word_embeddings: bool | None = None
+
+
+@dataclass
+class JobConfig:
+    mom: MoM = field(default_factory=MoM)
