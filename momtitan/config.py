@@ -61,6 +61,8 @@ class MoMModelArgs:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.conv_size < 2:
+            raise ValueError(f"conv_size must be an integer >= 2, got {self.conv_size!r}")
         if self.memory_rule not in MEMORY_RULES:
             raise ValueError(f"memory_rule must be one of {MEMORY_RULES}, got {self.memory_rule!r}")
         if self.topk > self.num_memories:

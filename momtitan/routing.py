@@ -23,14 +23,15 @@ import torch
 
 
 class Routing(NamedTuple):
-    probs: torch.Tensor    # [B, T, E] fp32 softmax of the router logits
-    weights: torch.Tensor  # [B, T, k] fp32 renormalised top-k probabilities
+    probs: torch.Tensor    # [B, T, E] fp32 (or fp64) softmax of the router logits
+    weights: torch.Tensor  # [B, T, k] renormalised top-k probabilities, in the dtype of probs
     indices: torch.Tensor  # [B, T, k] int64 chosen memories
 
 
 def route(logits: torch.Tensor, topk: int) -> Routing:
-    """Softmax in fp32, top-k, renormalise. No noise, no capacity: every token keeps its k memories."""
-    probs = torch.softmax(logits.float(), dim=-1)
+    """Softmax in fp32 (fp64 for fp64 logits), top-k, renormalise. No noise, no capacity: every
+    token keeps its k memories."""
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     weights, indices = torch.topk(probs, topk, dim=-1)
     weights = weights / weights.sum(dim=-1, keepdim=True)
     return Routing(probs, weights, indices)
@@ -110,8 +111,8 @@ def load_balance_loss(routing: Routing, num_memories: int) -> tuple[torch.Tensor
     """
     E = num_memories
     k = routing.indices.shape[-1]
-    picks = torch.zeros(E, dtype=torch.float32, device=routing.probs.device)
-    picks = picks.scatter_add_(0, routing.indices.reshape(-1), torch.ones_like(routing.indices.reshape(-1), dtype=torch.float32))
+    flat = routing.indices.reshape(-1)
+    picks = routing.probs.new_zeros(E).scatter_add_(0, flat, routing.probs.new_ones(flat.shape))
     tokens = routing.indices.shape[0] * routing.indices.shape[1]
     f = picks / tokens
     P = routing.probs.reshape(-1, E).mean(0)

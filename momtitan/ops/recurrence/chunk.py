@@ -112,7 +112,7 @@ def chunk_linear_recurrence(
     S = h0.new_zeros(H, K, V)
     states_in = []
     for c in range(NC):
-        S = torch.where(chunk_first[c], h0[chunk_seg[c]], S)
+        S = torch.where(chunk_first[c], h0.index_select(0, chunk_seg[c : c + 1])[0], S)
         states_in.append(S)
         S = (transition[c] @ S if transition is not None else carry[c, :, -1, None, None] * S) + update[c]
     S_in = torch.stack(states_in)  # [NC, H, K, V]

@@ -1,0 +1,19 @@
+import torch
+
+from momtitan.ops.grouped_linear import grouped_linear, naive_grouped_linear
+from tests.conftest import assert_close
+
+
+def test_grouped_linear_with_empty_groups_and_grads():
+    x = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 6, dtype=torch.float64, requires_grad=True)
+    ends = torch.tensor([2, 2, 9, 11], dtype=torch.int32)  # group 1 is empty
+    dy = torch.randn(11, 3, dtype=torch.float64)
+    y = grouped_linear(x, w, ends)
+    ref = naive_grouped_linear(x, w, ends)
+    assert_close("y", y, ref, 1e-12)
+    ga = torch.autograd.grad((y * dy).sum(), (x, w))
+    gb = torch.autograd.grad((ref * dy).sum(), (x, w))
+    assert_close("dx", ga[0], gb[0], 1e-12)
+    assert_close("dw", ga[1], gb[1], 1e-12)
+    assert torch.count_nonzero(ga[1][1]) == 0  # the empty group gets no gradient

@@ -1,0 +1,101 @@
+"""The chunked linear recurrence and the decode step against the token-loop reference, in fp64."""
+
+import pytest
+import torch
+
+from momtitan.ops import linear_recurrence, linear_recurrence_step
+from momtitan.ops.recurrence import chunk_linear_recurrence, naive_linear_recurrence
+from tests.conftest import assert_close
+
+RULES = {"linear": (False, False), "gated": (True, False), "delta": (False, True), "gated_delta": (True, True)}
+
+
+def make_inputs(B, T, H, K, V, rule, dtype=torch.float64, N=None):
+    use_g, use_beta = RULES[rule]
+    q, k = torch.randn(B, T, H, K, dtype=dtype), torch.randn(B, T, H, K, dtype=dtype)
+    v = torch.randn(B, T, H, V, dtype=dtype)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, dtype=dtype)) if use_g else None
+    beta = torch.rand(B, T, H, dtype=dtype) if use_beta else None
+    h0 = torch.randn(N or B, H, K, V, dtype=dtype)
+    return q, k, v, g, beta, h0
+
+
+def run_both(q, k, v, g, beta, h0, chunk_size, **kw):
+    leaves = [t for t in (q, k, v, g, beta, h0) if t is not None]
+    for t in leaves:
+        t.requires_grad_(True)
+    do, dfinal = torch.randn_like(v), torch.randn_like(h0)  # random cotangents for o and the final state
+    results = []
+    for fn in (naive_linear_recurrence, lambda *a, **k2: chunk_linear_recurrence(*a, chunk_size=chunk_size, **k2)):
+        o, final = fn(q, k, v, g, beta, initial_state=h0, output_final_state=True, **kw)
+        grads = torch.autograd.grad((o * do).sum() + (final * dfinal).sum(), leaves)
+        results.append((o, final, grads))
+    return results, [n for n, t in zip("q k v g beta h0".split(), (q, k, v, g, beta, h0)) if t is not None]
+
+
+def check(results, names, tol=1e-10):
+    (o_ref, f_ref, g_ref), (o, f, gr) = results
+    assert_close("o", o, o_ref, tol)
+    assert_close("final_state", f, f_ref, tol)
+    for name, a, b in zip(names, gr, g_ref):
+        assert_close(f"d{name}", a, b, tol)
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("T,chunk", [(1, 4), (7, 4), (13, 8), (16, 4)])
+def test_batched_matches_reference(rule, T, chunk):
+    inputs = make_inputs(2, T, 2, 5, 3, rule)
+    check(*run_both(*inputs, chunk, qk_l2norm=True))
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_varlen_with_empty_segments_and_resets(rule):
+    cu = torch.tensor([0, 0, 5, 5, 6, 17, 17, 30])
+    inputs = make_inputs(1, 30, 2, 4, 6, rule, N=7)
+    reset = torch.rand(1, 30) < 0.2
+    reset[0, 5] = True  # a reset on a segment's first token discards its initial state
+    check(*run_both(*inputs, 4, cu_seqlens=cu, reset=reset, qk_l2norm=True))
+
+
+@pytest.mark.parametrize("rule", ["gated_delta", "linear"])
+def test_without_l2norm_and_custom_scale(rule):
+    q, k, v, g, beta, h0 = make_inputs(1, 11, 1, 4, 4, rule)
+    k = k * 0.3  # keep the un-normalised delta rule contractive
+    check(*run_both(q, k, v, g, beta, h0, 4, scale=0.7))
+
+
+def test_fp32_inputs_stay_close_to_fp64_reference():
+    q, k, v, g, beta, h0 = make_inputs(2, 70, 2, 16, 16, "gated_delta")
+    ref, ref_final = naive_linear_recurrence(q, k, v, g, beta, initial_state=h0, output_final_state=True, qk_l2norm=True)
+    f32 = [t.float() if t is not None else None for t in (q, k, v, g, beta, h0)]
+    o, final = linear_recurrence(*f32[:5], initial_state=f32[5], output_final_state=True, qk_l2norm=True)
+    assert o.dtype == torch.float32 and final.dtype == torch.float32
+    assert_close("o", o, ref, 1e-5)
+    assert_close("final_state", final, ref_final, 1e-5)
+
+
+def test_public_function_defaults_and_no_final_state():
+    q, k, v, g, beta, _ = make_inputs(1, 9, 2, 4, 4, "gated")
+    o, final = linear_recurrence(q, k, v, g)
+    ref, _ = naive_linear_recurrence(q, k, v, g)
+    assert final is None
+    assert_close("o", o, ref, 1e-12)
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_step_updates_only_indexed_states(rule):
+    R, S, H, K, V = 3, 6, 2, 4, 5
+    q, k, v, g, beta, _ = make_inputs(1, R, H, K, V, rule)
+    table = torch.randn(S, H, K, V, dtype=torch.float64)
+    index = torch.tensor([4, 0, 2])
+    before = table.clone()
+    o = linear_recurrence_step(q[0], k[0], v[0], None if g is None else g[0], None if beta is None else beta[0],
+                               table, index, qk_l2norm=True)
+    for r, s in enumerate(index.tolist()):
+        one = lambda t: None if t is None else t[:, r : r + 1]
+        ref, final = naive_linear_recurrence(one(q), one(k), one(v), one(g), one(beta), initial_state=before[s : s + 1],
+                                             output_final_state=True, qk_l2norm=True)
+        assert_close("o", o[r], ref[0, 0], 1e-12)
+        assert_close("state", table[s], final[0], 1e-12)
+    untouched = [s for s in range(S) if s not in index.tolist()]
+    assert torch.equal(table[untouched], before[untouched])

@@ -1,0 +1,67 @@
+"""Bad input gets a ValueError that names the argument and the value it got."""
+
+import pytest
+import torch
+
+from momtitan.config import MoMModelArgs, get_flavor
+from momtitan.ops import linear_recurrence
+from momtitan.ops.conv import short_conv
+
+
+def qkv(B=1, T=6, H=2, K=4, V=4, dtype=torch.float32):
+    return torch.randn(B, T, H, K, dtype=dtype), torch.randn(B, T, H, K, dtype=dtype), torch.randn(B, T, H, V, dtype=dtype)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda q, k, v: (q[0], k, v), r"q must be \[B, T, H, K\], got shape \(6, 2, 4\)"),
+    (lambda q, k, v: (q, k[..., :3], v), r"k must have the shape of q \(1, 6, 2, 4\), got \(1, 6, 2, 3\)"),
+    (lambda q, k, v: (q, k, v[:, :5]), r"v must be .*got \(1, 5, 2, 4\)"),
+    (lambda q, k, v: (q, k, v.double()), r"q, k and v must share a dtype, got .*torch.float64"),
+    (lambda q, k, v: (q.long(), k, v), r"q must be a floating-point tensor, got dtype torch.int64"),
+])
+def test_linear_recurrence_rejects_bad_shapes_and_dtypes(bad, match):
+    with pytest.raises(ValueError, match=match):
+        linear_recurrence(*bad(*qkv()))
+
+
+def test_linear_recurrence_rejects_bad_gates_states_and_cu_seqlens():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"g must be \[B, T, H\] = \(1, 6, 2\), got \(1, 6, 3\)"):
+        linear_recurrence(q, k, v, g=torch.zeros(1, 6, 3))
+    with pytest.raises(ValueError, match=r"beta must be a floating-point tensor, got dtype torch.int64"):
+        linear_recurrence(q, k, v, beta=torch.zeros(1, 6, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"initial_state must be \[N, H, K, V\] = \(1, 2, 4, 4\), got \(2, 2, 4, 4\)"):
+        linear_recurrence(q, k, v, initial_state=torch.zeros(2, 2, 4, 4))
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\]=5"):
+        linear_recurrence(q, k, v, cu_seqlens=torch.tensor([0, 2, 5]))  # does not cover T = 6
+    with pytest.raises(ValueError, match=r"non-decreasing, got \[0, 4, 2, 6\]"):
+        linear_recurrence(q, k, v, cu_seqlens=torch.tensor([0, 4, 2, 6]))
+    with pytest.raises(ValueError, match=r"cu_seqlens must be int32 or int64, got torch.float32"):
+        linear_recurrence(q, k, v, cu_seqlens=torch.tensor([0.0, 6.0]))
+    q2, k2, v2 = qkv(B=2)
+    with pytest.raises(ValueError, match=r"batch size must be 1 .*got q of shape \(2, 6, 2, 4\)"):
+        linear_recurrence(q2, k2, v2, cu_seqlens=torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match=r"reset must be a bool tensor of shape \(1, 6\), got torch.int64"):
+        linear_recurrence(q, k, v, reset=torch.zeros(1, 6, dtype=torch.long))
+
+
+def test_short_conv_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"weight must be \[D=3, W\], got torch.Size\(\[4, 4\]\)"):
+        short_conv(torch.randn(1, 5, 3), torch.randn(4, 4))
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\]=4"):
+        short_conv(torch.randn(1, 5, 3), torch.randn(3, 4), cu_seqlens=torch.tensor([0, 4]))
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match=r"topk must be <= num_memories \(4\), got topk=5"):
+        MoMModelArgs(num_memories=4, topk=5)
+    with pytest.raises(ValueError, match=r"memory_rule must be one of .*got 'mamba'"):
+        MoMModelArgs(memory_rule="mamba")
+    with pytest.raises(ValueError, match=r"unknown flavor '7B'"):
+        get_flavor("7B")
+    with pytest.raises(ValueError, match=r"attn_layers must hold layer indices in \[0, 24\), got \(30,\)"):
+        MoMModelArgs(attn_layers=(30,))
+    with pytest.raises(ValueError, match=r"conv_size must be an integer >= 2, got 1"):
+        MoMModelArgs(conv_size=1)
+    with pytest.raises(ValueError, match=r"num_memories must be a positive integer, got 0"):
+        MoMModelArgs(num_memories=0)
