@@ -120,31 +120,14 @@ class MoMLayer(nn.Module):
     def forward(self, x: torch.Tensor, doc_starts: torch.Tensor | None = None, state: MoMLayerState | None = None):
         """Returns `(out [B, T, D], aux_loss, memory_load [E])`; advances `state` in place if given."""
         B, T, D = x.shape
-        H, K, V = self.num_heads, self.head_k, self.head_v
         routing = route(self.router(x), self.topk)
         plan = plan_dispatch(routing.indices, self.num_memories, self.shared_mem)
         flat = x.reshape(B * T, D)
         q_tok = self.q_proj(flat)
-        proj = grouped_linear(flat[plan.token_of_row], self.memory_weight(), plan.memory_offsets)
-        q = q_tok[plan.token_of_row]
-        if self.shared_mem:
-            proj = torch.cat([proj, F.linear(flat, self.shared_weight())])
-            q = torch.cat([q, q_tok])
-        rows = q.shape[0]
-        k, v, extra = proj.split([self.key_dim, self.value_dim, proj.shape[-1] - self.key_dim - self.value_dim], dim=-1)
-        reset = None if doc_starts is None else stream_resets(doc_starts, plan, self.shared_mem)[None]
-
-        qkv, conv_final = _short_conv(
-            torch.cat([q, k, v], dim=-1)[None], self.conv_weight, cu_seqlens=plan.cu_seqlens, reset=reset,
-            initial_state=None if state is None else state.conv, output_final_state=state is not None,
-        )
-        q, k, v = qkv[0].split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        beta, g = self._gates(extra)
-        o, final = _linear_recurrence(
-            q.view(1, rows, H, K), k.view(1, rows, H, K), v.view(1, rows, H, V),
-            None if g is None else g.view(1, rows, H), None if beta is None else beta.view(1, rows, H),
-            scale=None, initial_state=None if state is None else state.recurrent,
-            output_final_state=state is not None, cu_seqlens=plan.cu_seqlens, reset=reset, qk_l2norm=self.qk_l2norm,
+        reset = None if doc_starts is None else stream_resets(doc_starts, plan, self.shared_mem)
+        o, final, conv_final = self.run_stream(
+            flat[plan.token_of_row], q_tok[plan.token_of_row], flat if self.shared_mem else None,
+            q_tok if self.shared_mem else None, plan.cu_seqlens, plan.memory_offsets, reset, state,
         )
         if state is not None:
             if doc_starts is not None:  # memories that saw nothing of the last document start it empty
@@ -153,11 +136,42 @@ class MoMLayer(nn.Module):
                 conv_final = conv_final.masked_fill(stale[:, None, None], 0)
             state.recurrent.copy_(final)
             state.conv.copy_(conv_final)
-        o = o.view(rows, self.value_dim)
         R = B * T * self.topk
         out = combine(o[:R], o[R:] if self.shared_mem else None, plan, routing.weights)
         aux, load = load_balance_loss(routing, self.num_memories)
         return self._output(out, x), aux, load
+
+    def run_stream(self, routed_x, routed_q, shared_x, shared_q, cu_seqlens, memory_offsets, reset=None, state=None):
+        """Projections, short conv and recurrence of one stream of rows.
+
+        The stream is the routed rows, grouped by memory (`memory_offsets`: group ends over the
+        stacked per-memory weights), followed by the shared-memory rows if `shared_x` is given;
+        `cu_seqlens` and `reset` describe its segments. `q` comes in precomputed (it is one shared
+        projection). Returns `(o [rows, value_dim], final_state, final_conv_state)`, the last two
+        None unless `state` gives the initial ones.
+        """
+        H, K, V = self.num_heads, self.head_k, self.head_v
+        proj = grouped_linear(routed_x, self.memory_weight(), memory_offsets)
+        q = routed_q
+        if shared_x is not None:
+            proj = torch.cat([proj, F.linear(shared_x, self.shared_weight())])
+            q = torch.cat([q, shared_q])
+        rows = q.shape[0]
+        k, v, extra = proj.split([self.key_dim, self.value_dim, proj.shape[-1] - self.key_dim - self.value_dim], dim=-1)
+        reset = None if reset is None else reset[None]
+        qkv, conv_final = _short_conv(
+            torch.cat([q, k, v], dim=-1)[None], self.conv_weight, cu_seqlens=cu_seqlens, reset=reset,
+            initial_state=None if state is None else state.conv, output_final_state=state is not None,
+        )
+        q, k, v = qkv[0].split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        beta, g = self._gates(extra)
+        o, final = _linear_recurrence(
+            q.view(1, rows, H, K), k.view(1, rows, H, K), v.view(1, rows, H, V),
+            None if g is None else g.view(1, rows, H), None if beta is None else beta.view(1, rows, H),
+            scale=None, initial_state=None if state is None else state.recurrent,
+            output_final_state=state is not None, cu_seqlens=cu_seqlens, reset=reset, qk_l2norm=self.qk_l2norm,
+        )
+        return o.view(rows, self.value_dim), final, conv_final
 
     # ---- decoding ----------------------------------------------------------------------------
     def step(self, x: torch.Tensor, state: MoMLayerState) -> torch.Tensor:

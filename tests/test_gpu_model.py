@@ -1,0 +1,88 @@
+"""The model and its pieces on CUDA against the CPU path (GPU only)."""
+
+import pytest
+import torch
+import torch._dynamo
+
+from momtitan.cache import ModelCache
+from momtitan.config import get_flavor
+from momtitan.model import MoMTransformer
+from momtitan.ops.grouped_linear import grouped_linear, naive_grouped_linear
+from tests.conftest import assert_close
+
+pytestmark = pytest.mark.gpu
+
+
+def test_grouped_linear_bf16_on_cuda():
+    x = torch.randn(300, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(4, 64, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ends = torch.tensor([100, 100, 250, 300], device="cuda", dtype=torch.int32)
+    y = grouped_linear(x, w, ends)
+    ref = naive_grouped_linear(x.float(), w.float(), ends)
+    assert_close("y", y, ref, 1e-2)
+    dy = torch.randn_like(y)
+    ga = torch.autograd.grad((y * dy).sum(), (x, w))
+    gb = torch.autograd.grad((ref * dy.float()).sum(), (x, w))
+    assert_close("dx", ga[0], gb[0], 1e-2)
+    assert_close("dw", ga[1], gb[1], 1e-2)
+
+
+def _models(**changes):
+    args = get_flavor("debug").replace(**changes)
+    cpu = MoMTransformer(args)
+    cpu.init_weights()
+    gpu = MoMTransformer(args).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    return args, cpu.double(), gpu
+
+
+@pytest.mark.parametrize("rule", ["gated_delta", "linear"])
+def test_model_forward_backward_on_cuda_matches_cpu_fp64(rule):
+    args, cpu, gpu = _models(memory_rule=rule, attn_layers=(1,), num_hidden_layers=3)
+    tokens = torch.randint(0, args.vocab_size, (2, 150))
+    doc_starts = torch.zeros(2, 150, dtype=torch.bool)
+    doc_starts[0, 70] = True
+    ref = cpu(tokens, doc_starts=doc_starts)
+    out = gpu(tokens.cuda(), doc_starts=doc_starts.cuda())
+    assert_close("logits", out.logits, ref.logits, 2e-3)
+    ref.logits.sum().backward()
+    out.logits.sum().backward()
+    for (name, p_ref), (_, p) in zip(cpu.named_parameters(), gpu.named_parameters()):
+        if p_ref.grad is not None and p_ref.grad.abs().sum() > 0:
+            assert_close(f"grad {name}", p.grad, p_ref.grad, 5e-3)
+
+
+def test_model_bf16_autocast_close_to_fp32():
+    args, _, gpu = _models()
+    tokens = torch.randint(0, args.vocab_size, (4, 256), device="cuda")
+    ref = gpu(tokens).logits
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = gpu(tokens).logits
+    assert_close("bf16 logits", out.float(), ref, 3e-2)
+
+
+def test_compiled_block_on_cuda_has_no_graph_break_and_matches_eager():
+    args, _, gpu = _models()
+    block = gpu.layers["0"]
+    x = torch.randn(2, 128, args.hidden_size, device="cuda", requires_grad=True)
+    doc_starts = torch.zeros(2, 128, dtype=torch.bool, device="cuda")
+    doc_starts[1, 40] = True
+    eager = block(x, doc_starts)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    out = compiled(x, doc_starts)
+    assert_close("block", out[0], eager[0], 1e-3)
+    gx = torch.autograd.grad(out[0].sum(), x)[0]
+    gx_ref = torch.autograd.grad(eager[0].sum(), x)[0]
+    assert_close("dx", gx, gx_ref, 1e-3)
+
+
+def test_decoding_on_cuda_matches_full_forward():
+    args, _, gpu = _models(num_hidden_layers=3, attn_layers=(2,))
+    tokens = torch.randint(0, args.vocab_size, (3, 40), device="cuda")
+    full = gpu(tokens).logits
+    cache = ModelCache.allocate(args, 3, device="cuda", max_len=64)
+    prefill = gpu(tokens[:, :25], cache=cache).logits
+    steps = torch.cat([gpu.decode_step(tokens[:, t : t + 1], cache) for t in range(25, 40)], dim=1)
+    assert_close("prefill", prefill, full[:, :25], 1e-3)
+    assert_close("steps", steps, full[:, 25:], 1e-3)
