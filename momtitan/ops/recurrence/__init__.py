@@ -117,5 +117,14 @@ def linear_recurrence(
 
 
 def _linear_recurrence(q, k, v, g, beta, **kwargs):
-    """Dispatch without the host-side value checks; for callers that build `cu_seqlens` themselves."""
+    """Dispatch without the host-side value checks; for callers that build `cu_seqlens` themselves.
+
+    CUDA inputs of a supported dtype and head size go to the Triton kernels (`momtitan.ops.triton`,
+    imported lazily), everything else to the chunked PyTorch path.
+    """
+    if q.is_cuda:
+        from momtitan.ops.triton import supports, triton_linear_recurrence
+
+        if supports(q, v):
+            return triton_linear_recurrence(q, k, v, g, beta, **kwargs)
     return chunk_linear_recurrence(q, k, v, g, beta, **kwargs)

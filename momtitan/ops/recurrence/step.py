@@ -32,6 +32,12 @@ def linear_recurrence_step(
     """
     K = q.shape[-1]
     scale = K**-0.5 if scale is None else scale
+    if state.is_cuda and state.is_contiguous() and not _needs_grad(q, k, v, g, beta, state):
+        from momtitan.ops.triton import supports, triton_linear_recurrence_step
+
+        if supports(q, v) and state.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            # fused kernel: updates state[index] in place, computes in fp32
+            return triton_linear_recurrence_step(q, k, v, g, beta, state, index, scale=scale, qk_l2norm=qk_l2norm)
     out_dtype, dtype = v.dtype, state.dtype
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if qk_l2norm:
@@ -46,3 +52,8 @@ def linear_recurrence_step(
     S = S + k[..., :, None] * u[..., None, :]
     state.index_copy_(0, index, S)
     return (scale * torch.einsum("rhkv,rhk->rhv", S, q)).to(out_dtype)
+
+
+def _needs_grad(*tensors) -> bool:
+    """The fused step kernel has no backward: keep the PyTorch path when autograd is recording."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

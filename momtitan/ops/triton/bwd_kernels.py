@@ -1,0 +1,204 @@
+"""Backward Triton kernels of the chunked linear recurrence.
+
+Per chunk (start state S0, end state S1, carry c, end weights e, decay D, P = (q k^T) * D):
+
+    u  = U - W S0            (delta rules; u = v otherwise),  U = T (beta v),  W = T (beta c k)
+    o  = s (c q) S0 + s P u
+    S1 = c_end S0 + (e k)^T u
+
+1. `state_bwd_kernel` per (segment, head, V-block), chunks in reverse: stores dS1 per chunk (dh),
+   du = s P^T dO + (e k) dS1, and carries dS0 = c_end dS1 + s (c q)^T dO - W^T du back; at the
+   segment start that is the initial state's gradient. For the plain rules du is dv.
+2. `grads_kernel` per (chunk, head, K-block): everything else, with dbv = T^T du, dA = -dbv u^T
+   (strictly lower), d(beta c k) = -dbv S0^T. Gradients of gamma (cumulative log-decay) are turned
+   into gradients of g by a reverse cumsum in the chunk. Partial sums over K-blocks of dg and dbeta
+   are stored per K-block and summed on the host side (a tensor sum, no sync).
+Gradients w.r.t. the L2-normalised q, k come out in fp32; the norm's backward is applied outside.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from momtitan.ops.triton.common import chunk_gates, chunk_weights, decay_matrix, mdot
+
+
+@triton.jit
+def state_bwd_kernel(
+    q_ptr, k_ptr, g_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr, seg_ptr, w_ptr, do_ptr, dht_ptr,
+    dh_ptr, du_ptr, dh0_ptr,
+    scale, H, K, V,
+    C: tl.constexpr, BKF: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DELTA: tl.constexpr,
+    HAS_DHT: tl.constexpr, DOT_MODE: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    vb = tl.program_id(2)
+    c_start = tl.load(seg_ptr + 2 * n)
+    c_stop = tl.load(seg_ptr + 2 * n + 1)
+    kk = tl.arange(0, BKF)
+    vv = vb * BV + tl.arange(0, BV)
+    km = kk < K
+    vm = vv < V
+    smask = km[:, None] & vm[None, :]
+    i = tl.arange(0, C)
+    if HAS_DHT:
+        dS = tl.load(dht_ptr + ((n * H + h) * K + kk[:, None]) * V + vv[None, :], mask=smask, other=0.0).to(tl.float32)
+    else:
+        dS = tl.zeros([BKF, BV], dtype=tl.float32)
+    for cc in range(c_start, c_stop):
+        c = c_start + c_stop - 1 - cc  # int64 bounds
+        tl.store(dh_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], dS, mask=smask)
+        tok0 = tl.load(info_ptr + 2 * c)
+        nvalid = tl.load(info_ptr + 2 * c + 1)
+        valid = i < nvalid
+        tok = tok0 + i
+        prow = c * C + i
+        gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
+        carry, e, c_end = chunk_weights(gamma, run, C)
+        if L2:
+            rq = tl.load(rq_ptr + tok * H + h, mask=valid, other=0.0)
+            rk = tl.load(rk_ptr + tok * H + h, mask=valid, other=0.0)
+        else:
+            rq = tl.where(valid, 1.0, 0.0)
+            rk = tl.where(valid, 1.0, 0.0)
+        QK = tl.zeros([C, C], dtype=tl.float32)
+        for kb in tl.static_range(BKF // BK):  # in K-blocks: smaller dot operands
+            k2 = kb * BK + tl.arange(0, BK)
+            m2 = valid[:, None] & (k2 < K)[None, :]
+            q2 = tl.load(q_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
+            kt2 = tl.load(k_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
+            QK += mdot(q2, tl.trans(kt2), DOT_MODE)
+        P = QK * (rq[:, None] * rk[None, :]) * decay_matrix(gamma, run, C)
+        qt = tl.load(q_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)
+        kt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)
+        dO = tl.load(do_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=valid[:, None] & vm[None, :], other=0.0).to(tl.float32)
+        du = scale * mdot(tl.trans(P), dO, DOT_MODE) + mdot(kt.to(tl.float32) * (rk * e)[:, None], dS, DOT_MODE)
+        dS_new = c_end * dS + scale * mdot(tl.trans(qt.to(tl.float32) * (rq * carry)[:, None]), dO, DOT_MODE)
+        if DELTA:
+            tl.store(du_ptr + (prow[:, None] * H + h) * V + vv[None, :], du, mask=vm[None, :])
+            Wt = tl.load(w_ptr + (prow[:, None] * H + h) * K + kk[None, :], mask=km[None, :], other=0.0)
+            dS_new -= mdot(tl.trans(Wt), du, DOT_MODE)
+        else:  # du is dv: write it in the token layout, in the dtype of v
+            tl.store(du_ptr + (tok[:, None] * H + h) * V + vv[None, :], du.to(du_ptr.dtype.element_ty),
+                     mask=valid[:, None] & vm[None, :])
+        dS = dS_new
+    tl.store(dh0_ptr + ((n * H + h) * K + kk[:, None]) * V + vv[None, :], dS, mask=smask)
+
+
+@triton.jit
+def grads_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr,
+    t_ptr, h_ptr, dh_ptr, u_ptr, du_ptr, do_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dg_ptr, db_ptr,
+    scale, H, K, V, total,
+    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DELTA: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+):
+    c = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    kb = tl.program_id(2)
+    tok0 = tl.load(info_ptr + 2 * c)
+    nvalid = tl.load(info_ptr + 2 * c + 1)
+    i = tl.arange(0, C)
+    valid = i < nvalid
+    live = nvalid > 0
+    tok = tok0 + i
+    prow = c * C + i
+    gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
+    carry, e, c_end = chunk_weights(gamma, run, C)
+    D = decay_matrix(gamma, run, C)
+    if L2:
+        rq = tl.load(rq_ptr + tok * H + h, mask=valid, other=0.0)
+        rk = tl.load(rk_ptr + tok * H + h, mask=valid, other=0.0)
+    else:
+        rq = tl.where(valid, 1.0, 0.0)
+        rk = tl.where(valid, 1.0, 0.0)
+    kk = kb * BK + tl.arange(0, BK)
+    km = kk < K
+    if DELTA:
+        b = tl.load(beta_ptr + tok * H + h, mask=valid, other=0.0).to(tl.float32)
+        Tm = tl.load(t_ptr + ((c * H + h) * C + i[:, None]) * C + i[None, :], mask=live, other=0.0)
+    else:
+        b = tl.zeros([C], dtype=tl.float32)
+        Tm = tl.zeros([C, C], dtype=tl.float32)
+
+    acc_qs = tl.zeros([C, BK], dtype=tl.float32)  # dO S0^T
+    acc_ek = tl.zeros([C, BK], dtype=tl.float32)  # u dS1^T
+    acc_bk = tl.zeros([C, BK], dtype=tl.float32)  # dbv S0^T
+    dP = tl.zeros([C, C], dtype=tl.float32)  # dO u^T
+    dA = tl.zeros([C, C], dtype=tl.float32)  # dbv u^T
+    dbv_sum = tl.zeros([C], dtype=tl.float32)  # sum_v v * dbv
+    dcC = 0.0
+    for vb in tl.static_range(NVB):
+        vv = vb * BV + tl.arange(0, BV)
+        vm = vv < V
+        smask = km[:, None] & vm[None, :] & live
+        S0 = tl.load(h_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], mask=smask, other=0.0)
+        dS1 = tl.load(dh_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], mask=smask, other=0.0)
+        tmask = valid[:, None] & vm[None, :]
+        dO = tl.load(do_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
+        vt = tl.load(v_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
+        if DELTA:
+            ub = tl.load(u_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0)
+        else:
+            ub = vt
+        acc_qs += mdot(dO, tl.trans(S0), DOT_MODE)
+        acc_ek += mdot(ub, tl.trans(dS1), DOT_MODE)
+        dP += mdot(dO, tl.trans(ub), DOT_MODE)
+        dcC += tl.sum(tl.sum(S0 * dS1, 1), 0)
+        if DELTA:
+            dub = tl.load(du_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0)
+            dbv = mdot(tl.trans(Tm), dub, DOT_MODE)
+            acc_bk += mdot(dbv, tl.trans(S0), DOT_MODE)
+            dA += mdot(dbv, tl.trans(ub), DOT_MODE)
+            if kb == 0:
+                tl.store(dv_ptr + (tok[:, None] * H + h) * V + vv[None, :], (b[:, None] * dbv).to(dv_ptr.dtype.element_ty), mask=tmask)
+                dbv_sum += tl.sum(vt * dbv, 1)
+
+    QK = tl.zeros([C, C], dtype=tl.float32)
+    KK = tl.zeros([C, C], dtype=tl.float32)
+    for kb2 in tl.static_range(NKB):
+        k2 = kb2 * BK + tl.arange(0, BK)
+        m2 = valid[:, None] & (k2 < K)[None, :]
+        q2 = tl.load(q_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
+        kt2 = tl.load(k_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
+        QK += mdot(q2, tl.trans(kt2), DOT_MODE)
+        KK += mdot(kt2, tl.trans(kt2), DOT_MODE)
+    QK = QK * rq[:, None] * rk[None, :]
+    KK = KK * rk[:, None] * rk[None, :]
+    m1 = valid[:, None] & km[None, :]
+    qb = tl.load(q_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=m1, other=0.0).to(tl.float32) * rq[:, None]
+    kbt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=m1, other=0.0).to(tl.float32) * rk[:, None]
+
+    dPD = dP * D
+    dq = scale * carry[:, None] * acc_qs + scale * mdot(dPD, kbt, DOT_MODE)
+    dk = scale * mdot(tl.trans(dPD), qb, DOT_MODE) + e[:, None] * acc_ek
+    dc = scale * tl.sum(qb * acc_qs, 1)
+    de = tl.sum(kbt * acc_ek, 1)
+    dDD = scale * dP * QK
+    if DELTA:
+        dAm = tl.where(i[:, None] > i[None, :], -dA, 0.0)
+        dKK = dAm * b[:, None] * D
+        dbck = -acc_bk
+        dk += mdot(dKK, kbt, DOT_MODE) + mdot(tl.trans(dKK), kbt, DOT_MODE) + (b * carry)[:, None] * dbck
+        kdb = tl.sum(kbt * dbck, 1)
+        dc += b * kdb
+        dbeta = carry * kdb
+        if kb == 0:
+            dbeta += dbv_sum + tl.sum(dAm * D * KK, 1)
+        dDD += dAm * b[:, None] * KK
+        tl.store(db_ptr + (kb * total + tok) * H + h, dbeta, mask=valid)
+    if HAS_G:
+        dDD = dDD * D
+        dgam = dc * carry - de * e
+        dgam += tl.where(i == C - 1, dcC * c_end + tl.sum(de * e, 0), 0.0)
+        if kb == 0:
+            dgam += tl.sum(dDD, 1) - tl.sum(dDD, 0)
+        dg = tl.sum(dgam, 0) - tl.cumsum(dgam, 0) + dgam
+        tl.store(dg_ptr + (kb * total + tok) * H + h, dg, mask=valid)
+    tl.store(dq_ptr + (tok[:, None] * H + h) * K + kk[None, :], dq, mask=m1)
+    tl.store(dk_ptr + (tok[:, None] * H + h) * K + kk[None, :], dk, mask=m1)

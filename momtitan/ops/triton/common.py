@@ -1,0 +1,104 @@
+"""Shared pieces of the Triton recurrence kernels: in-chunk gates, decay masks, the dot helper, and
+the on-device chunk map of the padded segment layout (see `recurrence/chunk.py`).
+
+Layout. Tokens are a stream `[total, H, *]` (a batch is `B*T` tokens with uniform `cu_seqlens`).
+Every segment starts on a chunk boundary of the *padded* chunk axis, whose length is bounded by
+`ceil((total + N*(C-1)) / C)` from shapes alone. `chunk_map` gives, per padded chunk, its first
+token and its number of valid tokens (0 for the unused tail), and per segment its chunk range.
+Nothing here reads a device value on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Dot modes: 0 = fp32 operands, 3xTF32 products (about fp32 accuracy, on tensor cores); 1 = bf16 operands; 2 = fp16 operands.
+DOT_MODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def padded_num_chunks(total: int, num_segments: int, chunk: int) -> int:
+    return max(1, -(-(total + num_segments * (chunk - 1)) // chunk))
+
+
+def chunk_map(cu_seqlens: torch.Tensor, total: int, chunk: int):
+    """Return `(chunk_info [NC, 2] int64 = (first token, valid tokens), seg_chunks [N, 2] int64 =
+    (first chunk, end chunk), NC)`, all computed on the device."""
+    cu = cu_seqlens.to(torch.int64)
+    N = cu.numel() - 1
+    NC = padded_num_chunks(total, N, chunk)
+    lengths = cu[1:] - cu[:-1]
+    nch = (lengths + chunk - 1) // chunk
+    ch_end = torch.cumsum(nch, 0)
+    ch_start = ch_end - nch
+    pos = torch.arange(NC, device=cu.device, dtype=torch.int64)
+    seg = torch.searchsorted(ch_end, pos, right=True).clamp(max=N - 1)
+    tok0 = cu[seg] + (pos - ch_start[seg]) * chunk
+    nvalid = (cu[seg + 1] - tok0).clamp(min=0, max=chunk)
+    info = torch.stack([tok0, nvalid], 1).contiguous()
+    seg_chunks = torch.stack([ch_start, ch_end], 1).contiguous()
+    return info, seg_chunks, NC
+
+
+def pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(int(x)))
+
+
+@triton.jit
+def mdot(a, b, DOT_MODE: tl.constexpr):
+    """a @ b with fp32 accumulation; operands cast to the mode's dtype."""
+    if DOT_MODE == 0:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+    elif DOT_MODE == 1:
+        r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        r = tl.dot(a.to(tl.float16), b.to(tl.float16))
+    return r
+
+
+@triton.jit
+def chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Cumulative log-decay `gamma [C]` from the chunk start and run ids `run [C]` (resets so far)."""
+    if HAS_G:
+        gamma = tl.cumsum(tl.load(g_ptr + tok * H + h, mask=valid, other=0.0).to(tl.float32), 0)
+    else:
+        gamma = tl.zeros([C], dtype=tl.float32)
+    if HAS_RESET:
+        run = tl.cumsum(tl.load(r_ptr + tok, mask=valid, other=0).to(tl.int32), 0)
+    else:
+        run = tl.zeros([C], dtype=tl.int32)
+    return gamma, run
+
+
+@triton.jit
+def chunk_weights(gamma, run, C: tl.constexpr):
+    """carry [C] (weight of the chunk's start state at each token), end weights e [C] (weight of each
+    token's update in the chunk's end state), c_end (weight of the start state in the end state)."""
+    i = tl.arange(0, C)
+    g_last = tl.sum(tl.where(i == C - 1, gamma, 0.0), 0)
+    r_last = tl.sum(tl.where(i == C - 1, run, 0), 0)
+    carry = tl.where(run == 0, tl.exp(gamma), 0.0)
+    e = tl.where(run == r_last, tl.exp(g_last - gamma), 0.0)
+    c_end = tl.where(r_last == 0, tl.exp(g_last), 0.0)
+    return carry, e, c_end
+
+
+@triton.jit
+def decay_matrix(gamma, run, C: tl.constexpr):
+    """D[i, j] = exp(gamma_i - gamma_j) for j <= i in the same run, else 0."""
+    i = tl.arange(0, C)
+    m = (i[:, None] >= i[None, :]) & (run[:, None] == run[None, :])
+    return tl.where(m, tl.exp(tl.where(m, gamma[:, None] - gamma[None, :], 0.0)), 0.0)
+
+
+@triton.jit
+def unit_lower_inverse(A, C: tl.constexpr):
+    """(I + A)^-1 for strictly lower-triangular A [C, C], by forward substitution in registers."""
+    i = tl.arange(0, C)
+    T = tl.where(i[:, None] == i[None, :], 1.0, 0.0)
+    for r in range(1, C):
+        a_r = tl.sum(tl.where(i[:, None] == r, A, 0.0), 0)
+        new = tl.sum(a_r[:, None] * T, 0)
+        T = tl.where(i[:, None] == r, T - new[None, :], T)
+    return T

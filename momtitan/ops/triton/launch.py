@@ -1,0 +1,145 @@
+"""Host side of the Triton recurrence: tile choices, buffers and kernel launches for the forward
+and backward passes. No host syncs: every shape comes from input shapes, the chunk map is built on
+the device (`common.chunk_map`), and per-segment loops run inside the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from momtitan.ops.triton.bwd_kernels import grads_kernel, state_bwd_kernel
+from momtitan.ops.triton.common import DOT_MODES, chunk_map, pow2
+from momtitan.ops.triton.fwd_kernels import output_kernel, prepare_kernel, state_kernel
+
+DEFAULT_CHUNK = 64
+MAX_HEAD_DIM = 256
+
+
+class _Plan:
+    """Everything derived from shapes: flattened views, chunk map, tiles."""
+
+    def __init__(self, q, k, v, g, beta, initial_state, cu_seqlens, reset, qk_l2norm, chunk):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        self.B, self.T, self.H, self.K, self.V = B, T, H, K, V
+        self.total = B * T
+        self.C = chunk
+        dev = q.device
+        if cu_seqlens is None:
+            cu_seqlens = torch.arange(B + 1, device=dev, dtype=torch.int64) * T
+        self.N = cu_seqlens.numel() - 1
+        self.info, self.seg, self.NC = chunk_map(cu_seqlens, self.total, chunk)
+        self.q = q.reshape(self.total, H, K).contiguous()
+        self.k = k.reshape(self.total, H, K).contiguous()
+        self.v = v.reshape(self.total, H, V).contiguous()
+        self.g = g.reshape(self.total, H).contiguous() if g is not None else None
+        self.beta = beta.reshape(self.total, H).contiguous() if beta is not None else None
+        self.reset = reset.reshape(self.total).contiguous().view(torch.uint8) if reset is not None else None
+        self.h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
+        self.l2 = qk_l2norm
+        if qk_l2norm:
+            self.rq = torch.linalg.vector_norm(self.q, dim=-1, dtype=torch.float32).clamp_min(1e-6).reciprocal()
+            self.rk = torch.linalg.vector_norm(self.k, dim=-1, dtype=torch.float32).clamp_min(1e-6).reciprocal()
+        else:
+            self.rq = self.rk = None
+        self.delta = beta is not None
+        self.dot_mode = DOT_MODES[q.dtype]
+        self.BKF = pow2(K)
+        self.BK = min(self.BKF, 64)
+        self.NKB = self.BKF // self.BK
+        self.BVF = pow2(V)
+        self.BV = min(self.BVF, 64)  # V tile of the per-chunk forward kernels
+        self.NVB = self.BVF // self.BV
+        self.BVG = min(self.BVF, 32)  # V tile of the gradient kernel (many live [C, BV] tiles)
+        self.NVBG = self.BVF // self.BVG
+        self.BVS = min(self.BVF, 32 if self.BKF <= 128 else 16)  # V tile of the sequential passes
+        self.NVBS = self.BVF // self.BVS
+        # warps: chosen from ptxas register/spill reports for sm_90 (C = 64; fewer warps spill more)
+        small = chunk <= 32 and self.BKF <= 64
+        self.warps_seq = 4 if small else 8
+        self.warps_chunk = 4 if small else 8
+        self.warps_grad = 4 if small else 8
+        self.dummy = torch.empty(1, device=dev, dtype=torch.float32)
+
+    def ptr(self, x):
+        return self.dummy if x is None else x
+
+    def flags(self):
+        return dict(HAS_G=self.g is not None, HAS_RESET=self.reset is not None, L2=self.l2, DOT_MODE=self.dot_mode)
+
+
+def forward(p: _Plan, scale: float, for_backward: bool = False):
+    """Returns `(o [B, T, H, V], final_state [N, H, K, V] fp32, saved)`; `saved` holds the
+    intermediates the backward needs (chunk start states h, u, W, T) when `for_backward`."""
+    H, K, V, C, NC = p.H, p.K, p.V, p.C, p.NC
+    dev = p.q.device
+    f32 = torch.float32
+    W = U = T = u = None
+    if p.delta:
+        W = torch.empty(NC * C, H, K, device=dev, dtype=f32)
+        U = torch.empty(NC * C, H, V, device=dev, dtype=f32)
+        T = torch.empty(NC, H, C, C, device=dev, dtype=f32) if for_backward else None
+        prepare_kernel[(NC, H)](
+            p.k, p.v, p.ptr(p.g), p.beta, p.ptr(p.reset), p.ptr(p.rk), p.info, W, U, p.ptr(T),
+            H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, NVB=p.NVB, STORE_T=for_backward,
+            num_warps=p.warps_chunk, **p.flags(),
+        )
+        u = torch.empty(NC * C, H, V, device=dev, dtype=f32)
+    h = torch.empty(NC, H, K, V, device=dev, dtype=f32)
+    ht = torch.empty(p.N, H, K, V, device=dev, dtype=f32)
+    state_kernel[(p.N, H, p.NVBS)](
+        p.k, p.v, p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rk), p.info, p.seg, p.ptr(W), p.ptr(U), p.ptr(p.h0),
+        h, p.ptr(u), ht, H, K, V, C=C, BKF=p.BKF, BV=p.BVS, DELTA=p.delta, HAS_H0=p.h0 is not None,
+        num_warps=p.warps_seq, num_stages=1, **p.flags(),
+    )
+    o = torch.empty(p.B, p.T, H, V, device=dev, dtype=p.v.dtype)
+    output_kernel[(NC, H, p.NVB)](
+        p.q, p.k, p.v, p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, h, p.ptr(u), o,
+        scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, DELTA=p.delta,
+        num_warps=p.warps_chunk, **p.flags(),
+    )
+    saved = dict(h=h, u=u, W=W, T=T) if for_backward else None
+    return o, ht, saved
+
+
+def _l2norm_bwd(x, r, dxn):
+    """Gradient through x / max(|x|, eps), given the reciprocal norm r and the gradient dxn."""
+    xn = x.to(torch.float32) * r[..., None]
+    return r[..., None] * (dxn - xn * (xn * dxn).sum(-1, keepdim=True))
+
+
+def backward(p: _Plan, scale: float, do, dht):
+    """Returns `(dq, dk, dv, dg, dbeta, dh0)` (None where the input is absent)."""
+    H, K, V, C, NC, total = p.H, p.K, p.V, p.C, p.NC, p.total
+    dev = p.q.device
+    f32 = torch.float32
+    _, _, s = forward(p, scale, for_backward=True)
+    do = do.reshape(total, H, V).contiguous()
+    dht = dht.to(f32).contiguous() if dht is not None else None
+    dh = torch.empty(NC, H, K, V, device=dev, dtype=f32)
+    dh0 = torch.empty(p.N, H, K, V, device=dev, dtype=f32)
+    dv = torch.empty(p.B, p.T, H, V, device=dev, dtype=p.v.dtype)
+    du = torch.empty(NC * C, H, V, device=dev, dtype=f32) if p.delta else dv
+    state_bwd_kernel[(p.N, H, p.NVBS)](
+        p.q, p.k, p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, p.seg, p.ptr(s["W"]), do,
+        p.ptr(dht), dh, du, dh0, scale, H, K, V, C=C, BKF=p.BKF, BK=p.BK, BV=p.BVS, DELTA=p.delta,
+        HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=1, **p.flags(),
+    )
+    dq = torch.empty(total, H, K, device=dev, dtype=f32)
+    dk = torch.empty(total, H, K, device=dev, dtype=f32)
+    dg = torch.empty(p.NKB, total, H, device=dev, dtype=f32) if p.g is not None else None
+    db = torch.empty(p.NKB, total, H, device=dev, dtype=f32) if p.delta else None
+    grads_kernel[(NC, H, p.NKB)](
+        p.q, p.k, p.v, p.ptr(p.g), p.ptr(p.beta), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info,
+        p.ptr(s["T"]), s["h"], dh, p.ptr(s["u"]), p.ptr(du if p.delta else None), do,
+        dq, dk, dv, p.ptr(dg), p.ptr(db), scale, H, K, V, total,
+        C=C, BK=p.BK, NKB=p.NKB, BV=p.BVG, NVB=p.NVBG, DELTA=p.delta, num_warps=p.warps_grad, **p.flags(),
+    )
+    if p.l2:
+        dq = _l2norm_bwd(p.q, p.rq, dq)
+        dk = _l2norm_bwd(p.k, p.rk, dk)
+    dq = dq.reshape(p.B, p.T, H, K).to(p.q.dtype)
+    dk = dk.reshape(p.B, p.T, H, K).to(p.k.dtype)
+    dg = dg.sum(0).reshape(p.B, p.T, H) if dg is not None else None
+    db = db.sum(0).reshape(p.B, p.T, H) if db is not None else None
+    return dq, dk, dv, dg, db, dh0
