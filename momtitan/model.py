@@ -35,13 +35,13 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.mlp = SwiGLU(args.hidden_size, args.intermediate_size)
 
-    def forward(self, h, doc_starts=None, state=None, start=None):
-        """Returns `(h, aux_loss, memory_load)`; attention blocks return zeros for the last two."""
+    def forward(self, h, doc_starts=None, state=None, start=None, valid=None):
+        """Returns `(h, aux_loss, memory_load)`; attention blocks return None for the last two."""
         x = self.mixer_norm(h)
         if self.is_attention:
             out, aux, load = self.mixer(x, doc_starts, state, start), None, None
         else:
-            out, aux, load = self.mixer(x, doc_starts, state)
+            out, aux, load = self.mixer(x, doc_starts, state, valid)
         h = h + out
         return h + self.mlp(self.mlp_norm(h)), aux, load
 
@@ -82,9 +82,12 @@ class MoMTransformer(nn.Module):
         h = self.norm(h)
         return F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
 
-    def forward(self, tokens: torch.Tensor, doc_starts: torch.Tensor | None = None, cache: ModelCache | None = None) -> MoMOutput:
+    def forward(self, tokens: torch.Tensor, doc_starts: torch.Tensor | None = None, cache: ModelCache | None = None,
+                valid: torch.Tensor | None = None, logits_to_keep: int = 0) -> MoMOutput:
         """`tokens [B, T]`; `doc_starts [B, T]` bool marks the first token of each packed document;
-        with `cache`, this is a prefill that continues from and advances the cache."""
+        with `cache`, this is a prefill that continues from and advances the cache. `valid [B, T]`
+        bool marks real tokens (padding is left out of the aux loss); `logits_to_keep > 0` computes
+        logits for the last that many positions only."""
         _check_tokens(tokens, self.args.vocab_size)
         if doc_starts is not None and (doc_starts.shape != tokens.shape or doc_starts.dtype != torch.bool):
             raise ValueError(f"doc_starts must be a bool tensor of shape {tuple(tokens.shape)}, got {doc_starts.dtype} {tuple(doc_starts.shape)}")
@@ -92,7 +95,7 @@ class MoMTransformer(nn.Module):
         auxes, loads = [], []
         start = None if cache is None else cache.position
         for i, block in enumerate(self.layers.values()):
-            h, aux, load = block(h, doc_starts, None if cache is None else cache.layers[i], start)
+            h, aux, load = block(h, doc_starts, None if cache is None else cache.layers[i], start, valid)
             if aux is not None:
                 auxes.append(aux)
                 loads.append(load)
@@ -100,6 +103,8 @@ class MoMTransformer(nn.Module):
             cache.position += tokens.shape[1]
         aux = torch.stack(auxes).mean() if auxes else h.new_zeros((), dtype=torch.float32)
         load = torch.stack(loads) if loads else h.new_zeros(0, self.args.num_memories, dtype=torch.float32)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
         return MoMOutput(self._head(h), aux, load)
 
     def decode_step(self, tokens: torch.Tensor, cache: ModelCache) -> torch.Tensor:

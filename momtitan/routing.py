@@ -102,18 +102,20 @@ def combine(routed: torch.Tensor, shared: torch.Tensor | None, plan: DispatchPla
     return out
 
 
-def load_balance_loss(routing: Routing, num_memories: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_balance_loss(routing: Routing, num_memories: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Switch-style auxiliary loss of one layer and its memory load.
 
     `aux = E * sum_e f_e * P_e`, with `f_e` the share of tokens that picked memory e (from the
     indices; it sums to k) and `P_e` the mean router probability of e. It equals k under perfectly
-    uniform routing. Returns `(aux, load)` with `load = f / k`, the share of routed rows per memory.
+    uniform routing. `valid [B, T]` (bool) leaves padding out of both means. Returns
+    `(aux, load)` with `load = f / k`, the share of routed rows per memory.
     """
     E = num_memories
     k = routing.indices.shape[-1]
-    flat = routing.indices.reshape(-1)
-    picks = routing.probs.new_zeros(E).scatter_add_(0, flat, routing.probs.new_ones(flat.shape))
-    tokens = routing.indices.shape[0] * routing.indices.shape[1]
+    weight = routing.probs.new_ones(routing.indices.shape[:2]) if valid is None else valid.to(routing.probs.dtype)
+    tokens = weight.sum().clamp_min(1)
+    picks = routing.probs.new_zeros(E).scatter_add_(
+        0, routing.indices.reshape(-1), weight[..., None].expand_as(routing.indices).reshape(-1))
     f = picks / tokens
-    P = routing.probs.reshape(-1, E).mean(0)
+    P = (routing.probs * weight[..., None]).reshape(-1, E).sum(0) / tokens
     return E * (f * P).sum(), (f / k).detach()

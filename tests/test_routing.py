@@ -2,7 +2,7 @@
 
 import torch
 
-from momtitan.routing import combine, load_balance_loss, plan_dispatch, route, stream_resets
+from momtitan.routing import Routing, combine, load_balance_loss, plan_dispatch, route, stream_resets
 from tests.conftest import assert_close
 
 
@@ -80,6 +80,16 @@ def test_load_balance_loss_is_topk_at_balance():
     E, k = 4, 2
     indices = torch.tensor([[[0, 1], [2, 3]]])
     probs = torch.full((1, 2, E), 1 / E)
-    from momtitan.routing import Routing
     aux, load = load_balance_loss(Routing(probs, torch.full((1, 2, k), 0.5), indices), E)
     assert abs(aux.item() - k) < 1e-6 and torch.allclose(load, torch.full((E,), 1 / E))
+
+
+def test_load_balance_loss_ignores_padding():
+    E, k = 4, 2
+    r = route(torch.randn(2, 6, E), k)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[0, :3] = False
+    aux, load = load_balance_loss(r, E, valid)
+    only_valid = Routing(r.probs[valid][None], r.weights[valid][None], r.indices[valid][None])
+    aux_ref, load_ref = load_balance_loss(only_valid, E)
+    assert torch.allclose(aux, aux_ref) and torch.allclose(load, load_ref)

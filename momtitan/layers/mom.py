@@ -117,8 +117,10 @@ class MoMLayer(nn.Module):
         return self.o_proj(o.reshape(*shape, self.value_dim))
 
     # ---- training / prefill ------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, doc_starts: torch.Tensor | None = None, state: MoMLayerState | None = None):
-        """Returns `(out [B, T, D], aux_loss, memory_load [E])`; advances `state` in place if given."""
+    def forward(self, x: torch.Tensor, doc_starts: torch.Tensor | None = None, state: MoMLayerState | None = None,
+                valid: torch.Tensor | None = None):
+        """Returns `(out [B, T, D], aux_loss, memory_load [E])`; advances `state` in place if given.
+        `valid [B, T]` bool leaves padding out of the aux loss and the load."""
         B, T, D = x.shape
         routing = route(self.router(x), self.topk)
         plan = plan_dispatch(routing.indices, self.num_memories, self.shared_mem)
@@ -138,7 +140,7 @@ class MoMLayer(nn.Module):
             state.conv.copy_(conv_final)
         R = B * T * self.topk
         out = combine(o[:R], o[R:] if self.shared_mem else None, plan, routing.weights)
-        aux, load = load_balance_loss(routing, self.num_memories)
+        aux, load = load_balance_loss(routing, self.num_memories, valid)
         return self._output(out, x), aux, load
 
     def run_stream(self, routed_x, routed_q, shared_x, shared_q, cu_seqlens, memory_offsets, reset=None, state=None):
