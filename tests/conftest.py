@@ -4,7 +4,7 @@ import torch
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """‖actual − expected‖ / ‖expected‖ in fp64; NaN anywhere fails every threshold."""
-    actual, expected = actual.detach().double(), expected.detach().double()
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     if torch.isnan(actual).any():
         return float("inf")
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
