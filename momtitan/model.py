@@ -146,8 +146,8 @@ def get_nparams_and_flops(args: MoMModelArgs, model: nn.Module, seq_len: int) ->
     active = nparams - model.tok_embeddings.weight.numel()
     for block in model.layers.values():
         if not block.is_attention:
-            per_memory = sum(p.numel() for p in (block.mixer.k_proj, block.mixer.v_proj, block.mixer.b_proj, block.mixer.a_proj) if p is not None)
-            active -= per_memory * (E - k) // E
+            stacked = sum(p.numel() for p in block.mixer.memories.parameters())
+            active -= stacked * (E - k) // E
     head = args.vocab_size * args.hidden_size  # the output matmul, tied or not
     if args.tie_word_embeddings:
         active += head

@@ -79,10 +79,10 @@ def test_fla_layout():
     assert "lm_head.weight" not in fla and "model.embeddings.weight" in fla
     layer = "model.layers.1.attn."
     for m in range(args.num_memories):
-        assert torch.equal(fla[f"{layer}k_proj.{m}.weight"], sd["layers.1.mixer.k_proj"][m])
+        assert torch.equal(fla[f"{layer}k_proj.{m}.weight"], sd["layers.1.mixer.memories.k_proj"][m])
         assert fla[f"{layer}v_proj.{m}.weight"].shape == (V, D)
         assert fla[f"{layer}b_proj.{m}.weight"].shape == (args.num_heads, D)
-        assert torch.equal(fla[f"{layer}a_proj.{m}.weight"], sd["layers.1.mixer.a_proj"][m])
+        assert torch.equal(fla[f"{layer}a_proj.{m}.weight"], sd["layers.1.mixer.memories.a_proj"][m])
     conv = sd["layers.1.mixer.conv_weight"]
     assert torch.equal(fla[f"{layer}q_conv1d.weight"], conv[:K, None])
     assert torch.equal(fla[f"{layer}k_conv1d.weight"], conv[K:2 * K, None])

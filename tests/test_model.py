@@ -79,8 +79,7 @@ def test_parameter_counts_match_the_spec():
         with torch.device("meta"):
             model = MoMTransformer(args)
         n = sum(p.numel() for p in model.parameters())
-        per_memory = sum(p.numel() for p in (model.layers["0"].mixer.k_proj, model.layers["0"].mixer.v_proj,
-                                             model.layers["0"].mixer.b_proj, model.layers["0"].mixer.a_proj)) // 4
+        per_memory = sum(p.numel() for p in model.layers["0"].mixer.memories.parameters()) // args.num_memories
         act = n - (args.num_memories - args.topk) * per_memory * args.num_hidden_layers
         assert abs(n - total) / total < 0.01, (flavor, n)
         assert abs(act - activated) / activated < 0.01, (flavor, act)

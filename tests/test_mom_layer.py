@@ -33,9 +33,10 @@ def naive_mom(layer: MoMLayer, x: torch.Tensor, doc_starts=None) -> torch.Tensor
                 chosen.append((E, 1.0))
             for m, w in chosen:
                 if m < E:
-                    kw, vw = layer.k_proj[m], layer.v_proj[m]
-                    bw = layer.b_proj[m] if layer.b_proj is not None else None
-                    aw = layer.a_proj[m] if layer.a_proj is not None else None
+                    mem = layer.memories
+                    kw, vw = mem.k_proj[m], mem.v_proj[m]
+                    bw = mem.b_proj[m] if mem.b_proj is not None else None
+                    aw = mem.a_proj[m] if mem.a_proj is not None else None
                 else:
                     kw, vw = layer.shared_k.weight, layer.shared_v.weight
                     bw = layer.shared_b.weight if layer.shared_b is not None else None
@@ -89,5 +90,5 @@ def test_unpicked_memory_gets_no_gradient_and_layer_backward_runs():
     out, aux, load = layer(x)
     assert load[3] == 0
     out.sum().backward()
-    assert torch.count_nonzero(layer.k_proj.grad[3]) == 0
-    assert torch.count_nonzero(layer.k_proj.grad[:3]) > 0
+    assert torch.count_nonzero(layer.memories.k_proj.grad[3]) == 0
+    assert torch.count_nonzero(layer.memories.k_proj.grad[:3]) > 0

@@ -132,7 +132,7 @@ def to_fla(state_dict: dict[str, torch.Tensor], args: MoMModelArgs) -> dict[str,
                 continue
             move(ours + "mixer." + name, theirs + "attn." + name)
         for name in _STACKED:
-            move(ours + "mixer." + name, "stacked")
+            move(ours + "mixer.memories." + name, "stacked")
             stacked = out.pop("stacked")
             for m in range(stacked.shape[0]):
                 out[f"{theirs}attn.{name}.{m}.weight"] = stacked[m].clone()  # safetensors stores no shared views
@@ -176,7 +176,7 @@ def from_fla(state_dict: dict[str, torch.Tensor], args: MoMModelArgs) -> dict[st
                 continue
             out[ours + "mixer." + name] = take(theirs + "attn." + name)
         for name in _STACKED:
-            out[ours + "mixer." + name] = torch.stack(
+            out[ours + "mixer.memories." + name] = torch.stack(
                 [take(f"{theirs}attn.{name}.{m}.weight") for m in range(args.num_memories)])
         convs = [take(f"{theirs}attn.{n}_conv1d.weight") for n in ("q", "k", "v")]
         for c in convs:

@@ -31,6 +31,38 @@ from momtitan.ops.recurrence import _linear_recurrence, linear_recurrence_step
 from momtitan.routing import combine, load_balance_loss, plan_dispatch, route, stale_streams, stream_resets
 
 
+class MemoryProjections(nn.Module):
+    """The routed memories' own weights: k, v, beta and decay projections, stacked `[E, out, D]`.
+
+    Its forward is one grouped GEMM over rows grouped by memory. Kept as a module of its own so that
+    expert parallelism can shard it across ranks (and FSDP treat it apart), like a MoE's experts.
+    """
+
+    def __init__(self, num_memories: int, dim: int, key_dim: int, value_dim: int, num_heads: int,
+                 uses_delta: bool, uses_decay: bool):
+        super().__init__()
+        E, D, H = num_memories, dim, num_heads
+        self.k_proj = nn.Parameter(torch.empty(E, key_dim, D))
+        self.v_proj = nn.Parameter(torch.empty(E, value_dim, D))
+        self.b_proj = nn.Parameter(torch.empty(E, H, D)) if uses_delta else None
+        self.a_proj = nn.Parameter(torch.empty(E, H, D)) if uses_decay else None
+
+    def stacked(self) -> list[torch.Tensor]:
+        return [p for p in (self.k_proj, self.v_proj, self.b_proj, self.a_proj) if p is not None]
+
+    def weight(self) -> torch.Tensor:
+        """`[E, out, D]`: each memory's k | v | beta | decay projections, concatenated."""
+        return torch.cat(self.stacked(), dim=1)
+
+    def forward(self, x: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+        return grouped_linear(x, self.weight(), group_ends)
+
+    def reset_parameters(self, gain: float) -> None:
+        for stacked in self.stacked():
+            for m in range(stacked.shape[0]):
+                nn.init.xavier_uniform_(stacked[m], gain=gain)
+
+
 class MoMLayer(nn.Module):
     def __init__(self, args: MoMModelArgs):
         super().__init__()
@@ -44,11 +76,7 @@ class MoMLayer(nn.Module):
 
         self.router = nn.Linear(D, E, bias=False)
         self.q_proj = nn.Linear(D, self.key_dim, bias=False)
-        # Per-memory projections, stacked [E, out, in] for the grouped GEMM.
-        self.k_proj = nn.Parameter(torch.empty(E, self.key_dim, D))
-        self.v_proj = nn.Parameter(torch.empty(E, self.value_dim, D))
-        self.b_proj = nn.Parameter(torch.empty(E, H, D)) if self.uses_delta else None
-        self.a_proj = nn.Parameter(torch.empty(E, H, D)) if self.uses_decay else None
+        self.memories = MemoryProjections(E, D, self.key_dim, self.value_dim, H, self.uses_delta, self.uses_decay)
         if self.shared_mem:
             self.shared_k = nn.Linear(D, self.key_dim, bias=False)
             self.shared_v = nn.Linear(D, self.value_dim, bias=False)
@@ -64,14 +92,6 @@ class MoMLayer(nn.Module):
         self.o_proj = nn.Linear(self.value_dim, D, bias=False)
 
     # ---- parameters -------------------------------------------------------------------------
-    def _split_sizes(self) -> list[int]:
-        return [self.key_dim, self.value_dim] + [self.num_heads] * (int(self.uses_delta) + int(self.uses_decay))
-
-    def memory_weight(self) -> torch.Tensor:
-        """`[E, out, D]`: each memory's k | v | beta | decay projections, concatenated."""
-        parts = [self.k_proj, self.v_proj] + [p for p in (self.b_proj, self.a_proj) if p is not None]
-        return torch.cat(parts, dim=1)
-
     def shared_weight(self) -> torch.Tensor:
         parts = [self.shared_k, self.shared_v] + [m for m in (self.shared_b, self.shared_a) if m is not None]
         return torch.cat([m.weight for m in parts], dim=0)
@@ -80,10 +100,7 @@ class MoMLayer(nn.Module):
         gain = 2**-2.5  # fla's MoM init for every linear of the layer
         for linear in (self.router, self.q_proj, self.g_proj, self.o_proj):
             nn.init.xavier_uniform_(linear.weight, gain=gain)
-        for stacked in (self.k_proj, self.v_proj, self.b_proj, self.a_proj):
-            if stacked is not None:
-                for m in range(stacked.shape[0]):
-                    nn.init.xavier_uniform_(stacked[m], gain=gain)
+        self.memories.reset_parameters(gain)
         if self.shared_mem:
             for linear in (self.shared_k, self.shared_v, self.shared_b, self.shared_a):
                 if linear is not None:
@@ -153,7 +170,7 @@ class MoMLayer(nn.Module):
         None unless `state` gives the initial ones.
         """
         H, K, V = self.num_heads, self.head_k, self.head_v
-        proj = grouped_linear(routed_x, self.memory_weight(), memory_offsets)
+        proj = self.memories(routed_x, memory_offsets)
         q = routed_q
         if shared_x is not None:
             proj = torch.cat([proj, F.linear(shared_x, self.shared_weight())])
@@ -183,7 +200,7 @@ class MoMLayer(nn.Module):
         flat = x[:, 0]
         routing = route(self.router(flat), k_top)  # [B, k]
         # Every memory's projection of the token (the weights are read once either way), then pick k.
-        proj_all = torch.einsum("bd,eod->beo", flat, self.memory_weight())
+        proj_all = torch.einsum("bd,eod->beo", flat, self.memories.weight())
         proj = proj_all.gather(1, routing.indices[..., None].expand(B, k_top, proj_all.shape[-1])).reshape(B * k_top, -1)
         index = (routing.indices * B + torch.arange(B, device=x.device)[:, None]).reshape(-1)
         q_tok = self.q_proj(flat)
