@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from momtitan.cache import MoMLayerState
 from momtitan.config import MoMModelArgs
@@ -48,7 +49,9 @@ class MemoryProjections(nn.Module):
         self.a_proj = nn.Parameter(torch.empty(E, H, D)) if uses_decay else None
 
     def stacked(self) -> list[torch.Tensor]:
-        return [p for p in (self.k_proj, self.v_proj, self.b_proj, self.a_proj) if p is not None]
+        """The stacked weights; under expert parallelism, this rank's memories only."""
+        params = [p for p in (self.k_proj, self.v_proj, self.b_proj, self.a_proj) if p is not None]
+        return [p.to_local() if isinstance(p, DTensor) else p for p in params]
 
     def weight(self) -> torch.Tensor:
         """`[E, out, D]`: each memory's k | v | beta | decay projections, concatenated."""
@@ -77,6 +80,7 @@ class MoMLayer(nn.Module):
         self.router = nn.Linear(D, E, bias=False)
         self.q_proj = nn.Linear(D, self.key_dim, bias=False)
         self.memories = MemoryProjections(E, D, self.key_dim, self.value_dim, H, self.uses_delta, self.uses_decay)
+        self.expert_parallel = None  # set by momtitan.parallel.expert_parallel.apply_expert_parallel
         if self.shared_mem:
             self.shared_k = nn.Linear(D, self.key_dim, bias=False)
             self.shared_v = nn.Linear(D, self.value_dim, bias=False)
@@ -144,10 +148,15 @@ class MoMLayer(nn.Module):
         flat = x.reshape(B * T, D)
         q_tok = self.q_proj(flat)
         reset = None if doc_starts is None else stream_resets(doc_starts, plan, self.shared_mem)
-        o, final, conv_final = self.run_stream(
-            flat[plan.token_of_row], q_tok[plan.token_of_row], flat if self.shared_mem else None,
-            q_tok if self.shared_mem else None, plan.cu_seqlens, plan.memory_offsets, reset, state,
-        )
+        if self.expert_parallel is not None:
+            if state is not None:
+                raise ValueError("decoding with a cache runs without expert parallelism; got a layer state under EP")
+            o = self.expert_parallel(self, flat, q_tok, plan, reset)
+        else:
+            o, final, conv_final = self.run_stream(
+                flat[plan.token_of_row], q_tok[plan.token_of_row], flat if self.shared_mem else None,
+                q_tok if self.shared_mem else None, plan.cu_seqlens, plan.memory_offsets, reset, state,
+            )
         if state is not None:
             if doc_starts is not None:  # memories that saw nothing of the last document start it empty
                 stale = stale_streams(doc_starts, plan, self.shared_mem)

@@ -1,0 +1,110 @@
+"""Expert parallelism for MoM: each rank of an `ep` group holds E/ep memories, and the routed rows
+travel by all-to-all to the rank that owns their memory.
+
+One MoM layer's forward under EP, on every rank:
+
+1. Route and plan as usual. The routed rows are in (memory, batch, time) order, so the rows bound
+   for rank r (memories `r*E_local ...`) are one contiguous block.
+2. All-to-all of the per-(memory, batch) counts; their sums become the split sizes on the host.
+   This device-to-host copy is the one host sync per layer (torchtitan's MoE has the same).
+3. All-to-all of the rows (x | q | reset flag), differentiable.
+4. The owner reorders what it received from (source, memory, batch, time) to (memory, source,
+   batch, time), appends its own shared-memory rows, and runs `MoMLayer.run_stream`: segments
+   (memory, source, batch) keep causal order, so each memory sees exactly the token subsequence it
+   would see without EP.
+5. The routed outputs go back by the inverse all-to-all; the source combines them with its shared
+   output as usual.
+
+Weights: `MemoryProjections` parameters become DTensors sharded on dim 0 over the ep mesh, so DCP
+saves and loads them whole. Everything else is replicated across ep (FSDP shards it as usual).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from momtitan.layers.mom import MoMLayer
+
+
+class MemoryExchange:
+    """Runs a MoM layer's routed rows on the ranks that own their memories (installed by
+    `apply_expert_parallel` as `MoMLayer.expert_parallel`)."""
+
+    def __init__(self, mesh: DeviceMesh, num_memories: int):
+        self.mesh = mesh
+        self.group = mesh.get_group()
+        self.ep = mesh.size()
+        self.rank = mesh.get_local_rank()
+        self.local_memories = num_memories // self.ep
+
+    @torch.compiler.disable  # data-dependent split sizes: one graph break per layer
+    def __call__(self, layer: MoMLayer, flat, q_tok, plan, reset) -> torch.Tensor:
+        ep, El = self.ep, self.local_memories
+        B = plan.counts.shape[1]
+        R = plan.token_of_row.numel()
+        # 1-2. counts: send[dst] = my counts for dst's memories [El, B]; recv[src] = src's counts for mine
+        send_counts = plan.counts.view(ep, El * B).contiguous()
+        recv_counts = torch.empty_like(send_counts)
+        torch.distributed.all_to_all_single(recv_counts, send_counts, group=self.group)
+        sizes = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).cpu()  # the host sync
+        send_sizes, recv_sizes = sizes[0].tolist(), sizes[1].tolist()
+
+        # 3. rows out: x | q | reset
+        flag = (reset[:R] if reset is not None else flat.new_zeros(R, dtype=torch.bool)).to(flat.dtype)
+        rows = torch.cat([flat[plan.token_of_row], q_tok[plan.token_of_row], flag[:, None]], dim=1)
+        got = all_to_all_single_autograd(rows, recv_sizes, send_sizes, self.group)
+
+        # 4. reorder (source, memory, batch) -> (memory, source, batch) and run the local stream
+        counts = recv_counts.view(ep, El, B)
+        group_of_row = torch.repeat_interleave(
+            torch.arange(ep * El * B, device=flat.device), counts.reshape(-1), output_size=got.shape[0])
+        src, rest = group_of_row // (El * B), group_of_row % (El * B)
+        key = (rest // B) * (ep * B) + src * B + rest % B
+        order = torch.argsort(key, stable=True)
+        got = got[order]
+        D, K = flat.shape[1], q_tok.shape[1]
+        x_rows, q_rows, flags = got[:, :D], got[:, D : D + K], got[:, -1] > 0.5
+        seg_counts = counts.permute(1, 0, 2).reshape(-1)
+        cu = torch.cat([seg_counts.new_zeros(1), torch.cumsum(seg_counts, 0)])
+        memory_offsets = cu[ep * B :: ep * B].to(torch.int32)
+        shared = layer.shared_mem
+        if shared:
+            T = flat.shape[0] // B
+            cu = torch.cat([cu, cu[-1] + T * torch.arange(1, B + 1, device=cu.device)])
+        stream_reset = None
+        if reset is not None:
+            stream_reset = torch.cat([flags, reset[R:]]) if shared else flags
+        o, _, _ = layer.run_stream(x_rows, q_rows, flat if shared else None, q_tok if shared else None,
+                                   cu, memory_offsets, stream_reset)
+        routed = o[: got.shape[0]]
+
+        # 5. routed outputs back to their source, in the source's row order
+        back = torch.empty_like(routed).index_copy(0, order, routed)
+        routed_home = all_to_all_single_autograd(back, send_sizes, recv_sizes, self.group)
+        return torch.cat([routed_home, o[got.shape[0] :]]) if shared else routed_home
+
+
+def check_expert_parallel_degree(num_memories: int, ep: int, world_size: int) -> None:
+    """Fail at start, with the values, on degrees that cannot work."""
+    if ep < 1 or world_size % ep:
+        raise ValueError(f"expert_parallel_degree {ep} must divide the world size {world_size}")
+    if num_memories % ep:
+        raise ValueError(f"num_memories ({num_memories}) must be divisible by expert_parallel_degree, got {ep}")
+
+
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
+    """Shard every MoM layer's memories over `ep_mesh` (1-D) and route its rows by all-to-all."""
+    ep = ep_mesh.size()
+    for block in model.layers.values():
+        layer = block.mixer
+        if not isinstance(layer, MoMLayer):
+            continue
+        check_expert_parallel_degree(layer.num_memories, ep, torch.distributed.get_world_size())
+        for name, param in list(layer.memories.named_parameters(recurse=False)):
+            sharded = nn.Parameter(distribute_tensor(param.data, ep_mesh, [Shard(0)]), requires_grad=param.requires_grad)
+            setattr(layer.memories, name, sharded)
+        layer.expert_parallel = MemoryExchange(ep_mesh, layer.num_memories)
