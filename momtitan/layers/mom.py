@@ -61,9 +61,13 @@ class MemoryProjections(nn.Module):
         return grouped_linear(x, self.weight(), group_ends)
 
     def reset_parameters(self, gain: float) -> None:
-        for stacked in self.stacked():
-            for m in range(stacked.shape[0]):
-                nn.init.xavier_uniform_(stacked[m], gain=gain)
+        """Xavier-uniform per memory. One `uniform_` on the whole parameter (all memories have the
+        same fan-in and fan-out) rather than a loop over local slices: on a DTensor (FSDP, EP) this
+        keeps DTensor's RNG bookkeeping, so shards on different ranks draw different values."""
+        for p in (self.k_proj, self.v_proj, self.b_proj, self.a_proj):
+            if p is not None:
+                bound = gain * math.sqrt(6.0 / (p.shape[1] + p.shape[2]))
+                nn.init.uniform_(p, -bound, bound)
 
 
 class MoMLayer(nn.Module):

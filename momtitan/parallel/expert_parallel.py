@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard
 
 from momtitan.layers.mom import MoMLayer
 
@@ -104,7 +104,10 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
         if not isinstance(layer, MoMLayer):
             continue
         check_expert_parallel_degree(layer.num_memories, ep, torch.distributed.get_world_size())
+        rank = ep_mesh.get_local_rank()
         for name, param in list(layer.memories.named_parameters(recurse=False)):
-            sharded = nn.Parameter(distribute_tensor(param.data, ep_mesh, [Shard(0)]), requires_grad=param.requires_grad)
-            setattr(layer.memories, name, sharded)
+            # each rank keeps its own block of memories; no communication, so this works on meta too
+            local = param.data.chunk(ep, dim=0)[rank]
+            sharded = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)
+            setattr(layer.memories, name, nn.Parameter(sharded, requires_grad=param.requires_grad))
         layer.expert_parallel = MemoryExchange(ep_mesh, layer.num_memories)

@@ -62,6 +62,13 @@ class MoMTitanArgs(BaseModelArgs):
         except TypeError as e:  # a wrong type that the dataclass itself rejects
             raise ValueError(f"invalid [mom] override: {e}") from e
 
+        ep = job_config.parallelism.expert_parallel_degree
+        if ep > 1:
+            import os
+
+            from momtitan.parallel.expert_parallel import check_expert_parallel_degree
+
+            check_expert_parallel_degree(self.model.num_memories, ep, int(os.environ.get("WORLD_SIZE", "1")))
         add_default_float8_filters(job_config)
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:

@@ -1,16 +1,21 @@
 """Patches that let torchtitan 0.2.2 train on a machine with no accelerator (CPU + gloo).
 
 torchtitan has no CPU device option: it picks `torch.cuda` when no accelerator is found and calls
-CUDA-only memory and barrier APIs. `apply_cpu_shims()` changes exactly these, and only when
-`torch.accelerator` reports no device; on a GPU machine it does nothing. Everything torchtitan
-does with FSDP on CPU that needs a shim lives in `momtitan.parallel.parallelize` (sum-only
-reductions for gloo), next to the FSDP code it concerns.
+CUDA-only memory and barrier APIs. Everything CPU-specific lives here, and none of it runs when
+`torch.accelerator` reports a device.
 
-The patches:
+At import of `momtitan.train` (`apply_cpu_shims`):
 1. the device-type lookup answers "cpu", so torchtitan uses `torch.cpu` and the gloo backend
    (also rewritten in torchtitan modules that copied the answer at import time);
 2. `torch.cpu` gets the memory-monitor calls it lacks (name, properties, peak stats: zeros);
 3. `torch.distributed.barrier(device_ids=...)` drops `device_ids`, which gloo rejects.
+From `momtitan.parallel.parallelize`, for FSDP on CPU (`prepare_fsdp_on_cpu`):
+4. reductions are forced to plain SUM: gloo has no PREMUL_SUM, which FSDP uses once its gradient
+   division is switched off;
+5. DTensor's random ops have no CPU RNG tracker, so every rank would draw the same numbers for
+   its own shard, making the shards of a parameter copies of each other (memory 2 a clone of
+   memory 0, ...). `init_weights` therefore runs with a per-shard seed, after which the shared
+   generator state is restored.
 """
 
 from __future__ import annotations
@@ -94,3 +99,28 @@ def apply_cpu_shims() -> bool:
     _patch_barrier()
     _APPLIED = True
     return True
+
+
+def prepare_fsdp_on_cpu(model, shard_rank: int) -> None:
+    """FSDP over gloo: plain-SUM reductions, and a per-shard seed while `init_weights` runs.
+
+    `shard_rank` is the rank's coordinate along the sharding dim only, so that HSDP replicas
+    (same shard, other replicate coordinate) still draw identical values."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+
+    original = model.init_weights
+
+    @functools.wraps(original)
+    def init_weights(*args, **kwargs):
+        shared_state = torch.get_rng_state()
+        torch.manual_seed((torch.initial_seed() + 1_000_003 * (shard_rank + 1)) % 2**63)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            torch.set_rng_state(shared_state)
+
+    model.init_weights = init_weights

@@ -7,7 +7,6 @@ is validated before the model is built. On the command line: `--mom.num_memories
 `--mom.attn_layers 3,7`.
 """
 
-from __future__ import annotations
 
 from dataclasses import dataclass, field
 

@@ -1,0 +1,150 @@
+"""`parallelize_mom(model, parallel_dims, job_config)`: torchtitan's `TrainSpec.parallelize_fn`.
+
+The same recipe as torchtitan's llama3, applied to `MoMTransformer`'s blocks, in this order:
+1. activation checkpointing per block (`full`, or `selective`: every n-th block or per op);
+2. `torch.compile(block, fullgraph=True)` per block (`--compile.enable`);
+3. data parallelism: FSDP2 `fully_shard` per block, on the embeddings and on the final norm + head,
+   then on the root, with `MixedPrecisionPolicy(param_dtype=training.mixed_precision_param,
+   reduce_dtype=float32)`; HSDP when `data_parallel_replicate_degree > 1` as well; DDP when only
+   replicating.
+Expert parallelism (`parallelism.expert_parallel_degree = ep`, borrowed from dp_shard) comes first:
+each MoM layer's memories are sharded over the `ep` mesh and its routed rows travel by all-to-all
+(`momtitan.parallel.expert_parallel`); FSDP then shards the memories over the `efsdp` mesh (the
+rest of dp_shard) and everything else over the full `fsdp` mesh. Under EP the all-to-all's split
+sizes make one graph break per MoM layer, so blocks compile with `fullgraph=False`.
+Tensor, context and pipeline parallelism are not implemented for MoM and are refused with a
+ValueError.
+
+Gradients: torchtitan divides the loss by the global token count itself, so FSDP's own gradient
+division is switched off (divide factor 1), and DDP's averaging is replaced by a plain sum. FSDP on CPU (gloo) needs two more changes, made by
+`momtitan.train.cpu_shims.prepare_fsdp_on_cpu`: plain-SUM reductions and per-rank init seeds.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torchtitan.config import TORCH_DTYPE_MAP
+from torchtitan.distributed.activation_checkpoint import apply_ac
+from torchtitan.tools.logging import logger
+
+# Ops whose outputs selective (per-op) activation checkpointing keeps instead of recomputing.
+# Every second matmul is recomputed anyway (torchtitan's policy); the rest are expensive to redo.
+SAC_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_attention_math.default,
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,
+    torch.ops.aten.max.default,  # float8 scales come from abs-max
+}
+
+
+def _check_supported(parallel_dims) -> None:
+    for name, enabled in (
+        ("tensor_parallel_degree", parallel_dims.tp_enabled),
+        ("context_parallel_degree", parallel_dims.cp_enabled),
+        ("pipeline_parallel_degree", parallel_dims.pp_enabled),
+    ):
+        if enabled:
+            raise ValueError(f"parallelism.{name} > 1 is not supported for the MoM model; use FSDP/HSDP/DDP")
+
+
+def apply_compile(model: nn.Module, backend: str, fullgraph: bool = True) -> None:
+    """Compile each block on its own: the blocks are alike, so one compilation serves them all."""
+    for layer_id, block in model.layers.named_children():
+        model.layers.register_module(layer_id, torch.compile(block, backend=backend, fullgraph=fullgraph))
+    logger.info(f"Compiled each MoM block with torch.compile (backend {backend}, fullgraph={fullgraph})")
+
+
+def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
+               cpu_offload: bool, reshard_policy: str, memories_mesh=None) -> None:
+    """`memories_mesh`: under expert parallelism, the mesh (efsdp) that shards each MoM layer's
+    memories, which are already split over ep; they get their own FSDP unit first."""
+    if reshard_policy not in ("default", "always", "never"):
+        raise ValueError(f"parallelism.fsdp_reshard_after_forward must be default/always/never, got {reshard_policy!r}")
+    reshard = reshard_policy != "never"
+    config = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)}
+    if cpu_offload:
+        config["offload_policy"] = CPUOffloadPolicy()
+
+    tied = model.output is None
+    if not tied:  # a tied head reads the embedding weight at the end, so it stays with the root
+        fully_shard(model.tok_embeddings, **config, reshard_after_forward=reshard)
+    for block in model.layers.values():
+        if memories_mesh is not None and hasattr(block.mixer, "memories"):
+            fully_shard(block.mixer.memories, **{**config, "mesh": memories_mesh}, reshard_after_forward=reshard)
+        fully_shard(block, **config, reshard_after_forward=reshard)
+    if not tied:
+        # the last unit runs backward first, so keeping it gathered after forward saves a gather
+        fully_shard([model.norm, model.output], **config, reshard_after_forward=reshard_policy == "always")
+    fully_shard(model, **config)
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+    if mesh.device_type == "cpu":
+        from momtitan.train.cpu_shims import prepare_fsdp_on_cpu
+
+        prepare_fsdp_on_cpu(model, shard_rank=mesh.get_local_rank(mesh.ndim - 1))
+
+
+def _allreduce_sum_hook(group, bucket):
+    """DDP comm hook: sum gradients without DDP's division by the world size."""
+    work = torch.distributed.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def apply_ddp(model: nn.Module, mesh, compiled: bool) -> None:
+    from torch.distributed._composable.replicate import replicate
+
+    if compiled:
+        torch._dynamo.config.optimize_ddp = "ddp_optimizer"
+    replicate(model, device_mesh=mesh, bucket_cap_mb=100)
+    # the loss is already divided by the global token count: DDP must sum, not average
+    model.register_comm_hook(mesh.get_group(), _allreduce_sum_hook)
+
+
+def parallelize_mom(model: nn.Module, parallel_dims, job_config) -> nn.Module:
+    _check_supported(parallel_dims)
+    compile_model = job_config.compile.enable and "model" in job_config.compile.components
+    if parallel_dims.ep_enabled:
+        from momtitan.parallel.expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(model, parallel_dims.get_mesh("ep"))
+        logger.info(f"Applied expert parallelism: {parallel_dims.ep} ranks share each layer's memories")
+
+    ac = job_config.activation_checkpoint
+    if ac.mode not in ("none", "full", "selective", "memory_budget"):
+        raise ValueError(f"activation_checkpoint.mode must be none/full/selective/memory_budget, got {ac.mode!r}")
+    if ac.mode == "memory_budget" and not compile_model:
+        raise ValueError("activation_checkpoint.mode 'memory_budget' needs --compile.enable")
+    if ac.mode == "selective" and not (ac.selective_ac_option == "op" or ac.selective_ac_option.isdigit()):
+        raise ValueError(
+            f"activation_checkpoint.selective_ac_option must be 'op' or a layer frequency, got {ac.selective_ac_option!r}"
+        )
+    if ac.mode != "none":
+        apply_ac(model, ac, model_compile_enabled=compile_model, op_sac_save_list=SAC_SAVE_OPS,
+                 base_folder=job_config.job.dump_folder)
+
+    if compile_model:
+        apply_compile(model, job_config.compile.backend, fullgraph=not parallel_dims.ep_enabled)
+
+    training = job_config.training
+    if parallel_dims.fsdp_enabled:
+        dims = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+        apply_fsdp(
+            model, parallel_dims.get_mesh(dims),
+            param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
+            reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
+            cpu_offload=training.enable_cpu_offload,
+            reshard_policy=job_config.parallelism.fsdp_reshard_after_forward,
+            memories_mesh=parallel_dims.get_mesh("efsdp") if parallel_dims.ep_enabled else None,
+        )
+        logger.info("Applied HSDP to the model" if parallel_dims.dp_replicate_enabled else "Applied FSDP to the model")
+    elif parallel_dims.dp_replicate_enabled:
+        apply_ddp(model, parallel_dims.get_mesh("dp_replicate"), compile_model)
+        logger.info("Applied DDP to the model")
+    return model

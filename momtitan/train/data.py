@@ -1,0 +1,253 @@
+"""Training data: document sources, packing into rows with document boundaries, the dataloader.
+
+Sources (`--training.dataset`):
+- `synthetic` (default): `momtitan.train.synthetic.SyntheticCorpus`, generated on the fly.
+- `c4`, `slimpajama`, `fineweb_edu`, or `hf:<owner>/<name>[:<config>]`: streamed from the
+  Hugging Face hub (text column "text").
+- `local`: files given by `--training.dataset_path`.
+`--training.dataset_path` with a hub name reads a local copy instead of streaming. A path may be
+a `.jsonl`/`.json`/`.parquet`/`.arrow`/`.txt` file, a folder of such files, or a folder written by
+`Dataset.save_to_disk`. The text comes from the "text" column (or "content").
+
+Packing: each document becomes `[BOS] tokens [EOS]`; documents are concatenated and cut into
+rows of seq_len + 1 tokens (inputs and labels shifted by one). Rows carry `doc_starts`, True at
+the first token of each document and at a row's first position, where the model's recurrent
+state and short conv restart. torchtitan passes it to `model(tokens, doc_starts=...)`.
+The dataset is checkpointable: its state is the number of documents read and the tokens left over.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import asdict
+from typing import Any, Iterator
+
+import torch
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.utils.data import IterableDataset
+from torchtitan.components.dataloader import ParallelAwareDataloader
+from torchtitan.tools.logging import logger
+
+from momtitan.train.synthetic import SyntheticCorpus
+
+SYNTHETIC = "synthetic"
+LOCAL = "local"
+HUB_PREFIX = "hf:"
+HUB_DATASETS: dict[str, tuple[str, str | None]] = {
+    "c4": ("allenai/c4", "en"),
+    "slimpajama": ("cerebras/SlimPajama-627B", None),
+    "fineweb_edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
+}
+_LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".arrow": "arrow"}
+_TEXT_COLUMNS = ("text", "content")
+
+
+def known_datasets() -> list[str]:
+    return [SYNTHETIC, LOCAL, *HUB_DATASETS, f"{HUB_PREFIX}<owner>/<name>[:<config>]"]
+
+
+def _load_local(path: str):
+    import datasets
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"training.dataset_path {path!r} does not exist")
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "state.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
+            ds = datasets.load_from_disk(path)
+        else:
+            by_format: dict[str, list[str]] = {}
+            for file in sorted(glob.glob(os.path.join(path, "**", "*"), recursive=True)):
+                fmt = _LOCAL_FORMATS.get(os.path.splitext(file)[1])
+                if fmt and os.path.isfile(file):
+                    by_format.setdefault(fmt, []).append(file)
+            if not by_format:
+                raise FileNotFoundError(
+                    f"training.dataset_path {path!r} holds no {'/'.join(_LOCAL_FORMATS)} files"
+                )
+            if len(by_format) > 1:
+                raise ValueError(f"training.dataset_path {path!r} mixes file formats {sorted(by_format)}; keep one")
+            (fmt, files), = by_format.items()
+            ds = _load_files(fmt, files)
+    else:
+        fmt = _LOCAL_FORMATS.get(os.path.splitext(path)[1])
+        if fmt is None:
+            raise ValueError(
+                f"training.dataset_path {path!r}: unknown file type; expected one of {sorted(_LOCAL_FORMATS)}"
+            )
+        ds = _load_files(fmt, [path])
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(f"training.dataset_path {path!r} has splits {list(ds)} but no 'train' split")
+        ds = ds["train"]
+    return ds
+
+
+def _load_files(fmt: str, files: list[str]):
+    import datasets
+
+    if fmt == "arrow":
+        return datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in files])
+    return datasets.load_dataset(fmt, data_files=files, split="train")
+
+
+def _load_hub(name: str):
+    import datasets
+
+    if name.startswith(HUB_PREFIX):
+        repo, _, config = name[len(HUB_PREFIX) :].partition(":")
+        if not repo:
+            raise ValueError(f"training.dataset {name!r}: expected {HUB_PREFIX}<owner>/<name>[:<config>]")
+        config = config or None
+    else:
+        repo, config = HUB_DATASETS[name]
+    logger.info(f"Streaming {repo} (config {config}) from the Hugging Face hub")
+    return datasets.load_dataset(repo, name=config, split="train", streaming=True)
+
+
+def _text_column(ds, where: str) -> str:
+    columns = ds.column_names
+    if columns is None:  # streaming datasets may not know their columns; assume "text"
+        return "text"
+    for c in _TEXT_COLUMNS:
+        if c in columns:
+            return c
+    raise ValueError(f"{where} has no text column; expected one of {_TEXT_COLUMNS}, found {columns}")
+
+
+def open_source(dataset: str, dataset_path: str | None):
+    """Resolve (dataset, dataset_path) to a document source: a SyntheticCorpus or a `datasets` dataset."""
+    name = (dataset or "").lower()
+    if name == SYNTHETIC:
+        if dataset_path:
+            raise ValueError(
+                f"training.dataset 'synthetic' is generated and takes no dataset_path (got {dataset_path!r}); "
+                "use --training.dataset local for files"
+            )
+        return SyntheticCorpus(seed=0)
+    if name == LOCAL or (dataset_path and (name in HUB_DATASETS or name.startswith(HUB_PREFIX))):
+        if not dataset_path:
+            raise ValueError("training.dataset 'local' needs --training.dataset_path")
+        return _load_local(dataset_path)
+    if name in HUB_DATASETS or name.startswith(HUB_PREFIX):
+        return _load_hub(name)
+    raise ValueError(f"unknown training.dataset {dataset!r}; known: {known_datasets()}")
+
+
+class PackedDocuments(IterableDataset, Stateful):
+    """Tokenized documents packed into fixed rows, sharded over data-parallel ranks."""
+
+    def __init__(self, source, tokenizer, seq_len: int, dp_rank: int = 0, dp_world_size: int = 1,
+                 infinite: bool = True, name: str = "") -> None:
+        import datasets
+
+        if seq_len <= 0:
+            raise ValueError(f"training.seq_len must be positive, got {seq_len}")
+        self.name = name
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.infinite = infinite
+        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        self._synthetic = isinstance(source, SyntheticCorpus)
+        if self._synthetic:
+            self._data = source
+            self._text_column = None
+        else:
+            from datasets.distributed import split_dataset_by_node
+
+            self._text_column = _text_column(source, f"dataset {name!r}")
+            self._data = split_dataset_by_node(source, dp_rank, dp_world_size)
+        self._map_style = not self._synthetic and isinstance(self._data, datasets.Dataset)
+        self._docs_read = 0  # documents this rank has consumed (synthetic and map-style sources)
+        self._buffer: list[int] = []
+
+    # -- documents --------------------------------------------------------------------------------
+    def _texts(self) -> Iterator[str]:
+        if self._synthetic:
+            while True:
+                yield self._data[self.dp_rank + self._docs_read * self.dp_world_size]
+        elif self._map_style:
+            while True:
+                for i in range(self._docs_read, len(self._data)):
+                    yield self._data[i][self._text_column]
+                if not self.infinite:
+                    return
+                logger.warning(f"Dataset {self.name} is being re-looped")
+                self._docs_read = 0
+        else:
+            while True:
+                for sample in self._data:
+                    yield sample[self._text_column]
+                if not self.infinite:
+                    return
+                logger.warning(f"Dataset {self.name} is being re-looped")
+                if hasattr(self._data, "set_epoch") and hasattr(self._data, "epoch"):
+                    self._data.set_epoch(self._data.epoch + 1)
+
+    # -- rows -------------------------------------------------------------------------------------
+    def _row(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        n = self.seq_len + 1
+        x = torch.tensor(self._buffer[:n], dtype=torch.long)
+        del self._buffer[:n]
+        inputs, labels = x[:-1], x[1:]
+        doc_starts = torch.zeros(self.seq_len, dtype=torch.bool)
+        doc_starts[0] = True
+        doc_starts[1:] = inputs[:-1] == self.tokenizer.eos_id
+        return {"input": inputs, "doc_starts": doc_starts}, labels
+
+    def __iter__(self):
+        n = self.seq_len + 1
+        while len(self._buffer) >= n:  # rows left over from a restored state
+            yield self._row()
+        for text in self._texts():
+            self._buffer.extend(self.tokenizer.encode(text, add_bos=True, add_eos=True))
+            self._docs_read += 1
+            while len(self._buffer) >= n:
+                yield self._row()
+        logger.warning(f"Dataset {self.name} has run out of data")
+
+    # -- checkpointing ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"buffer": list(self._buffer), "docs_read": self._docs_read}
+        if not self._synthetic and not self._map_style:
+            state["data"] = self._data.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._buffer = list(state["buffer"])
+        self._docs_read = int(state["docs_read"])
+        if "data" in state:
+            self._data.load_state_dict(state["data"])
+
+
+def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config, infinite: bool = True):
+    """`TrainSpec.build_dataloader_fn`."""
+    training = job_config.training
+    if training.local_batch_size <= 0:
+        raise ValueError(f"training.local_batch_size must be positive, got {training.local_batch_size}")
+    source = open_source(training.dataset, training.dataset_path)
+    dataset = PackedDocuments(
+        source, tokenizer, training.seq_len, dp_rank=dp_rank, dp_world_size=dp_world_size,
+        infinite=infinite, name=training.dataset,
+    )
+    return ParallelAwareDataloader(
+        dataset, dp_rank=dp_rank, dp_world_size=dp_world_size,
+        **asdict(training.dataloader), batch_size=training.local_batch_size,
+    )
+
+
+def build_validation_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config, infinite: bool = False):
+    validation = job_config.validation
+    source = open_source(validation.dataset, validation.dataset_path)
+    if isinstance(source, SyntheticCorpus):
+        if validation.steps <= 0:
+            raise ValueError("validation.steps must be positive for the endless synthetic dataset")
+        source = SyntheticCorpus(seed=1)  # held-out documents
+    dataset = PackedDocuments(
+        source, tokenizer, validation.seq_len, dp_rank=dp_rank, dp_world_size=dp_world_size,
+        infinite=infinite, name=validation.dataset,
+    )
+    return ParallelAwareDataloader(
+        dataset, dp_rank=dp_rank, dp_world_size=dp_world_size,
+        **asdict(validation.dataloader), batch_size=validation.local_batch_size,
+    )

@@ -1,0 +1,65 @@
+"""Logging: torchtitan's metrics (loss, grad norm, tokens/s, TFLOPS, MFU, memory) plus MoM's own.
+
+MoM adds, per logging step: the cross entropy and the aux loss separately (torchtitan's "loss" is
+their weighted sum), each MoM layer's token share per memory, and on CPU the process's peak RSS
+(torchtitan's memory monitor reads zeros there). They go to the console and, when
+`--metrics.enable_tensorboard` is set, to TensorBoard under loss_metrics/, memory_load/, memory/.
+The statistics come from the loss function (`momtitan.train.loss`), summed over data-parallel
+ranks here, at logging steps only.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+import torch.distributed as dist
+from torchtitan.components.metrics import MetricsProcessor
+from torchtitan.tools.logging import logger
+
+from momtitan.train import loss as loss_module
+
+
+class MoMMetricsProcessor(MetricsProcessor):
+    def log(self, step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
+        extra = dict(extra_metrics or {})
+        extra.update(self._mom_metrics())
+        if self.device_memory_monitor.device.type == "cpu":
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            extra["memory/cpu_max_rss(GiB)"] = rss / (1 << 30 if sys.platform == "darwin" else 1 << 20)
+        super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra)
+        self._print_mom(step, extra)
+
+    def _mom_metrics(self) -> dict[str, float]:
+        stats = loss_module.latest_stats
+        if stats is None:
+            return {}
+        sums = stats.pop()
+        if sums is None:
+            return {}
+        mesh = self.parallel_dims.get_optional_mesh("loss") if self.parallel_dims.dp_cp_enabled else None
+        if mesh is not None:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=mesh.get_group())
+        return stats.summarize(sums, stats.load_shape)
+
+    def _print_mom(self, step: int, metrics: dict[str, float]) -> None:
+        if "loss_metrics/ce_loss" not in metrics:
+            return
+        parts = [f"ce: {metrics['loss_metrics/ce_loss']:.5f}", f"aux: {metrics['loss_metrics/aux_loss']:.4f}"]
+        layer = 0
+        while f"memory_load/layer{layer}/mem0" in metrics:
+            shares, m = [], 0
+            while f"memory_load/layer{layer}/mem{m}" in metrics:
+                shares.append(f"{metrics[f'memory_load/layer{layer}/mem{m}']:.2f}")
+                m += 1
+            parts.append(f"load{layer}: [{' '.join(shares)}]")
+            layer += 1
+        if "memory/cpu_max_rss(GiB)" in metrics:
+            parts.append(f"rss: {metrics['memory/cpu_max_rss(GiB)']:.2f}GiB")
+        logger.info(f"step: {step:2}  " + "  ".join(parts))
+
+
+def build_metrics_processor(job_config, parallel_dims, model_args=None, tag: str | None = None) -> MoMMetricsProcessor:
+    """`TrainSpec.build_metrics_processor_fn`."""
+    return MoMMetricsProcessor(job_config, parallel_dims, tag)
