@@ -41,7 +41,16 @@ class MoMMetricsProcessor(MetricsProcessor):
         mesh = self.parallel_dims.get_optional_mesh("loss") if self.parallel_dims.dp_cp_enabled else None
         if mesh is not None:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=mesh.get_group())
-        return stats.summarize(sums, stats.load_shape)
+        metrics = stats.summarize(sums, stats.load_shape)
+        ep = self.parallel_dims.ep
+        if ep > 1:  # under expert parallelism: the share of routed rows each ep rank runs
+            layers, memories = stats.load_shape
+            for layer in range(layers):
+                shares = [metrics[f"memory_load/layer{layer}/mem{m}"] for m in range(memories)]
+                per_rank = memories // ep
+                for r in range(ep):
+                    metrics[f"memory_load/layer{layer}/ep_rank{r}"] = sum(shares[r * per_rank : (r + 1) * per_rank])
+        return metrics
 
     def _print_mom(self, step: int, metrics: dict[str, float]) -> None:
         if "loss_metrics/ce_loss" not in metrics:
@@ -54,6 +63,12 @@ class MoMMetricsProcessor(MetricsProcessor):
                 shares.append(f"{metrics[f'memory_load/layer{layer}/mem{m}']:.2f}")
                 m += 1
             parts.append(f"load{layer}: [{' '.join(shares)}]")
+            if f"memory_load/layer{layer}/ep_rank0" in metrics:
+                ranks, r = [], 0
+                while f"memory_load/layer{layer}/ep_rank{r}" in metrics:
+                    ranks.append(f"{metrics[f'memory_load/layer{layer}/ep_rank{r}']:.2f}")
+                    r += 1
+                parts.append(f"ranks{layer}: [{' '.join(ranks)}]")
             layer += 1
         if "memory/cpu_max_rss(GiB)" in metrics:
             parts.append(f"rss: {metrics['memory/cpu_max_rss(GiB)']:.2f}GiB")
