@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from momtitan.ops.triton.common import chunk_gates, chunk_weights, decay_matrix, mdot
+from momtitan.ops.triton.common import chunk_gates, chunk_weights, decay_matrix, decay_matrix_t, mdot
 
 
 @triton.jit
@@ -64,18 +64,19 @@ def state_bwd_kernel(
         else:
             rq = tl.where(valid, 1.0, 0.0)
             rk = tl.where(valid, 1.0, 0.0)
-        QK = tl.zeros([C, C], dtype=tl.float32)
+        # P^T = (k q^T) * D^T, built directly: never tl.trans a dot result (Hopper miscompile)
+        KQ = tl.zeros([C, C], dtype=tl.float32)
         for kb in tl.static_range(BKF // BK):  # in K-blocks: smaller dot operands
             k2 = kb * BK + tl.arange(0, BK)
             m2 = valid[:, None] & (k2 < K)[None, :]
             q2 = tl.load(q_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
             kt2 = tl.load(k_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
-            QK += mdot(q2, tl.trans(kt2), DOT_MODE)
-        P = QK * (rq[:, None] * rk[None, :]) * decay_matrix(gamma, run, C)
+            KQ += mdot(kt2, tl.trans(q2), DOT_MODE)
+        PT = KQ * (rk[:, None] * rq[None, :]) * decay_matrix_t(gamma, run, C)
         qt = tl.load(q_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)
         kt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)
         dO = tl.load(do_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=valid[:, None] & vm[None, :], other=0.0).to(tl.float32)
-        du = scale * mdot(tl.trans(P), dO, DOT_MODE) + mdot(kt.to(tl.float32) * (rk * e)[:, None], dS, DOT_MODE)
+        du = scale * mdot(PT, dO, DOT_MODE) + mdot(kt.to(tl.float32) * (rk * e)[:, None], dS, DOT_MODE)
         dS_new = c_end * dS + scale * mdot(tl.trans(qt.to(tl.float32) * (rq * carry)[:, None]), dO, DOT_MODE)
         if DELTA:
             tl.store(du_ptr + (prow[:, None] * H + h) * V + vv[None, :], du, mask=vm[None, :])
@@ -130,7 +131,9 @@ def grads_kernel(
     acc_ek = tl.zeros([C, BK], dtype=tl.float32)  # u dS1^T
     acc_bk = tl.zeros([C, BK], dtype=tl.float32)  # dbv S0^T
     dP = tl.zeros([C, C], dtype=tl.float32)  # dO u^T
+    dPT = tl.zeros([C, C], dtype=tl.float32)  # u dO^T (its transpose, built directly)
     dA = tl.zeros([C, C], dtype=tl.float32)  # dbv u^T
+    dAT = tl.zeros([C, C], dtype=tl.float32)  # u dbv^T
     dbv_sum = tl.zeros([C], dtype=tl.float32)  # sum_v v * dbv
     dcC = 0.0
     for vb in tl.static_range(NVB):
@@ -149,12 +152,15 @@ def grads_kernel(
         acc_qs += mdot(dO, tl.trans(S0), DOT_MODE)
         acc_ek += mdot(ub, tl.trans(dS1), DOT_MODE)
         dP += mdot(dO, tl.trans(ub), DOT_MODE)
+        dPT += mdot(ub, tl.trans(dO), DOT_MODE)
         dcC += tl.sum(tl.sum(S0 * dS1, 1), 0)
         if DELTA:
             dub = tl.load(du_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0)
-            dbv = mdot(tl.trans(Tm), dub, DOT_MODE)
+            dbv = mdot(tl.trans(Tm), dub, DOT_MODE)  # T^T du
+            dbvT = mdot(tl.trans(dub), Tm, DOT_MODE)  # (T^T du)^T, not tl.trans(dbv)
             acc_bk += mdot(dbv, tl.trans(S0), DOT_MODE)
             dA += mdot(dbv, tl.trans(ub), DOT_MODE)
+            dAT += mdot(ub, dbvT, DOT_MODE)
             if kb == 0:
                 tl.store(dv_ptr + (tok[:, None] * H + h) * V + vv[None, :], (b[:, None] * dbv).to(dv_ptr.dtype.element_ty), mask=tmask)
                 dbv_sum += tl.sum(vt * dbv, 1)
@@ -174,17 +180,19 @@ def grads_kernel(
     qb = tl.load(q_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=m1, other=0.0).to(tl.float32) * rq[:, None]
     kbt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=m1, other=0.0).to(tl.float32) * rk[:, None]
 
+    DT = decay_matrix_t(gamma, run, C)
     dPD = dP * D
     dq = scale * carry[:, None] * acc_qs + scale * mdot(dPD, kbt, DOT_MODE)
-    dk = scale * mdot(tl.trans(dPD), qb, DOT_MODE) + e[:, None] * acc_ek
+    dk = scale * mdot(dPT * DT, qb, DOT_MODE) + e[:, None] * acc_ek
     dc = scale * tl.sum(qb * acc_qs, 1)
     de = tl.sum(kbt * acc_ek, 1)
     dDD = scale * dP * QK
     if DELTA:
         dAm = tl.where(i[:, None] > i[None, :], -dA, 0.0)
         dKK = dAm * b[:, None] * D
+        dKKT = tl.where(i[:, None] < i[None, :], -dAT, 0.0) * b[None, :] * DT  # dKK^T
         dbck = -acc_bk
-        dk += mdot(dKK, kbt, DOT_MODE) + mdot(tl.trans(dKK), kbt, DOT_MODE) + (b * carry)[:, None] * dbck
+        dk += mdot(dKK, kbt, DOT_MODE) + mdot(dKKT, kbt, DOT_MODE) + (b * carry)[:, None] * dbck
         kdb = tl.sum(kbt * dbck, 1)
         dc += b * kdb
         dbeta = carry * kdb

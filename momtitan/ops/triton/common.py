@@ -93,6 +93,16 @@ def decay_matrix(gamma, run, C: tl.constexpr):
 
 
 @triton.jit
+def decay_matrix_t(gamma, run, C: tl.constexpr):
+    """The transpose of `decay_matrix`, built directly: DT[i, j] = D[j, i]. (Transposing a tensor
+    that comes out of a `tl.dot` and feeding it to another dot miscompiles on Hopper with Triton
+    3.4-3.6 for 16-bit operands; the kernels never `tl.trans` a dot result, they build transposes.)"""
+    i = tl.arange(0, C)
+    m = (i[:, None] <= i[None, :]) & (run[:, None] == run[None, :])
+    return tl.where(m, tl.exp(tl.where(m, gamma[None, :] - gamma[:, None], 0.0)), 0.0)
+
+
+@triton.jit
 def unit_lower_inverse(A, C: tl.constexpr):
     """(I + A)^-1 for strictly lower-triangular A [C, C], by forward substitution in registers."""
     i = tl.arange(0, C)

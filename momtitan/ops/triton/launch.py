@@ -54,8 +54,10 @@ class _Plan:
         self.NVBG = self.BVF // self.BVG
         self.BVS = min(self.BVF, 32 if self.BKF <= 128 else 16)  # V tile of the sequential passes
         self.NVBS = self.BVF // self.BVS
-        # warps: chosen from ptxas register/spill reports for sm_90 (C = 64; fewer warps spill more)
-        small = chunk <= 32 and self.BKF <= 64
+        # warps: chosen from ptxas register/spill reports for sm_90 (C = 64; fewer warps spill more).
+        # Small heads get 4: with 8 warps and 16-wide tiles (head dim 16) Triton 3.6 miscompiled the
+        # output and gradient kernels on an H200 (wrong outputs, then an illegal memory access).
+        small = chunk <= 32 or self.BKF <= 64
         self.warps_seq = 4 if small else 8
         self.warps_chunk = 4 if small else 8
         self.warps_grad = 4 if small else 8
