@@ -1,0 +1,160 @@
+"""Training benchmarks through `run_train.sh`: several configurations, one table.
+
+Each named case is a `run_train.sh` invocation (GPU count + flags). The script runs them one after
+another, parses torchtitan's step lines (loss, tokens/s per GPU, MFU, memory), and writes a table
+with the machine, versions and the exact commands to docs/benchmarks.md under a section title.
+tokens/s, MFU and memory are medians over the steps after `--warmup` steps.
+
+    python scripts/bench_train.py --suite multi_gpu_debug --steps 30
+    python scripts/bench_train.py --suite single_gpu_340m --steps 20
+
+Suites are defined in SUITES below; a case runs only if the machine has its GPU count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ["--job.config_file", "train_configs/mom_debug.toml", "--training.mixed_precision_param", "bfloat16",
+         "--training.seq_len", "512", "--checkpoint.no-enable"]
+M340 = ["--job.config_file", "train_configs/mom_340m.toml", "--training.dataset", "synthetic",
+        "--model.hf_assets_path", "builtin", "--training.seq_len", "2048", "--checkpoint.no-enable",
+        "--lr_scheduler.warmup_steps", "2"]
+COMPILE = ["--compile.enable"]
+FLOAT8 = ["--model.converters", "quantize.linear.float8", "--quantize.linear.float8.recipe_name", "rowwise"]
+
+SUITES = {
+    # same global batch (8 x 512 tokens) on 1 GPU, 2-GPU FSDP, 2-GPU FSDP + EP
+    "multi_gpu_debug": [
+        ("1 GPU", 1, DEBUG + ["--training.local_batch_size", "8"]),
+        ("2 GPU FSDP", 2, DEBUG + ["--training.local_batch_size", "4"]),
+        ("2 GPU FSDP + EP=2", 2, DEBUG + ["--training.local_batch_size", "4", "--parallelism.expert_parallel_degree", "2"]),
+    ],
+    "single_gpu_debug": [
+        ("bf16 eager", 1, DEBUG + ["--training.local_batch_size", "8"]),
+        ("bf16 compile", 1, DEBUG + ["--training.local_batch_size", "8"] + COMPILE),
+        ("float8 compile", 1, DEBUG + ["--training.local_batch_size", "8"] + COMPILE + FLOAT8),
+    ],
+    "single_gpu_340m": [
+        ("340M bf16 eager", 1, M340 + ["--training.local_batch_size", "4"]),
+        ("340M bf16 compile", 1, M340 + ["--training.local_batch_size", "4"] + COMPILE),
+        ("340M float8 compile", 1, M340 + ["--training.local_batch_size", "4"] + COMPILE + FLOAT8),
+    ],
+    "ep_340m": [
+        ("340M 2 GPU FSDP", 2, M340 + ["--training.local_batch_size", "4"] + COMPILE),
+        ("340M 2 GPU FSDP + EP=2", 2, M340 + ["--training.local_batch_size", "4", "--parallelism.expert_parallel_degree", "2"] + COMPILE),
+    ],
+}
+
+STEP = re.compile(r"step:\s*(\d+)\s+loss:\s*([\d.]+).*?memory:\s*(-?[\d.]+)GiB.*?tps:\s*([\d,]+).*?mfu:\s*([\d.]+)%")
+
+
+def parse(log: str) -> list[tuple[int, float, float, float, float]]:
+    clean = re.sub(r"\x1b\[[0-9;]*m", "", log)
+    return [(int(s), float(loss), float(mem), float(tps.replace(",", "")), float(mfu))
+            for s, loss, mem, tps, mfu in STEP.findall(clean)]
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def run_case(name: str, ngpu: int, flags: list[str], steps: int, out_dir: Path) -> dict:
+    dump = out_dir / re.sub(r"\W+", "_", name)
+    cmd = ["./run_train.sh", *flags, "--training.steps", str(steps), "--metrics.log_freq", "1", "--job.dump_folder", str(dump)]
+    env = dict(os.environ, NGPU=str(ngpu), PYTHON=sys.executable)
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    (out_dir / (dump.name + ".log")).write_text(log)
+    rows = parse(log)
+    return {"name": name, "ngpu": ngpu, "cmd": f"NGPU={ngpu} " + " ".join(cmd), "rc": proc.returncode,
+            "rows": rows, "wall": time.time() - start, "tail": log[-2000:]}
+
+
+def summarize(result: dict, warmup: int) -> str:
+    rows = [r for r in result["rows"] if r[0] > warmup]
+    if result["rc"] != 0 or not rows:
+        return f"| {result['name']} | {result['ngpu']} | failed (rc {result['rc']}) | | | | |"
+    losses = {r[0]: r[1] for r in result["rows"]}
+    first, last = min(losses), max(losses)
+    tps = statistics.median(r[3] for r in rows)
+    mfu = statistics.median(r[4] for r in rows)
+    mem = max(r[2] for r in rows)
+    return (f"| {result['name']} | {result['ngpu']} | {losses[first]:.3f} → {losses[last]:.3f} | {tps:,.0f} | "
+            f"{mfu:.1f} | {mem:.2f} | {result['wall']:.0f} |")
+
+
+def write_section(title: str, lines: list[str]) -> None:
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    header = f"## {title}"
+    body = "\n".join([header, ""] + lines) + "\n"
+    if header in text:
+        start = text.index(header)
+        nxt = text.find("\n## ", start + len(header))
+        text = text[:start] + body + (text[nxt + 1 :] if nxt != -1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + body
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=sorted(SUITES), required=True)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the medians")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")) / "bench_train")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    if args.steps <= args.warmup:
+        raise ValueError(f"--steps must exceed --warmup ({args.warmup}), got {args.steps}")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    available = gpu_count()
+    results = []
+    for name, ngpu, flags in SUITES[args.suite]:
+        if ngpu > max(available, 1):
+            print(f"skip {name}: needs {ngpu} GPUs, have {available}")
+            continue
+        result = run_case(name, ngpu, flags, args.steps, args.out)
+        results.append(result)
+        print(summarize(result, args.warmup), flush=True)
+        if result["rc"] != 0:
+            print(result["tail"])
+
+    device = torch.cuda.get_device_name() if available else "CPU"
+    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "triton", "torchtitan", "torchao"))
+    kernels = "Triton kernels" if os.environ.get("MOMTITAN_TRITON") == "1" else "PyTorch chunked recurrence (Triton off)"
+    lines = [f"{time.strftime('%Y-%m-%d')}, {available} × {device}; {versions}; recurrence: {kernels}.",
+             f"{args.steps} steps; tokens/s per GPU, MFU and memory are medians after step {args.warmup}.", "",
+             "| case | GPUs | loss first → last | tokens/s/GPU | MFU % | peak memory GiB | wall s |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [summarize(r, args.warmup) for r in results]
+    lines += ["", "Loss per step:", "", "| step | " + " | ".join(r["name"] for r in results) + " |",
+              "|---" * (len(results) + 1) + "|"]
+    steps = sorted({s for r in results for s, *_ in r["rows"]})
+    for s in steps:
+        cells = [next((f"{row[1]:.4f}" for row in r["rows"] if row[0] == s), "") for r in results]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines += ["", "Commands:", ""] + [f"    {r['cmd']}" for r in results]
+    print("\n".join(lines))
+    if not args.no_write:
+        write_section(f"Training: {args.suite}", lines)
+
+
+if __name__ == "__main__":
+    main()
