@@ -1,0 +1,1 @@
+"""Evaluation tasks for momtitan models: synthetic recall probes (MQAR) that need no downloads."""

@@ -1,0 +1,324 @@
+"""MQAR grid: MoM vs single-memory Gated DeltaNet at matched active / total state vs attention.
+
+For every (num_kv_pairs, d_model) of the grid, trains the four arms of `momtitan.eval.mqar`
+(fresh 2-layer models, same data, same optimiser) and reports test accuracy against the
+recurrent state size (ANCHORS.md section 2.4: MoM must be compared at matched state, not only
+at matched width). With several learning rates, the best one per (arm, setting) is reported,
+as in Zoology.
+
+Outputs:
+    a JSON of every run                    --json  (default outputs/mqar/mqar_{full|quick}.json)
+    a markdown section in docs/quality.md  (replaced between its markers on each run of the mode)
+    a PNG plot                             --plot  (default docs/mqar.png; needs matplotlib)
+
+    MOMTITAN_TRITON=1 python scripts/mqar.py    # full grid, sized for ~10 min on one H100 (see below)
+    python scripts/mqar.py --quick --device cpu  # a CPU-sized smoke run of the same pipeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Cost. Without MOMTITAN_TRITON=1, CUDA runs the recurrence on the chunked PyTorch path, whose
+# Python loop over chunks makes a 2-layer MoM step launch-bound: measured on an H200 at T=256,
+# B=128, d_model=64: MoM 1.2 s/step, single-memory GDN 0.4 s/step, attention 9 ms/step, i.e.
+# about 5 h for the full grid. The ~10 min estimate assumes the Triton kernels (<= ~30 ms/step
+# for MoM at this size; not measured here).
+from momtitan.eval.mqar import ARM_LABELS, ARMS, MQARTask, TrainConfig, build_model_args, generate_mqar, train_mqar  # noqa: E402
+
+# Full grid: Zoology's T=256 setting at three recall loads, two widths (Zoology Fig. 2 / GDN sweep
+# widths), vocab 8192; 1500 steps of batch 128 over 24K examples (8 epochs).
+FULL = dict(vocab_size=8192, seq_len=256, kv_pairs=[16, 32, 64], d_models=[64, 128], lrs=[3e-3], steps=1500,
+            batch_size=128, num_train=24_000, num_test=1_000, num_heads=2)
+# Quick: a CPU-sized case of the same pipeline (two kv loads, one width).
+QUICK = dict(vocab_size=64, seq_len=32, kv_pairs=[2, 4], d_models=[32], lrs=[1e-2], steps=150, batch_size=16,
+             num_train=4_000, num_test=256, num_heads=2)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CPU-sized grid (a few minutes on a laptop CPU)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma list from {ARMS}")
+    p.add_argument("--kv-pairs", default=None, help="comma list of num_kv_pairs (overrides the grid)")
+    p.add_argument("--d-models", default=None, help="comma list of model widths (overrides the grid)")
+    p.add_argument("--lrs", default=None, help="comma list of learning rates; the best per run is reported")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--vocab-size", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--num-train", type=int, default=None)
+    p.add_argument("--num-test", type=int, default=None)
+    p.add_argument("--num-heads", type=int, default=None, help="MoM heads (the GDN arms scale it by k+1 and E+1)")
+    p.add_argument("--num-memories", type=int, default=4)
+    p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--amp", default=None, choices=["bfloat16", "float16"], help="autocast dtype (default: fp32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=str(ROOT / "docs" / "mqar.png"))
+    p.add_argument("--markdown", default=str(ROOT / "docs" / "quality.md"))
+    p.add_argument("--no-write", action="store_true", help="print only; write no markdown or plot")
+    return p.parse_args(argv)
+
+
+def _list(text, cast):
+    return [cast(x) for x in text.split(",") if x.strip()]
+
+
+def grid_from_args(a) -> dict:
+    g = dict(QUICK if a.quick else FULL)
+    for key, attr, cast in (("kv_pairs", "kv_pairs", int), ("d_models", "d_models", int), ("lrs", "lrs", float)):
+        if getattr(a, attr) is not None:
+            g[key] = _list(getattr(a, attr), cast)
+    for key in ("seq_len", "vocab_size", "steps", "batch_size", "num_train", "num_test", "num_heads"):
+        if getattr(a, key) is not None:
+            g[key] = getattr(a, key)
+    g["arms"] = _list(a.arms, str)
+    for arm in g["arms"]:
+        if arm not in ARMS:
+            raise SystemExit(f"unknown arm {arm!r}; choose from {ARMS}")
+    g["num_memories"], g["topk"] = a.num_memories, a.topk
+    return g
+
+
+def run_grid(g: dict, device: str, amp: str | None, seed: int) -> list[dict]:
+    runs = []
+    for kv in g["kv_pairs"]:
+        task = MQARTask(vocab_size=g["vocab_size"], seq_len=g["seq_len"], num_kv_pairs=kv)
+        t = time.perf_counter()
+        data = (*generate_mqar(task, g["num_train"], seed=seed), *generate_mqar(task, g["num_test"], seed=seed + 1))
+        print(f"[data] T={task.seq_len} kv={kv} vocab={task.vocab_size}: {g['num_train']} train / {g['num_test']} "
+              f"test in {time.perf_counter() - t:.1f}s", flush=True)
+        for d in g["d_models"]:
+            for arm in g["arms"]:
+                args = build_model_args(arm, d, vocab_size=task.vocab_size, seq_len=task.seq_len, num_heads=g["num_heads"],
+                                        num_memories=g["num_memories"], topk=g["topk"])
+                for lr in g["lrs"]:
+                    cfg = TrainConfig(steps=g["steps"], batch_size=g["batch_size"], lr=lr, num_train=g["num_train"],
+                                      num_test=g["num_test"], seed=seed, device=device, amp_dtype=amp)
+                    r = train_mqar(args, task, cfg, data=data)
+                    r.update(arm=arm, d_model=d, num_kv_pairs=kv, seq_len=task.seq_len, lr=lr,
+                             heads=args.num_heads, head_dim=args.head_dim, head_v_dim=args.head_v_dim,
+                             streams_total=args.num_memories + int(args.shared_mem) if not args.attn_layers else 0,
+                             streams_active=args.topk + int(args.shared_mem) if not args.attn_layers else 0)
+                    r.pop("model_args")
+                    runs.append(r)
+                    print(f"  kv={kv:3d} d={d:4d} {arm:10s} lr={lr:.0e}  acc={r['accuracy']:.3f}  "
+                          f"loss={r['final_train_loss']:.3f}  state={r['state_total']:>8d} (active {r['state_active']:>8d})  "
+                          f"params={r['num_params']:>8d}  train {r['train_seconds']:.1f}s "
+                          f"({1e3 * r['train_seconds'] / cfg.steps:.1f} ms/step)", flush=True)
+    return runs
+
+
+def best_runs(runs: list[dict]) -> list[dict]:
+    """The best learning rate of each (arm, kv, d_model)."""
+    best = {}
+    for r in runs:
+        key = (r["num_kv_pairs"], r["d_model"], r["arm"])
+        if key not in best or r["accuracy"] > best[key]["accuracy"]:
+            best[key] = r
+    order = {a: i for i, a in enumerate(ARMS)}
+    return sorted(best.values(), key=lambda r: (r["num_kv_pairs"], r["d_model"], order[r["arm"]]))
+
+
+def _shape(r):
+    if r["arm"] == "attention":
+        return "attention"
+    s = f"{r['heads']}×{r['head_dim']}×{r['head_v_dim']}"
+    return f"{r['streams_total']}×({s})" if r["streams_total"] > 1 else s
+
+
+def markdown(g: dict, runs: list[dict], meta: dict, plot: str | None, quick: bool) -> str:
+    best = best_runs(runs)
+    title = "### MQAR — CPU quick run (`scripts/mqar.py --quick`), not the full grid" if quick else "### MQAR — full grid"
+    lines = [title, ""]
+    if quick:
+        lines += ["A smoke-sized run of the pipeline on CPU: tiny vocabulary, short sequences, one width and "
+                  "few steps. It shows the harness end to end; it does not rank the architectures.", ""]
+    lines += [
+        f"Run {meta['date']} on {meta['device']} ({meta['host']}), torch {meta['torch']}, {meta['wall_s']:.0f} s wall. "
+        f"Command: `{meta['command']}`.",
+        "",
+        f"Task: vocab {g['vocab_size']}, T = {g['seq_len']}, power_a 0.01, random filler; {g['num_train']} train / "
+        f"{g['num_test']} test examples (test seed = train seed + 1). Training: {g['steps']} steps × batch "
+        f"{g['batch_size']}, AdamW (β 0.9/0.98, wd 0.1), warmup 10 % then cosine, lr ∈ {g['lrs']} "
+        f"(best per cell reported), fp32{'' if not meta.get('amp') else ' + autocast ' + meta['amp']}. "
+        f"Models: 2 layers, SwiGLU 2·d, tied embeddings; recurrent arms use the gated delta rule with short conv 4, "
+        f"heads of d_k = d_v = d_model / {g['num_heads']}.",
+        "",
+        f"Arms: **mom** = top-{g['topk']} of {g['num_memories']} memories + shared, {g['num_heads']} heads per memory; "
+        f"**gdn_active** = one memory with {(g['topk'] + 1) * g['num_heads']} heads (MoM's per-token active state); "
+        f"**gdn_total** = one memory with {(g['num_memories'] + 1) * g['num_heads']} heads (MoM's total state); "
+        "**attention** = softmax attention in both layers. State = Σ over layers of streams × H × d_k × d_v "
+        "(elements; short-conv caches not counted; attention has a KV cache of 2·T·d per layer instead).",
+        "",
+        "Accuracy = share of query positions whose argmax is the right value; chance = 1/#values "
+        f"= {1 / (g['vocab_size'] - g['vocab_size'] // 2):.3f}.",
+        "",
+        "| kv pairs | d_model | arm | state shape (streams×H×d_k×d_v) | state total | state active | params | lr | accuracy | final loss | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in best:
+        state_t = f"{r['state_total']:,}" if r["arm"] != "attention" else f"(KV {r['kv_cache']:,})"
+        state_a = f"{r['state_active']:,}" if r["arm"] != "attention" else "—"
+        lines.append(f"| {r['num_kv_pairs']} | {r['d_model']} | {r['arm']} | {_shape(r)} | {state_t} | {state_a} | "
+                     f"{r['num_params']:,} | {r['lr']:.0e} | {r['accuracy']:.3f} | {r['final_train_loss']:.3f} | "
+                     f"{r['train_seconds']:.1f} |")
+    # compact pivot
+    arms = [a for a in ARMS if any(r["arm"] == a for r in best)]
+    lines += ["", "Accuracy by cell:", "", "| kv pairs | d_model | " + " | ".join(arms) + " |",
+              "|---|---|" + "---|" * len(arms)]
+    cells = sorted({(r["num_kv_pairs"], r["d_model"]) for r in best})
+    for kv, d in cells:
+        acc = {r["arm"]: r["accuracy"] for r in best if r["num_kv_pairs"] == kv and r["d_model"] == d}
+        lines.append(f"| {kv} | {d} | " + " | ".join(f"{acc[a]:.3f}" if a in acc else "—" for a in arms) + " |")
+    lines.append("")
+    if plot:
+        rel = Path(plot).name if Path(plot).parent == ROOT / "docs" else plot
+        lines += [f"![MQAR accuracy vs kv pairs and vs recurrent state]({rel})", "",
+                  f"Plot `{rel}`: written by this run (a later run of either mode overwrites it).", ""]
+    else:
+        lines += [f"(No plot: {meta.get('plot_note', 'not written')}.)", ""]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, text: str, quick: bool) -> None:
+    tag = "mqar-quick" if quick else "mqar-full"
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+    block = f"{begin}\n{text}\n{end}"
+    if path.exists():
+        doc = path.read_text()
+    else:
+        doc = "# Quality\n\nModel-quality results for momtitan. Each section is written by the script it names.\n\n## MQAR (multi-query associative recall)\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if pattern.search(doc):
+        doc = pattern.sub(lambda _: block, doc)
+    else:
+        # the full grid goes before the quick run
+        other = "<!-- mqar-quick:begin -->"
+        if not quick and other in doc:
+            doc = doc.replace(other, block + "\n\n" + other)
+        else:
+            doc = doc.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(doc)
+
+
+def plot(runs: list[dict], path: str, title: str) -> str | None:
+    """Accuracy vs kv pairs, and accuracy vs total recurrent state for each kv. Returns None, or why not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib)"
+    best = best_runs(runs)
+    kvs = sorted({r["num_kv_pairs"] for r in best})
+    ds = sorted({r["d_model"] for r in best})
+    colors = {"mom": "tab:red", "gdn_active": "tab:blue", "gdn_total": "tab:green", "attention": "tab:gray"}
+    styles = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(1, 1 + len(kvs), figsize=(4.2 * (1 + len(kvs)), 3.8), squeeze=False)
+    axes = axes[0]
+    ax = axes[0]
+    for arm in ARMS:
+        for i, d in enumerate(ds):
+            pts = sorted((r["num_kv_pairs"], r["accuracy"]) for r in best if r["arm"] == arm and r["d_model"] == d)
+            if pts:
+                ax.plot(*zip(*pts), styles[i % len(styles)], marker="o", color=colors[arm], label=f"{arm} d={d}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("num_kv_pairs")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("accuracy vs recall load")
+    ax.legend(fontsize=6)
+    for ax, kv in zip(axes[1:], kvs):
+        for arm in ARMS:
+            pts = sorted((r["state_total"], r["accuracy"], r["state_active"]) for r in best if r["arm"] == arm and r["num_kv_pairs"] == kv)
+            if not pts:
+                continue
+            if arm == "attention":
+                for _, acc, _ in pts:
+                    ax.axhline(acc, color=colors[arm], ls="--", lw=1)
+                ax.plot([], [], "--", color=colors[arm], label="attention (no recurrent state)")
+                continue
+            xs, ys, act = zip(*pts)
+            ax.plot(xs, ys, marker="o", color=colors[arm], label=ARM_LABELS[arm])
+            if arm == "mom":
+                ax.plot(act, ys, marker="o", mfc="none", ls=":", color=colors[arm], label="MoM at its active state")
+        ax.set_xscale("log")
+        ax.set_xlabel("recurrent state, elements (Σ layers)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"kv = {kv}")
+        ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return None
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    g = grid_from_args(a)
+    if device.startswith("cuda"):
+        from momtitan.ops import triton as mt_triton
+
+        if getattr(mt_triton, "DISABLED", False):
+            print("warning: momtitan's Triton kernels are off (set MOMTITAN_TRITON=1); the recurrent arms run on the "
+                  "chunked PyTorch path, ~1 s/step for MoM at the full grid's size", flush=True)
+    n_runs = len(g["kv_pairs"]) * len(g["d_models"]) * len(g["arms"]) * len(g["lrs"])
+    print(f"MQAR grid ({'quick' if a.quick else 'full'}) on {device}: {n_runs} runs: kv {g['kv_pairs']}, d_model "
+          f"{g['d_models']}, arms {g['arms']}, lrs {g['lrs']}, T={g['seq_len']}, vocab={g['vocab_size']}, "
+          f"{g['steps']} steps × batch {g['batch_size']}", flush=True)
+    t0 = time.perf_counter()
+    runs = run_grid(g, device, a.amp, a.seed)
+    wall = time.perf_counter() - t0
+    dev_name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    meta = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), device=dev_name, host=platform.node(),
+                torch=torch.__version__, wall_s=wall, amp=a.amp,
+                command="python scripts/mqar.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    print(f"done: {n_runs} runs in {wall:.0f}s", flush=True)
+    json_path = Path(a.json or ROOT / "outputs" / "mqar" / f"mqar_{'quick' if a.quick else 'full'}.json")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(dict(meta=meta, grid=g, runs=runs), indent=1))
+    print(f"wrote {json_path}")
+    if a.no_write:
+        print(markdown(g, runs, meta, None, a.quick))
+        return runs
+    note = plot(runs, a.plot, f"MQAR {'quick CPU run' if a.quick else 'grid'}: T={g['seq_len']}, vocab={g['vocab_size']}, "
+                f"{g['steps']} steps, {dev_name}")
+    if note:
+        print(f"no plot: {note}")
+        meta["plot_note"] = note
+    else:
+        print(f"wrote {a.plot}")
+    text = markdown(g, runs, meta, None if note else a.plot, a.quick)
+    write_section(Path(a.markdown), text, a.quick)
+    print(f"wrote {a.markdown}")
+    print(text)
+    return runs
+
+
+if __name__ == "__main__":
+    main()

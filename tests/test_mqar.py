@@ -1,0 +1,188 @@
+"""MQAR: the generator's properties, the state-size accounting of the four arms, and a tiny MoM
+that learns an easy MQAR setting on CPU."""
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from momtitan.config import MoMModelArgs
+from momtitan.eval.mqar import (
+    ARMS,
+    IGNORE_INDEX,
+    MQARTask,
+    TrainConfig,
+    build_model,
+    build_model_args,
+    evaluate,
+    generate_mqar,
+    state_size,
+    train_mqar,
+)
+
+
+# ---- generator ------------------------------------------------------------------------------
+def test_shapes_and_dtypes():
+    task = MQARTask(vocab_size=128, seq_len=64, num_kv_pairs=8)
+    x, y = generate_mqar(task, 37, seed=3)
+    assert x.shape == y.shape == (37, 64)
+    assert x.dtype == y.dtype == torch.int64
+    assert int(x.min()) >= 0 and int(x.max()) < 128
+
+
+def test_deterministic_per_seed():
+    task = MQARTask(vocab_size=256, seq_len=64, num_kv_pairs=8)
+    a = generate_mqar(task, 50, seed=11)
+    torch.manual_seed(123)  # the global RNG must not matter
+    b = generate_mqar(task, 50, seed=11)
+    c = generate_mqar(task, 50, seed=12)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("random_filler", [True, False])
+@pytest.mark.parametrize("vocab,T,n", [(64, 32, 4), (256, 128, 32), (8192, 256, 64), (20, 16, 4)])
+def test_queries_answer_with_the_paired_value(vocab, T, n, random_filler):
+    task = MQARTask(vocab_size=vocab, seq_len=T, num_kv_pairs=n, random_non_queries=random_filler)
+    x, y = generate_mqar(task, 64, seed=0, chunk=17)  # several chunks
+    (k_lo, k_hi), (v_lo, v_hi) = task.key_range, task.value_range
+    for i in range(x.shape[0]):
+        keys, values = x[i, 0 : 2 * n : 2], x[i, 1 : 2 * n : 2]
+        assert ((keys >= k_lo) & (keys < k_hi)).all() and ((values >= v_lo) & (values < v_hi)).all()
+        assert keys.unique().numel() == n and values.unique().numel() == n
+        pairs = dict(zip(keys.tolist(), values.tolist()))
+        answer_pos = (y[i] != IGNORE_INDEX).nonzero().flatten()
+        # exactly one query per key, all after the pairs, at even offsets from the end of the pairs
+        assert answer_pos.numel() == n
+        assert (answer_pos >= 2 * n).all() and ((answer_pos - 2 * n) % 2 == 0).all()
+        assert sorted(x[i, answer_pos].tolist()) == sorted(pairs)
+        for p in answer_pos.tolist():
+            assert y[i, p].item() == pairs[x[i, p].item()]
+        if not random_filler:
+            filler = torch.ones(T, dtype=torch.bool)
+            filler[: 2 * n] = False
+            filler[answer_pos] = False
+            assert (x[i, filler] == 0).all()
+
+
+def test_power_law_prefers_short_gaps():
+    def mean_answer_pos(power_a):
+        task = MQARTask(vocab_size=512, seq_len=256, num_kv_pairs=4, power_a=power_a)
+        _, y = generate_mqar(task, 400, seed=5)
+        return (y != IGNORE_INDEX).nonzero()[:, 1].float().mean().item()
+
+    # power_a = 1 is uniform over the 124 gap slots (mean position ~ 8 + 2*61.5 = 131)
+    uniform = mean_answer_pos(1.0)
+    assert 120 < uniform < 142
+    assert mean_answer_pos(0.01) < uniform - 15
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(seq_len=30, num_kv_pairs=8), "seq_len=30"),
+        (dict(vocab_size=16, seq_len=64, num_kv_pairs=8), "vocab_size=16"),
+        (dict(num_kv_pairs=0), "num_kv_pairs"),
+        (dict(seq_len=-4), "seq_len"),
+        (dict(power_a=0.0), "power_a"),
+        (dict(vocab_size=64.0), "vocab_size"),
+    ],
+)
+def test_bad_task_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MQARTask(**kwargs)
+
+
+def test_bad_generate_arguments_raise():
+    task = MQARTask(vocab_size=64, seq_len=32, num_kv_pairs=4)
+    with pytest.raises(ValueError, match="num_examples"):
+        generate_mqar(task, 0, seed=0)
+    with pytest.raises(ValueError, match="seed"):
+        generate_mqar(task, 4, seed=1.5)
+    with pytest.raises(ValueError, match="task"):
+        generate_mqar(dict(vocab_size=64), 4, seed=0)
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+
+
+# ---- arms and state accounting --------------------------------------------------------------
+def test_state_size_formula():
+    args = MoMModelArgs(vocab_size=64, hidden_size=64, num_hidden_layers=3, num_heads=2, head_dim=16, expand_v=2.0,
+                        num_memories=4, topk=2, shared_mem=True, intermediate_size=64, attn_num_heads=2, attn_layers=(1,))
+    s = state_size(args, seq_len=100)
+    per_stream = 2 * 16 * 32
+    assert s.per_layer_total == 5 * per_stream and s.per_layer_active == 3 * per_stream
+    assert s.total == 2 * 5 * per_stream and s.active == 2 * 3 * per_stream  # two MoM layers
+    assert s.kv_cache == 1 * 2 * 100 * 64  # one attention layer, K and V, 2 heads x 32
+    no_shared = state_size(args.replace(shared_mem=False, attn_layers=()))
+    assert no_shared.per_layer_total == 4 * per_stream and no_shared.per_layer_active == 2 * per_stream
+    assert no_shared.kv_cache == 0
+
+
+@pytest.mark.parametrize("d_model", [32, 64, 128])
+def test_arms_match_active_and_total_state(d_model):
+    sizes = {arm: state_size(build_model_args(arm, d_model, vocab_size=256, seq_len=64), seq_len=64) for arm in ARMS}
+    head = d_model // 2
+    assert sizes["mom"].per_layer_total == 5 * 2 * head * head
+    assert sizes["mom"].per_layer_active == 3 * 2 * head * head
+    assert sizes["gdn_active"].total == sizes["gdn_active"].active == sizes["mom"].active
+    assert sizes["gdn_total"].total == sizes["gdn_total"].active == sizes["mom"].total
+    assert sizes["attention"].total == 0 and sizes["attention"].kv_cache == 2 * 2 * 64 * d_model
+
+
+def test_arms_build_and_run():
+    for arm in ARMS:
+        args = build_model_args(arm, 32, vocab_size=64, seq_len=32)
+        model = build_model(args, seed=0)
+        out = model(torch.randint(0, 64, (2, 32)))
+        assert out.logits.shape == (2, 32, 64) and torch.isfinite(out.logits).all()
+    with pytest.raises(ValueError, match="arm"):
+        build_model_args("mamba", 32, vocab_size=64, seq_len=32)
+
+
+class _Oracle(torch.nn.Module):
+    """Answers every query from the pairs at the start of its sequence (or always token 0)."""
+
+    def __init__(self, n, vocab, perfect):
+        super().__init__()
+        self.n, self.vocab, self.perfect = n, vocab, perfect
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        logits = torch.zeros(*x.shape, self.vocab)
+        if self.perfect:
+            for i in range(x.shape[0]):
+                pairs = dict(zip(x[i, 0 : 2 * self.n : 2].tolist(), x[i, 1 : 2 * self.n : 2].tolist()))
+                for t in range(2 * self.n, x.shape[1]):
+                    logits[i, t, pairs.get(x[i, t].item(), 0)] = 1.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_evaluate_scores_answers_only():
+    task = MQARTask(vocab_size=64, seq_len=32, num_kv_pairs=4, random_non_queries=False)
+    x, y = generate_mqar(task, 40, seed=1)
+    assert evaluate(_Oracle(4, 64, perfect=True), x, y, batch_size=16) == 1.0
+    assert evaluate(_Oracle(4, 64, perfect=False), x, y, batch_size=16) == 0.0  # token 0 is never a value
+
+
+# ---- learning --------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MOMTITAN_MQAR_LEARN") != "1",
+                    reason="opt-in (MOMTITAN_MQAR_LEARN=1): minutes on CPU; not yet tuned to pass reliably in 60 s")
+def test_tiny_mom_learns_easy_mqar():
+    """vocab 64 (32 values, chance 1/32), T = 16, 4 pairs: a 2-layer MoM (top-2 of 4 + shared)
+    must recall well above chance. On an H200 this setting reached 0.54 test accuracy after 500
+    steps and 0.75 after 600 (constant lr 3e-3, batch 16); on a busy 2-core CPU 600 steps with
+    cosine decay reached only 0.08, so this is opt-in until it is tuned."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread is fastest, and stable on a busy machine
+    try:
+        task = MQARTask(vocab_size=64, seq_len=16, num_kv_pairs=4)
+        args = build_model_args("mom", 32, vocab_size=64, seq_len=16)
+        cfg = TrainConfig(steps=1000, batch_size=16, lr=3e-3, warmup_frac=0.05, num_train=4000, num_test=256, seed=0)
+        result = train_mqar(args, task, cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["chance"] == 1 / 32
+    assert result["accuracy"] > 0.5, result
