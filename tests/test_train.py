@@ -7,6 +7,7 @@ on two cores.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import socket
@@ -355,3 +356,30 @@ def test_cpu_shims_only_without_accelerator():
 
         assert cpu_shims._APPLIED and utils.device_type == "cpu" and utils.device_module is torch.cpu
         assert torch.cpu.get_device_properties().total_memory > 0
+
+
+def test_mqar_dataset_rows_and_recall_accuracy_in_validation(cache_dir, tmp_path):
+    from momtitan.train.data import MQARRows
+    from momtitan.train.job_config import MQAR
+
+    class Job:
+        mqar = MQAR(vocab_size=128, num_kv_pairs=4)
+
+    rows = MQARRows(Job, seq_len=32, seed=0, dp_rank=1, dp_world_size=2, limit=3)
+    batch = list(rows)
+    assert len(batch) == 3 and list(rows)[0][1].tolist() == batch[0][1].tolist()  # validation passes repeat
+    for inputs, labels in batch:
+        answers = labels != -100
+        assert int(answers.sum()) == 4 and inputs["input"].max() < 128 and inputs["doc_starts"][0]
+        for pos in answers.nonzero().flatten().tolist():  # the answer is the value stored after the query key
+            key = inputs["input"][pos]
+            stored = (inputs["input"][:8:2] == key).nonzero().item()
+            assert labels[pos] == inputs["input"][2 * stored + 1]
+
+    losses, log = train(cache_dir, tmp_path / "mqar", "--training.dataset", "mqar", "--training.seq_len", "32",
+                   "--training.steps", "6", "--validation.enable", "--validation.dataset", "mqar",
+                   "--validation.freq", "3", "--validation.steps", "2", "--validation.seq_len", "32",
+                   "--mqar.vocab_size", "128", "--mqar.num_kv_pairs", "4", "--checkpoint.no-enable")
+    accuracies = [float(a) for a in re.findall(r"validate step:\s+\d+\s+accuracy: ([\d.]+)", log)]
+    assert len(accuracies) >= 2 and all(0.0 <= a <= 1.0 for a in accuracies), log[-3000:]
+    assert abs(losses[1] - math.log(128)) < 0.5, losses  # the model took the task's 128-token vocabulary

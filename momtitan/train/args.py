@@ -47,7 +47,10 @@ class MoMTitanArgs(BaseModelArgs):
             raise ValueError(f"training.seq_len must be a positive integer, got {seq_len!r}")
 
         base = get_flavor(self.flavor)
-        vocab = tokenizer_vocab_size(job_config)
+        if job_config.training.dataset == "mqar":  # token ids are the task's own, not the tokenizer's
+            vocab = getattr(job_config, "mqar").vocab_size
+        else:
+            vocab = tokenizer_vocab_size(job_config)
         if "vocab_size" in overrides:
             if vocab is not None and overrides["vocab_size"] < vocab:
                 raise ValueError(

@@ -2,6 +2,9 @@
 
 Sources (`--training.dataset`):
 - `synthetic` (default): `momtitan.train.synthetic.SyntheticCorpus`, generated on the fly.
+- `mqar`: multi-query associative recall rows (`momtitan.eval.mqar`), one example per row, with
+  labels only at the answers; the task comes from the `[mqar]` section. Validation on it reports
+  recall accuracy.
 - `c4`, `slimpajama`, `fineweb_edu`, or `hf:<owner>/<name>[:<config>]`: streamed from the
   Hugging Face hub (text column "text").
 - `local`: files given by `--training.dataset_path`.
@@ -32,6 +35,7 @@ from torchtitan.tools.logging import logger
 from momtitan.train.synthetic import SyntheticCorpus
 
 SYNTHETIC = "synthetic"
+MQAR = "mqar"
 LOCAL = "local"
 HUB_PREFIX = "hf:"
 HUB_DATASETS: dict[str, tuple[str, str | None]] = {
@@ -44,7 +48,7 @@ _TEXT_COLUMNS = ("text", "content")
 
 
 def known_datasets() -> list[str]:
-    return [SYNTHETIC, LOCAL, *HUB_DATASETS, f"{HUB_PREFIX}<owner>/<name>[:<config>]"]
+    return [SYNTHETIC, MQAR, LOCAL, *HUB_DATASETS, f"{HUB_PREFIX}<owner>/<name>[:<config>]"]
 
 
 def _load_local(path: str):
@@ -220,11 +224,56 @@ class PackedDocuments(IterableDataset, Stateful):
             self._data.load_state_dict(state["data"])
 
 
+class MQARRows(IterableDataset, Stateful):
+    """MQAR examples as rows: example `i` of this rank is example `rank + i * world` of the seeded
+    stream, generated in blocks. Training streams on (the state is the number of rows read); with a
+    `limit` (validation), every pass yields the same first `limit` examples."""
+
+    BLOCK = 256
+
+    def __init__(self, job_config, seq_len: int, seed: int, dp_rank: int, dp_world_size: int, limit: int | None = None):
+        from momtitan.eval.mqar import MQARTask
+
+        cfg = job_config.mqar
+        self.task = MQARTask(vocab_size=cfg.vocab_size, seq_len=seq_len, num_kv_pairs=cfg.num_kv_pairs, power_a=cfg.power_a)
+        self.seed, self.dp_rank, self.dp_world_size, self.limit = seed, dp_rank, dp_world_size, limit
+        self._read = 0
+
+    def _example(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from momtitan.eval.mqar import generate_mqar
+
+        block, offset = divmod(index, self.BLOCK)
+        if getattr(self, "_block_id", None) != block:
+            self._block = generate_mqar(self.task, self.BLOCK, seed=self.seed * 1_000_003 + block)
+            self._block_id = block
+        return self._block[0][offset], self._block[1][offset]
+
+    def __iter__(self):
+        if self.limit is not None:
+            self._read = 0
+        while self.limit is None or self._read < self.limit:
+            inputs, labels = self._example(self.dp_rank + self._read * self.dp_world_size)
+            self._read += 1
+            doc_starts = torch.zeros(self.task.seq_len, dtype=torch.bool)
+            doc_starts[0] = True
+            yield {"input": inputs, "doc_starts": doc_starts}, labels
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"read": self._read}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._read = int(state["read"])
+
+
 def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config, infinite: bool = True):
     """`TrainSpec.build_dataloader_fn`."""
     training = job_config.training
     if training.local_batch_size <= 0:
         raise ValueError(f"training.local_batch_size must be positive, got {training.local_batch_size}")
+    if (training.dataset or "").lower() == MQAR:
+        dataset = MQARRows(job_config, training.seq_len, seed=0, dp_rank=dp_rank, dp_world_size=dp_world_size)
+        return ParallelAwareDataloader(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size,
+                                       **asdict(training.dataloader), batch_size=training.local_batch_size)
     source = open_source(training.dataset, training.dataset_path)
     dataset = PackedDocuments(
         source, tokenizer, training.seq_len, dp_rank=dp_rank, dp_world_size=dp_world_size,
@@ -238,6 +287,13 @@ def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config, in
 
 def build_validation_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config, infinite: bool = False):
     validation = job_config.validation
+    if (validation.dataset or "").lower() == MQAR:  # held-out examples (another seed)
+        limit = None if validation.steps == -1 else validation.steps * validation.local_batch_size
+        if limit is None:
+            raise ValueError("validation.steps must be positive for the endless mqar dataset")
+        dataset = MQARRows(job_config, validation.seq_len, seed=1, dp_rank=dp_rank, dp_world_size=dp_world_size, limit=limit)
+        return ParallelAwareDataloader(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size,
+                                       **asdict(validation.dataloader), batch_size=validation.local_batch_size)
     source = open_source(validation.dataset, validation.dataset_path)
     if isinstance(source, SyntheticCorpus):
         if validation.steps <= 0:

@@ -39,5 +39,16 @@ class MoM:
 
 
 @dataclass
+class MQAR:
+    """The `[mqar]` section: the recall task read by `--training.dataset mqar` (and
+    `--validation.dataset mqar`). The model's vocabulary is set to `vocab_size`."""
+
+    vocab_size: int = 512
+    num_kv_pairs: int = 8
+    power_a: float = 0.01
+
+
+@dataclass
 class JobConfig:
     mom: MoM = field(default_factory=MoM)
+    mqar: MQAR = field(default_factory=MQAR)

@@ -1,10 +1,16 @@
 """Validation with momtitan's data (`--validation.enable`): torchtitan's `Validator` loop over a
 held-out stream from `momtitan.train.data` (synthetic documents with another seed, or the
-`validation.dataset` / `validation.dataset_path` given). The loss it reports includes the aux term."""
+`validation.dataset` / `validation.dataset_path` given). The loss it reports includes the aux term.
+It also reports `validation_metrics/accuracy`: the share of labelled positions where the argmax of
+the logits is the label — next-token accuracy on text, recall accuracy on `mqar` (whose labels are
+only the answers)."""
 
 from __future__ import annotations
 
+import torch
+from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.components.validate import Validator
+from torchtitan.tools.logging import logger
 
 from momtitan.train.data import build_validation_dataloader
 
@@ -27,6 +33,30 @@ class MoMValidator(Validator):
         self.pp_schedule = pp_schedule
         self.pp_has_first_stage = pp_has_first_stage
         self.pp_has_last_stage = pp_has_last_stage
+
+    def validate(self, model_parts, step: int) -> None:
+        counts = []  # per batch: [correct, labelled] on the device, no sync until the end
+        loss_fn = self.loss_fn
+
+        def loss_and_accuracy(pred, labels):
+            mask = labels != IGNORE_INDEX
+            hits = (pred.logits.argmax(-1) == labels) & mask
+            counts.append(torch.stack([hits.sum(), mask.sum()]))
+            return loss_fn(pred, labels)
+
+        self.loss_fn = loss_and_accuracy
+        try:
+            super().validate(model_parts, step)
+        finally:
+            self.loss_fn = loss_fn
+        if not counts:
+            return
+        total = torch.stack(counts).sum(0).double()
+        if self.parallel_dims.dp_enabled:
+            torch.distributed.all_reduce(total, group=self.parallel_dims.get_mesh("batch").get_group())
+        accuracy = (total[0] / total[1].clamp_min(1)).item()
+        self.metrics_processor.logger.log({"validation_metrics/accuracy": accuracy}, step)
+        logger.info(f"validate step: {step:2}  accuracy: {accuracy:.4f}  (labelled positions: {int(total[1])})")
 
     def post_dataloading_process(self, input_dict, labels, model_parts):
         # MoM needs no attention masks: document boundaries travel as the `doc_starts` input.
