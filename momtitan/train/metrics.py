@@ -58,21 +58,22 @@ class MoMMetricsProcessor(MetricsProcessor):
         parts = [f"ce: {metrics['loss_metrics/ce_loss']:.5f}", f"aux: {metrics['loss_metrics/aux_loss']:.4f}"]
         layer = 0
         while f"memory_load/layer{layer}/mem0" in metrics:
-            shares, m = [], 0
-            while f"memory_load/layer{layer}/mem{m}" in metrics:
-                shares.append(f"{metrics[f'memory_load/layer{layer}/mem{m}']:.2f}")
-                m += 1
-            parts.append(f"load{layer}: [{' '.join(shares)}]")
+            parts.append(f"load{layer}: [{_series(metrics, f'memory_load/layer{layer}/mem')}]")
             if f"memory_load/layer{layer}/ep_rank0" in metrics:
-                ranks, r = [], 0
-                while f"memory_load/layer{layer}/ep_rank{r}" in metrics:
-                    ranks.append(f"{metrics[f'memory_load/layer{layer}/ep_rank{r}']:.2f}")
-                    r += 1
-                parts.append(f"ranks{layer}: [{' '.join(ranks)}]")
+                parts.append(f"ranks{layer}: [{_series(metrics, f'memory_load/layer{layer}/ep_rank')}]")
             layer += 1
         if "memory/cpu_max_rss(GiB)" in metrics:
             parts.append(f"rss: {metrics['memory/cpu_max_rss(GiB)']:.2f}GiB")
         logger.info(f"step: {step:2}  " + "  ".join(parts))
+
+
+def _series(metrics: dict[str, float], prefix: str) -> str:
+    """`prefix0, prefix1, ...` while present, formatted as space-separated shares."""
+    values, i = [], 0
+    while f"{prefix}{i}" in metrics:
+        values.append(f"{metrics[f'{prefix}{i}']:.2f}")
+        i += 1
+    return " ".join(values)
 
 
 def build_metrics_processor(job_config, parallel_dims, model_args=None, tag: str | None = None) -> MoMMetricsProcessor:
