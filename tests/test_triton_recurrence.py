@@ -315,11 +315,20 @@ def test_gpu_long_sequences_vs_chunk_fp64(dtype):
     _assert_errs(errs, True, tol_o, tol_g, f"long {dtype}")
 
 
+def test_triton_switch_follows_env():
+    import momtitan.ops.triton as tri
+
+    assert tri.DISABLED == (os.environ.get("MOMTITAN_TRITON", "0") != "1")  # opt-in for now
+
+
 @pytest.mark.gpu
 @gpu
-def test_gpu_dispatch_and_compile_fullgraph():
+def test_gpu_dispatch_and_compile_fullgraph(monkeypatch):
+    import momtitan.ops.triton as tri
     from momtitan.ops.recurrence import linear_recurrence
     from momtitan.ops.triton import triton_linear_recurrence
+
+    monkeypatch.setattr(tri, "DISABLED", False)  # the dispatch under test, whatever MOMTITAN_TRITON says
 
     spec = dict(rule="gated_delta", shape=(1, 300, 4, 128, 128), cu=[0, 0, 130, 300], reset=0.01)
     x, extra = make_inputs(spec, "cuda", torch.bfloat16)

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Dot modes: 0 = fp32 operands, 3xTF32 products (about fp32 accuracy, on tensor cores); 1 = bf16 operands; 2 = fp16 operands.
+# Dot modes: 0 = fp32 operands, 3xTF32 products (about fp32 accuracy, on tensor cores); 1 = bf16 operands; 2 = fp16 operands;
+# 3 = fp32 operands, one TF32 product (used where 16-bit operands miscompile, see launch.py).
 DOT_MODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -52,8 +53,10 @@ def mdot(a, b, DOT_MODE: tl.constexpr):
         r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
     elif DOT_MODE == 1:
         r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    else:
+    elif DOT_MODE == 2:
         r = tl.dot(a.to(tl.float16), b.to(tl.float16))
+    else:  # 3: fp32 operands, one TF32 product (10-bit mantissa: as fine as bf16/fp16 operands)
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     return r
 
 

@@ -44,6 +44,11 @@ class _Plan:
             self.rq = self.rk = None
         self.delta = beta is not None
         self.dot_mode = DOT_MODES[q.dtype]
+        # The reverse state pass with 16-bit dot operands is miscompiled by Triton 3.6 on Hopper
+        # (H200: wrong dv/dk/dbeta/dh0, NaN, or an illegal memory access, whatever the warps); with
+        # fp32 operands it is correct. It runs on single TF32 products for bf16/fp16 inputs (a 10-bit
+        # mantissa, at least the operands' precision) and 3xTF32 for fp32 inputs.
+        self.dot_mode_state_bwd = 0 if q.dtype == torch.float32 else 3
         self.BKF = pow2(K)
         self.BK = min(self.BKF, 64)
         self.NKB = self.BKF // self.BK
@@ -52,12 +57,14 @@ class _Plan:
         self.NVB = self.BVF // self.BV
         self.BVG = min(self.BVF, 32)  # V tile of the gradient kernel (many live [C, BV] tiles)
         self.NVBG = self.BVF // self.BVG
-        self.BVS = min(self.BVF, 32 if self.BKF <= 128 else 16)  # V tile of the sequential passes
+        # V tile of the sequential passes; never 16 at 8 warps (16-wide tiles at 8 warps miscompiled)
+        self.BVS = min(self.BVF, 32)
         self.NVBS = self.BVF // self.BVS
         # warps: chosen from ptxas register/spill reports for sm_90 (C = 64; fewer warps spill more).
         # Small heads get 4: with 8 warps and 16-wide tiles (head dim 16) Triton 3.6 miscompiled the
-        # output and gradient kernels on an H200 (wrong outputs, then an illegal memory access).
-        small = chunk <= 32 or self.BKF <= 64
+        # output and gradient kernels on an H200 (wrong outputs, then an illegal memory access). The
+        # same pattern (BVS = 16 at 8 warps) is the suspect of the head-dim-256 illegal access.
+        small = chunk <= 32 or self.BKF <= 64 or self.BVF <= 16
         self.warps_seq = 4 if small else 8
         self.warps_chunk = 4 if small else 8
         self.warps_grad = 4 if small else 8
@@ -125,7 +132,7 @@ def backward(p: _Plan, scale: float, do, dht):
     state_bwd_kernel[(p.N, H, p.NVBS)](
         p.q, p.k, p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, p.seg, p.ptr(s["W"]), do,
         p.ptr(dht), dh, du, dh0, scale, H, K, V, C=C, BKF=p.BKF, BK=p.BK, BV=p.BVS, DELTA=p.delta,
-        HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=1, **p.flags(),
+        HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=1, **{**p.flags(), "DOT_MODE": p.dot_mode_state_bwd},
     )
     dq = torch.empty(total, H, K, device=dev, dtype=f32)
     dk = torch.empty(total, H, K, device=dev, dtype=f32)
