@@ -2,6 +2,7 @@
 that learns an easy MQAR setting on CPU."""
 
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -186,3 +187,24 @@ def test_tiny_mom_learns_easy_mqar():
         torch.set_num_threads(threads)
     assert result["chance"] == 1 / 32
     assert result["accuracy"] > 0.5, result
+
+
+def test_mqar_script_runs_a_tiny_grid_end_to_end(tmp_path):
+    """The CLI path CI can afford: two arms, one cell, a few steps; JSON, markdown table and plot written."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("mqar_cli", Path(__file__).resolve().parents[1] / "scripts" / "mqar.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = tmp_path / "q.md"
+    out.write_text("# Quality\n")
+    runs = cli.main(["--device", "cpu", "--arms", "mom,attention", "--kv-pairs", "2", "--d-models", "16",
+                     "--seq-len", "16", "--vocab-size", "32", "--steps", "8", "--batch-size", "8", "--num-train", "64",
+                     "--num-test", "32", "--lrs", "0.003", "--json", str(tmp_path / "r.json"),
+                     "--markdown", str(out), "--plot", str(tmp_path / "p.png")])
+    assert {r["arm"] for r in runs} == {"mom", "attention"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in runs)
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert len(saved["runs"]) == 2 and saved["grid"]["kv_pairs"] == [2]
+    assert "mom" in out.read_text() and "attention" in out.read_text()
