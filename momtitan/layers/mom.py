@@ -35,8 +35,8 @@ from momtitan.routing import combine, load_balance_loss, plan_dispatch, route, s
 class MemoryProjections(nn.Module):
     """The routed memories' own weights: k, v, beta and decay projections, stacked `[E, out, D]`.
 
-    Its forward is one grouped GEMM over rows grouped by memory. Kept as a module of its own so that
-    expert parallelism can shard it across ranks (and FSDP treat it apart), like a MoE's experts.
+    Its forward projects rows grouped by memory. Kept as a module of its own so that expert
+    parallelism can shard it across ranks (and FSDP treat it apart), like a MoE's experts.
     """
 
     def __init__(self, num_memories: int, dim: int, key_dim: int, value_dim: int, num_heads: int,
@@ -58,7 +58,22 @@ class MemoryProjections(nn.Module):
         return torch.cat(self.stacked(), dim=1)
 
     def forward(self, x: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
-        return grouped_linear(x, self.weight(), group_ends)
+        """`[R, out]`: k | v | beta | decay of each row under its own memory's weights.
+
+        k and v: one grouped GEMM each, straight on the parameters (no concatenated weight copy per
+        step). beta and decay are H columns per memory: one dense GEMM against every memory's
+        weights (E * 2H columns) and a pick is cheaper than a grouped launch for so few columns.
+        """
+        stacked = self.stacked()
+        out = [grouped_linear(x, w, group_ends) for w in stacked[:2]]
+        if len(stacked) > 2:
+            small = torch.cat(stacked[2:], dim=1)  # [E, H or 2H, D]
+            E, n, D = small.shape
+            every = (x @ small.reshape(E * n, D).transpose(0, 1)).view(-1, E, n)
+            rows = torch.arange(x.shape[0], device=x.device)
+            group = torch.searchsorted(group_ends.long(), rows, right=True).clamp(max=E - 1)
+            out.append(every.gather(1, group[:, None, None].expand(-1, 1, n)).squeeze(1))
+        return torch.cat(out, dim=-1)
 
     def reset_parameters(self, gain: float) -> None:
         """Xavier-uniform per memory. One `uniform_` on the whole parameter (all memories have the
