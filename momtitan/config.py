@@ -7,7 +7,7 @@ config moves between momtitan, the Hugging Face classes and fla without renaming
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MEMORY_RULES = ("gated_delta", "delta", "gated", "linear")
 

@@ -6,7 +6,6 @@ on two cores.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re

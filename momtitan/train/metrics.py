@@ -13,7 +13,6 @@ from __future__ import annotations
 import resource
 import sys
 
-import torch
 import torch.distributed as dist
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.tools.logging import logger

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec
 
+from momtitan.config import MoMModelArgs
 from momtitan.parallel import parallelize_mom
 from momtitan.train.args import MoMTitanArgs, build_model, titan_flavors
 from momtitan.train.data import build_dataloader
@@ -47,7 +48,7 @@ def register() -> None:
         pass
 
 
-def current_model_args(job_config) -> "MoMModelArgs":
+def current_model_args(job_config) -> MoMModelArgs:
     """The model args of the configured flavor after `update_from_config` (the run's final ones)."""
     args: MoMTitanArgs = get_train_spec(job_config.model.name).model_args[job_config.model.flavor]
     return args.model
