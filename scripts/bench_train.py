@@ -29,6 +29,9 @@ DEBUG = ["--job.config_file", "train_configs/mom_debug.toml", "--training.mixed_
 M340 = ["--job.config_file", "train_configs/mom_340m.toml", "--training.dataset", "synthetic",
         "--model.hf_assets_path", "builtin", "--training.seq_len", "2048", "--checkpoint.no-enable",
         "--lr_scheduler.warmup_steps", "2"]
+M1P3 = ["--job.config_file", "train_configs/mom_1.3b.toml", "--training.dataset", "synthetic",
+        "--model.hf_assets_path", "builtin", "--training.seq_len", "2048", "--checkpoint.no-enable",
+        "--lr_scheduler.warmup_steps", "2", "--training.local_batch_size", "2"]
 COMPILE = ["--compile.enable"]
 FLOAT8 = ["--model.converters", "quantize.linear.float8", "--quantize.linear.float8.recipe_name", "rowwise"]
 
@@ -52,6 +55,15 @@ SUITES = {
     "ep_340m": [
         ("340M 2 GPU FSDP", 2, M340 + ["--training.local_batch_size", "4"] + COMPILE),
         ("340M 2 GPU FSDP + EP=2", 2, M340 + ["--training.local_batch_size", "4", "--parallelism.expert_parallel_degree", "2"] + COMPILE),
+    ],
+    # the scaling issue: 1.3B, compile on, FSDP x EP at 1-8 GPUs, float8 off and on
+    "scaling_1p3b": [
+        (f"1.3B {n} GPU{'s' if n > 1 else ''} {par}{' float8' if fp8 else ''}", n,
+         M1P3 + COMPILE + (FLOAT8 if fp8 else []) + (["--parallelism.expert_parallel_degree", str(ep)] if ep > 1 else []))
+        for n in (1, 2, 4, 8)
+        for ep, par in ((1, "FSDP"), (2, "FSDP+EP2"), (4, "FSDP+EP4"), (8, "FSDP+EP8"))
+        if ep <= n
+        for fp8 in (False, True)
     ],
 }
 
