@@ -31,7 +31,7 @@ M340 = ["--job.config_file", "train_configs/mom_340m.toml", "--training.dataset"
         "--lr_scheduler.warmup_steps", "2"]
 M1P3 = ["--job.config_file", "train_configs/mom_1.3b.toml", "--training.dataset", "synthetic",
         "--model.hf_assets_path", "builtin", "--training.seq_len", "2048", "--checkpoint.no-enable",
-        "--lr_scheduler.warmup_steps", "2", "--training.local_batch_size", "2"]
+        "--lr_scheduler.warmup_steps", "2", "--training.global_batch_size", "-1", "--training.local_batch_size", "2"]
 COMPILE = ["--compile.enable"]
 FLOAT8 = ["--model.converters", "quantize.linear.float8", "--quantize.linear.float8.recipe_name", "rowwise"]
 
