@@ -23,11 +23,29 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from momtitan.layers.mom import MoMLayer
+
+
+class _AllToAll(torch.autograd.Function):
+    """Differentiable all-to-all of rows: forward sends `in_sizes` rows to each rank and receives
+    `out_sizes`; backward sends the gradients back the same way. Plain blocking c10d calls (the
+    exchange runs outside compiled graphs anyway), so nothing is left in flight at shutdown."""
+
+    @staticmethod
+    def forward(ctx, rows, out_sizes, in_sizes, group):
+        ctx.out_sizes, ctx.in_sizes, ctx.group = out_sizes, in_sizes, group
+        out = rows.new_empty(sum(out_sizes), *rows.shape[1:])
+        torch.distributed.all_to_all_single(out, rows.contiguous(), out_sizes, in_sizes, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        back = grad.new_empty(sum(ctx.in_sizes), *grad.shape[1:])
+        torch.distributed.all_to_all_single(back, grad.contiguous(), ctx.in_sizes, ctx.out_sizes, group=ctx.group)
+        return back, None, None, None
 
 
 class MemoryExchange:
@@ -56,7 +74,7 @@ class MemoryExchange:
         # 3. rows out: x | q | reset
         flag = (reset[:R] if reset is not None else flat.new_zeros(R, dtype=torch.bool)).to(flat.dtype)
         rows = torch.cat([flat[plan.token_of_row], q_tok[plan.token_of_row], flag[:, None]], dim=1)
-        got = all_to_all_single_autograd(rows, recv_sizes, send_sizes, self.group)
+        got = _AllToAll.apply(rows, recv_sizes, send_sizes, self.group)
 
         # 4. reorder (source, memory, batch) -> (memory, source, batch) and run the local stream
         counts = recv_counts.view(ep, El, B)
@@ -84,7 +102,7 @@ class MemoryExchange:
 
         # 5. routed outputs back to their source, in the source's row order
         back = torch.empty_like(routed).index_copy(0, order, routed)
-        routed_home = all_to_all_single_autograd(back, send_sizes, recv_sizes, self.group)
+        routed_home = _AllToAll.apply(back, send_sizes, recv_sizes, self.group)
         return torch.cat([routed_home, o[got.shape[0] :]]) if shared else routed_home
 
 
