@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from momtitan.config import MoMModelArgs
+from momtitan.checks import require_positive_int
 
 
 @dataclass
@@ -35,8 +36,7 @@ class ModelCache:
     @classmethod
     def allocate(cls, args: MoMModelArgs, batch_size: int, device=None, dtype=torch.float32, max_len: int | None = None):
         """Zeroed caches for `batch_size` sequences; `max_len` bounds attention layers' caches."""
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        require_positive_int("batch_size", batch_size)
         max_len = max_len or args.max_seq_len
         state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         streams = (args.num_memories + int(args.shared_mem)) * batch_size

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from momtitan.checks import require_positive_int
 
 MEMORY_RULES = ("gated_delta", "delta", "gated", "linear")
 
@@ -58,9 +59,7 @@ class MoMModelArgs:
         positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_dim", "num_memories",
                     "topk", "conv_size", "intermediate_size", "attn_num_heads", "max_seq_len")
         for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            require_positive_int(name, getattr(self, name))
         if self.conv_size < 2:
             raise ValueError(f"conv_size must be an integer >= 2, got {self.conv_size!r}")
         if self.memory_rule not in MEMORY_RULES:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from momtitan.cache import AttentionLayerState, MoMLayerState, ModelCache
 from momtitan.model import MoMTransformer
+from momtitan.checks import require_positive_int
 
 
 def padding_doc_starts(attention_mask: torch.Tensor, *, allow_right_padding: bool = True) -> torch.Tensor | None:
@@ -149,8 +150,7 @@ class Generator:
         model = self.model
         if model.training:
             raise ValueError("generate needs the model in eval mode (call model.eval())")
-        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        require_positive_int("max_new_tokens", max_new_tokens)
         if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:

@@ -38,11 +38,17 @@ import os
 import re
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 from typing import Any, Iterator
 
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the backport torchtitan depends on
+    import tomli as tomllib
+
 import torch
+
+from momtitan.checks import existing_folder
 
 # ---- the paper's tasks and tables ---------------------------------------------------------------
 COMMONSENSE_TASKS = ("wikitext", "lambada_standard", "arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande")
@@ -157,11 +163,7 @@ class Checkpoint:
 def checkpoint_kind(path) -> str:
     """"hf" (a folder with config.json) or "dcp" (a step folder with .metadata, or a folder of step-N);
     FileNotFoundError for anything else."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint path not found: {path}")
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint path is not a folder: {path}")
+    path = existing_folder(path)
     if (path / "config.json").is_file():
         return "hf"
     if (path / ".metadata").is_file() or any(

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from momtitan.config import MoMModelArgs
 from momtitan.model import MoMTransformer
+from momtitan.checks import require_positive_int
 
 IGNORE_INDEX = -100
 
@@ -53,9 +54,7 @@ class MQARTask:
 
     def validate(self) -> None:
         for name in ("vocab_size", "seq_len", "num_kv_pairs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            require_positive_int(name, getattr(self, name))
         if not (isinstance(self.power_a, (int, float)) and math.isfinite(self.power_a) and self.power_a > 0):
             raise ValueError(f"power_a must be a positive finite number, got {self.power_a!r}")
         n = self.num_kv_pairs
@@ -102,8 +101,7 @@ def generate_mqar(task: MQARTask, num_examples: int, seed: int, *, chunk: int = 
     """
     if not isinstance(task, MQARTask):
         raise ValueError(f"task must be an MQARTask, got {type(task).__name__}")
-    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples <= 0:
-        raise ValueError(f"num_examples must be a positive integer, got {num_examples!r}")
+    require_positive_int("num_examples", num_examples)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     gen = torch.Generator().manual_seed(seed)
@@ -173,8 +171,7 @@ def build_model_args(
     """
     if arm not in ARMS:
         raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
-    if not isinstance(d_model, int) or d_model <= 0:
-        raise ValueError(f"d_model must be a positive integer, got {d_model!r}")
+    require_positive_int("d_model", d_model)
     head_dim = head_dim or d_model // num_heads
     if head_dim <= 0:
         raise ValueError(f"head_dim must be positive, got {head_dim} (d_model={d_model}, num_heads={num_heads})")
@@ -243,9 +240,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "num_train", "num_test", "eval_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            require_positive_int(name, getattr(self, name))
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if not 0 <= self.warmup_frac < 1:

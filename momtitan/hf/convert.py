@@ -25,12 +25,17 @@ import json
 import re
 import shutil
 import tempfile
-import tomllib
 import warnings
 from pathlib import Path
 
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the backport torchtitan depends on
+    import tomli as tomllib
+
 import torch
 
+from momtitan.checks import existing_folder
 from momtitan.config import MoMModelArgs, get_flavor
 from momtitan.hf.configuration import MoMConfig
 from momtitan.hf.state_dict_adapter import (
@@ -165,11 +170,7 @@ def resolve_args(*, flavor: str | None = None, config=None, job_config=None, ove
 def find_dcp_step(path, step: int | None = None) -> Path:
     """The DCP folder to read: `path` itself if it holds `.metadata`, else its `step-N` (the latest
     if `step` is None)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint path not found: {path}")
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint path is not a folder: {path}")
+    path = existing_folder(path)
     if (path / ".metadata").is_file():
         if step is not None and path.name != f"step-{step}":
             raise FileNotFoundError(f"{path} is a single checkpoint ({path.name}), not step-{step}")

@@ -15,6 +15,7 @@ import torch.nn as nn
 from torchtitan.protocols.model import BaseModelArgs
 
 from momtitan.config import FLAVORS, MoMModelArgs, get_flavor
+from momtitan.checks import require_positive_int
 
 VOCAB_MULTIPLE = 64
 
@@ -43,8 +44,7 @@ class MoMTitanArgs(BaseModelArgs):
             overrides.setdefault("intermediate_size", None)
 
         seq_len = job_config.training.seq_len
-        if not isinstance(seq_len, int) or seq_len <= 0:
-            raise ValueError(f"training.seq_len must be a positive integer, got {seq_len!r}")
+        require_positive_int("training.seq_len", seq_len)
 
         base = get_flavor(self.flavor)
         if job_config.training.dataset == "mqar":  # token ids are the task's own, not the tokenizer's

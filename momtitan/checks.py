@@ -1,0 +1,21 @@
+"""Argument checks shared across the package: one wording for one kind of mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def require_positive_int(name: str, value) -> None:
+    """ValueError naming `name` and `value` unless `value` is an int (not a bool) > 0."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def existing_folder(path, what: str = "checkpoint path") -> Path:
+    """`path` as a Path; FileNotFoundError if it is missing or not a folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} is not a folder: {path}")
+    return path
