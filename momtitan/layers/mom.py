@@ -29,6 +29,7 @@ from momtitan.layers.norm import GatedRMSNorm
 from momtitan.ops.conv import _short_conv, short_conv_step
 from momtitan.ops.grouped_linear import grouped_linear
 from momtitan.ops.recurrence import _linear_recurrence, linear_recurrence_step
+from momtitan.ops.segments import bucket_of_index
 from momtitan.routing import combine, load_balance_loss, plan_dispatch, route, stale_streams, stream_resets
 
 
@@ -70,8 +71,7 @@ class MemoryProjections(nn.Module):
             small = torch.cat(stacked[2:], dim=1)  # [E, H or 2H, D]
             E, n, D = small.shape
             every = (x @ small.reshape(E * n, D).transpose(0, 1)).view(-1, E, n)
-            rows = torch.arange(x.shape[0], device=x.device)
-            group = torch.searchsorted(group_ends.long(), rows, right=True).clamp(max=E - 1)
+            group = bucket_of_index(group_ends, x.shape[0]).clamp(max=E - 1)
             out.append(every.gather(1, group[:, None, None].expand(-1, 1, n)).squeeze(1))
         return torch.cat(out, dim=-1)
 

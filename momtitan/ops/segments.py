@@ -19,10 +19,23 @@ def uniform_cu_seqlens(batch: int, seq_len: int, device: torch.device) -> torch.
     return torch.arange(batch + 1, device=device, dtype=torch.int64) * seq_len
 
 
+def bucket_of_index(ends: torch.Tensor, n: int) -> torch.Tensor:
+    """For each index `i < n`, how many of the non-decreasing `ends` are `<= i`: the bucket of `i`
+    when bucket `j` covers `[ends[j-1], ends[j])`. `[n]` int64.
+
+    Equal to `torch.searchsorted(ends, arange(n), right=True)`, written as compare-and-count:
+    torch 2.11's inductor lowering of `searchsorted` on CUDA fails on a sorted sequence that is a
+    view (`NotImplementedError: SliceView`, seen compiling the 340M model). `ends` here holds
+    segment or memory boundaries (tens), so the `[n, len(ends)]` comparison is small, and inductor
+    fuses it into one reduction.
+    """
+    positions = torch.arange(n, device=ends.device, dtype=ends.dtype)
+    return (ends[None, :] <= positions[:, None]).sum(1)
+
+
 def token_segments(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Segment index of each of the `total` tokens, `[total]` int64 (empty segments skipped)."""
-    positions = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
+    return bucket_of_index(cu_seqlens[1:], total)
 
 
 def run_starts(cu_seqlens: torch.Tensor, reset: torch.Tensor | None, total: int):

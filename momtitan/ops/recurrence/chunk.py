@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from momtitan.ops.segments import token_segments, uniform_cu_seqlens
+from momtitan.ops.segments import bucket_of_index, token_segments, uniform_cu_seqlens
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,7 +103,7 @@ def chunk_linear_recurrence(
 
     # The only sequential part: carry the state from chunk to chunk, restarting at each sequence.
     chunk_pos = torch.arange(NC, device=device) * C
-    chunk_seg = torch.searchsorted(pad_end, chunk_pos, right=True).clamp(max=max(N - 1, 0))
+    chunk_seg = bucket_of_index(pad_end // C, NC).clamp(max=max(N - 1, 0))
     chunk_first = chunk_pos == pad_start[chunk_seg]
     if initial_state is None:
         h0 = q.new_zeros(N, H, K, V)

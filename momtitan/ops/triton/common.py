@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from momtitan.ops.segments import bucket_of_index
+
 # Dot modes: 0 = fp32 operands, 3xTF32 products (about fp32 accuracy, on tensor cores); 1 = bf16 operands; 2 = fp16 operands;
 # 3 = fp32 operands, one TF32 product (used where 16-bit operands miscompile, see launch.py).
 DOT_MODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -34,7 +36,7 @@ def chunk_map(cu_seqlens: torch.Tensor, total: int, chunk: int):
     ch_end = torch.cumsum(nch, 0)
     ch_start = ch_end - nch
     pos = torch.arange(NC, device=cu.device, dtype=torch.int64)
-    seg = torch.searchsorted(ch_end, pos, right=True).clamp(max=N - 1)
+    seg = bucket_of_index(ch_end, NC).clamp(max=N - 1)
     tok0 = cu[seg] + (pos - ch_start[seg]) * chunk
     nvalid = (cu[seg + 1] - tok0).clamp(min=0, max=chunk)
     info = torch.stack([tok0, nvalid], 1).contiguous()
