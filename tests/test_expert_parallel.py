@@ -4,9 +4,11 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +44,19 @@ def test_run_train_with_expert_parallel_on_two_cpu_ranks(tmp_path):
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
     assert "Applied expert parallelism: 2 ranks" in out and re.search(r"ranks0: \[0\.\d\d 0\.\d\d\]", out), out[-3000:]
+    a2a = [float(x) for x in re.findall(r"a2a: ([\d.]+)ms \([\d.]+%\)", out)]
+    assert len(a2a) >= 12 and all(t > 0 for t in a2a), out[-3000:]
     rank0 = "\n".join(line for line in re.sub(r"\x1b\[[0-9;]*m", "", out).splitlines() if line.startswith("[rank0]"))
     losses = [float(x) for x in re.findall(r"step:\s+\d+\s+loss:\s+([\d.]+)", rank0)]
     assert len(losses) == 12 and losses[-1] < losses[0] - 0.5, losses
+
+
+def test_comm_timer_accumulates_and_resets():
+    from momtitan.parallel.comm_timer import CommTimer
+
+    timer = CommTimer()
+    for _ in range(2):
+        with timer.measure(torch.device("cpu")):
+            time.sleep(0.01)
+    assert 0.02 <= timer.pop_seconds() < 1.0
+    assert timer.pop_seconds() == 0.0

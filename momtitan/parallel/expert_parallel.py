@@ -27,24 +27,28 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from momtitan.layers.mom import MoMLayer
+from momtitan.parallel.comm_timer import ALL_TO_ALL
 
 
 class _AllToAll(torch.autograd.Function):
     """Differentiable all-to-all of rows: forward sends `in_sizes` rows to each rank and receives
     `out_sizes`; backward sends the gradients back the same way. Plain blocking c10d calls (the
-    exchange runs outside compiled graphs anyway), so nothing is left in flight at shutdown."""
+    exchange runs outside compiled graphs anyway), so nothing is left in flight at shutdown. Both
+    directions count towards `comm_timer.ALL_TO_ALL`."""
 
     @staticmethod
     def forward(ctx, rows, out_sizes, in_sizes, group):
         ctx.out_sizes, ctx.in_sizes, ctx.group = out_sizes, in_sizes, group
         out = rows.new_empty(sum(out_sizes), *rows.shape[1:])
-        torch.distributed.all_to_all_single(out, rows.contiguous(), out_sizes, in_sizes, group=group)
+        with ALL_TO_ALL.measure(rows.device):
+            torch.distributed.all_to_all_single(out, rows.contiguous(), out_sizes, in_sizes, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         back = grad.new_empty(sum(ctx.in_sizes), *grad.shape[1:])
-        torch.distributed.all_to_all_single(back, grad.contiguous(), ctx.in_sizes, ctx.out_sizes, group=ctx.group)
+        with ALL_TO_ALL.measure(grad.device):
+            torch.distributed.all_to_all_single(back, grad.contiguous(), ctx.in_sizes, ctx.out_sizes, group=ctx.group)
         return back, None, None, None
 
 
@@ -67,7 +71,8 @@ class MemoryExchange:
         # 1-2. counts: send[dst] = my counts for dst's memories [El, B]; recv[src] = src's counts for mine
         send_counts = plan.counts.view(ep, El * B).contiguous()
         recv_counts = torch.empty_like(send_counts)
-        torch.distributed.all_to_all_single(recv_counts, send_counts, group=self.group)
+        with ALL_TO_ALL.measure(flat.device):
+            torch.distributed.all_to_all_single(recv_counts, send_counts, group=self.group)
         sizes = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).cpu()  # the host sync
         send_sizes, recv_sizes = sizes[0].tolist(), sizes[1].tolist()
 

@@ -5,30 +5,44 @@ their weighted sum), each MoM layer's token share per memory, and on CPU the pro
 (torchtitan's memory monitor reads zeros there). They go to the console and, when
 `--metrics.enable_tensorboard` is set, to TensorBoard under loss_metrics/, memory_load/, memory/.
 The statistics come from the loss function (`momtitan.train.loss`), summed over data-parallel
-ranks here, at logging steps only.
+ranks here, at logging steps only. Under expert parallelism it also logs the share of tokens each
+ep rank runs and the time in the all-to-alls (`momtitan.parallel.comm_timer`: this rank's, per
+step, and as a share of the step time), under time_metrics/.
 """
 
 from __future__ import annotations
 
 import resource
 import sys
+import time
 
 import torch.distributed as dist
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.tools.logging import logger
 
+from momtitan.parallel.comm_timer import ALL_TO_ALL
 from momtitan.train import loss as loss_module
 
 
 class MoMMetricsProcessor(MetricsProcessor):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._last_logged_step = 0
+
     def log(self, step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
         extra = dict(extra_metrics or {})
         extra.update(self._mom_metrics())
+        if self.parallel_dims.ep > 1:
+            window = time.perf_counter() - self.time_last_log  # what torchtitan divides by too
+            a2a = ALL_TO_ALL.pop_seconds()
+            extra["time_metrics/all_to_all(s)"] = a2a / max(step - self._last_logged_step, 1)
+            extra["time_metrics/all_to_all(%)"] = 100 * a2a / window
         if self.device_memory_monitor.device.type == "cpu":
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             extra["memory/cpu_max_rss(GiB)"] = rss / (1 << 30 if sys.platform == "darwin" else 1 << 20)
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra)
         self._print_mom(step, extra)
+        self._last_logged_step = step
 
     def _mom_metrics(self) -> dict[str, float]:
         stats = loss_module.latest_stats
@@ -61,6 +75,9 @@ class MoMMetricsProcessor(MetricsProcessor):
             if f"memory_load/layer{layer}/ep_rank0" in metrics:
                 parts.append(f"ranks{layer}: [{_series(metrics, f'memory_load/layer{layer}/ep_rank')}]")
             layer += 1
+        if "time_metrics/all_to_all(s)" in metrics:
+            parts.append(f"a2a: {1e3 * metrics['time_metrics/all_to_all(s)']:.1f}ms "
+                         f"({metrics['time_metrics/all_to_all(%)']:.1f}%)")
         if "memory/cpu_max_rss(GiB)" in metrics:
             parts.append(f"rss: {metrics['memory/cpu_max_rss(GiB)']:.2f}GiB")
         logger.info(f"step: {step:2}  " + "  ".join(parts))
