@@ -123,18 +123,34 @@ def test_fsdp_two_ranks_on_cpu(cache_dir, tmp_path):
     assert loads and not all(row[:2] == row[2:] for row in loads), line
 
 
-def test_ddp_two_ranks_sums_not_averages(cache_dir, tmp_path):
-    """DDP (replicate 2): the loss is already divided by the global token count, so gradients must
-    be summed over ranks. Averaged, the grad norm would be half the single-process one."""
+@pytest.mark.parametrize("shard, nproc, applied", [(1, 2, "DDP"), (2, 4, "HSDP")])
+def test_replicated_data_parallel_sums_not_averages(cache_dir, tmp_path, shard, nproc, applied):
+    """DDP (replicate 2) and HSDP (replicate 2 x shard 2) over gloo ranks against one process with the
+    same global batch. The loss is already divided by the global token count, so gradients must be
+    summed over ranks: averaged, the grad norm would be a fraction of the single-process one."""
     common = ["--training.steps", "1", "--training.seq_len", "128", "--checkpoint.no-enable"]
     single, log1 = train(cache_dir, tmp_path / "one", *common, "--training.local_batch_size", "8")
-    ddp, log2 = train(cache_dir, tmp_path / "ddp", *common, "--training.local_batch_size", "4",
-                      "--parallelism.data_parallel_replicate_degree", "2",
-                      "--parallelism.data_parallel_shard_degree", "1", nproc=2)
-    assert "Applied DDP to the model" in log2
+    multi, log2 = train(cache_dir, tmp_path / "multi", *common, "--training.local_batch_size", str(8 // nproc),
+                        "--parallelism.data_parallel_replicate_degree", "2",
+                        "--parallelism.data_parallel_shard_degree", str(shard), nproc=nproc)
+    assert f"Applied {applied} to the model" in log2
     norm = [float(re.search(r"step:\s*1\s+loss:.*?grad_norm:\s*([\d.]+)", log).group(1)) for log in (log1, log2)]
-    assert ddp[1] == pytest.approx(single[1], abs=0.05)  # same init, other documents: close losses
+    assert multi[1] == pytest.approx(single[1], abs=0.05)  # same init, other documents: close losses
     assert norm[1] == pytest.approx(norm[0], rel=0.2), norm
+
+
+def test_activation_checkpointing_full_and_selective_keep_the_losses(cache_dir, tmp_path):
+    """Recomputing a block in the backward changes memory, not the numbers."""
+    common = ["--training.steps", "2", "--training.local_batch_size", "2", "--training.seq_len", "64",
+              "--checkpoint.no-enable"]
+    plain, _ = train(cache_dir, tmp_path / "none", *common)
+    full, log_full = train(cache_dir, tmp_path / "full", *common, "--activation_checkpoint.mode", "full")
+    layer, log_layer = train(cache_dir, tmp_path / "layer", *common, "--activation_checkpoint.mode", "selective",
+                             "--activation_checkpoint.selective_ac_option", "1")
+    assert "Applied full activation checkpointing" in log_full
+    assert "Applied selective activation checkpointing" in log_layer
+    for losses in (full, layer):
+        assert losses[1] == pytest.approx(plain[1], abs=1e-5) and losses[2] == pytest.approx(plain[2], abs=1e-4)
 
 
 @pytest.mark.slow
