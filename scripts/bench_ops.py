@@ -9,19 +9,26 @@ model of ANCHORS.md section 1.9 (per token and head, chunk C = 64):
     SDPA causal                     fwd  2*T*d
     forward+backward                3x forward (backward counted as 2x forward)
 
-Comparisons: ours (g, beta, qk-l2norm) vs fla `chunk_gated_delta_rule` (forward only: fla 0.6.0
-refuses its gated backward with triton < 3.7.1 on Hopper); ours (beta, qk-l2norm) vs fla
-`chunk_delta_rule`; ours (g) vs fla `chunk_simple_gla`; and SDPA causal. fla is skipped cleanly if
-it is not installed. Writes the table to docs/benchmarks.md, section "## Ops: linear_recurrence".
+Comparisons: ours (g, beta, qk-l2norm) vs fla `chunk_gated_delta_rule`; ours (beta, qk-l2norm) vs
+fla `chunk_delta_rule`; ours (g) vs fla `chunk_simple_gla`; and SDPA causal. fla 0.6.0 refuses its
+gated backward on Hopper with triton < 3.7.1 (a miscompile gives wrong gradients there); for timing
+only, this script lifts that guard, so the fla gated fwd+bwd rows run the same kernels fla runs on
+a fixed Triton. fla is skipped cleanly if it is not installed.
 
-    python scripts/bench_ops.py [--seq-lens 2048,8192,32768] [--heads 32x128,16x128,4x256] [--no-write]
+Then one MoM layer (the 340M config: hidden 1024, 4 heads of 256, top-2 of 4 memories plus the
+shared one), bf16, fwd and fwd+bwd at B*T = 16K tokens: `momtitan.layers.mom.MoMLayer` (eager and
+compiled) against fla's `MomAttention`.
+
+Writes the tables to docs/benchmarks.md, section "## Ops: linear_recurrence". `--profile` prints
+the per-kernel CUDA time of one fwd+bwd of each recurrence at the first shape (not written).
+
+    python scripts/bench_ops.py [--seq-lens 2048,8192,32768] [--heads 32x128,16x128,4x256] [--no-write] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import re
 import sys
 import traceback
 from pathlib import Path
@@ -31,6 +38,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from doc_sections import write_section  # noqa: E402
 SECTION = "## Ops: linear_recurrence"
 C = 64
 
@@ -53,6 +63,9 @@ def load_fla():
     except Exception as e:  # noqa: BLE001 - any import failure means "no fla"
         print(f"fla not available ({type(e).__name__}: {e}); skipping fla rows", file=sys.stderr)
         return None, None
+    import fla.ops.common.chunk_o as chunk_o
+
+    chunk_o.IS_NVIDIA_HOPPER = False  # timing only: see the module docstring
     try:
         version = importlib.metadata.version("fla-core")
     except importlib.metadata.PackageNotFoundError:
@@ -71,47 +84,125 @@ def make_inputs(B, T, H, d, device="cuda", dtype=torch.bfloat16):
 
 
 def candidates(fla):
-    """name -> (flop kind, fn(q, k, v, g, beta) -> o, supports backward)."""
+    """name -> (flop kind, fn(q, k, v, g, beta) -> o)."""
     from momtitan.ops.triton import triton_linear_recurrence as ours
 
     kn = lambda x: F.normalize(x.float(), dim=-1).to(x.dtype)  # noqa: E731  (tame inputs for the un-normalised rules)
     c = {
-        "ours gated delta": ("gdn", lambda q, k, v, g, b: ours(q, k, v, g, b, qk_l2norm=True)[0], True),
-        "ours delta": ("delta", lambda q, k, v, g, b: ours(q, k, v, None, b, qk_l2norm=True)[0], True),
-        "ours simple gla": ("sgla", lambda q, k, v, g, b: ours(q, k, v, g, None)[0], True),
+        "ours gated delta": ("gdn", lambda q, k, v, g, b: ours(q, k, v, g, b, qk_l2norm=True)[0]),
+        "ours delta": ("delta", lambda q, k, v, g, b: ours(q, k, v, None, b, qk_l2norm=True)[0]),
+        "ours simple gla": ("sgla", lambda q, k, v, g, b: ours(q, k, v, g, None)[0]),
     }
     if fla is not None:
         c["fla chunk_gated_delta_rule"] = (
-            "gdn", lambda q, k, v, g, b: fla["gdn"](q, k, v, g, b, use_qk_l2norm_in_kernel=True)[0], False)
+            "gdn", lambda q, k, v, g, b: fla["gdn"](q, k, v, g, b, use_qk_l2norm_in_kernel=True)[0])
         c["fla chunk_delta_rule"] = (
-            "delta", lambda q, k, v, g, b: fla["delta"](q, k, v, b, use_qk_l2norm_in_kernel=True)[0], True)
-        c["fla chunk_simple_gla"] = ("sgla", lambda q, k, v, g, b: fla["sgla"](q, k, v, g)[0], True)
+            "delta", lambda q, k, v, g, b: fla["delta"](q, k, v, b, use_qk_l2norm_in_kernel=True)[0])
+        c["fla chunk_simple_gla"] = ("sgla", lambda q, k, v, g, b: fla["sgla"](q, k, v, g)[0])
     c["SDPA causal"] = (
         "sdpa",
         lambda q, k, v, g, b: F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2),
-        True,
     )
     # the plain rules see L2-normalised q, k as inputs (not timed)
     c["_prep"] = kn
     return c
 
 
-def bench_one(fn, inputs, backward):
-    from triton.testing import do_bench
-
-    q, k, v, g, beta = inputs
-    if not backward:
-        with torch.no_grad():
-            return do_bench(lambda: fn(q, k, v, g, beta), warmup=25, rep=100, return_mode="median")
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v, g, beta)]
-    do = torch.randn_like(v)
+def grad_step(fn, inputs):
+    """A closure running fn forward and backward (gradients of every input) once."""
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+    with torch.no_grad():
+        do = torch.randn_like(fn(*leaves))
 
     def step():
         o = fn(*leaves)
-        torch.autograd.grad(o, [t for t in leaves], do, allow_unused=True)
+        torch.autograd.grad(o, leaves, do, allow_unused=True)
 
-    return do_bench(step, warmup=25, rep=100, return_mode="median")
+    return step
+
+
+def bench_one(fn, inputs, backward):
+    from triton.testing import do_bench
+
+    if not backward:
+        with torch.no_grad():
+            return do_bench(lambda: fn(*inputs), warmup=25, rep=100, return_mode="median")
+    return do_bench(grad_step(fn, inputs), warmup=25, rep=100, return_mode="median")
+
+
+def profile(args, cands, prep):
+    """Print the CUDA time per kernel of three fwd+bwd steps of each recurrence at the first shape."""
+    H, d = (int(x) for x in args.heads.split(",")[0].split("x"))
+    T = int(args.seq_lens.split(",")[0])
+    B = max(1, args.tokens // T)
+    q, k, v, g, beta = make_inputs(B, T, H, d)
+    for name, (kind, fn) in cands.items():
+        if kind == "sdpa":
+            continue
+        inputs = (prep(q), prep(k), v, g, beta) if kind == "sgla" else (q, k, v, g, beta)
+        step = grad_step(fn, inputs)
+        step()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        print(f"\n### {name}: B{B} T{T} H{H} d{d}, 3 x fwd+bwd")
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
+
+
+def layer_rows(args, fla_installed):
+    """fwd and fwd+bwd ms of one MoM layer (340M config) for momtitan (eager, compiled) and fla."""
+    from momtitan.config import get_flavor
+    from momtitan.layers.mom import MoMLayer
+
+    margs = get_flavor("340M")
+    B = args.layer_batch
+    T = args.layer_tokens // B
+    torch.manual_seed(0)
+    ours = MoMLayer(margs).cuda()
+    ours.reset_parameters()
+    ours = ours.to(torch.bfloat16)
+    arms = {"momtitan MoMLayer (eager)": lambda x: ours(x)[0]}
+    arms["momtitan MoMLayer (torch.compile)"] = torch.compile(lambda x: ours(x)[0], fullgraph=True)
+    if fla_installed:
+        from fla.layers.mom import MomAttention
+
+        theirs = MomAttention(
+            hidden_size=margs.hidden_size, head_dim=margs.head_dim, num_heads=margs.num_heads, expand_v=margs.expand_v,
+            num_memories=margs.num_memories, topk=margs.topk, shared_mem=margs.shared_mem, conv_size=margs.conv_size,
+            mode="chunk", layer_idx=0,
+        ).cuda().to(torch.bfloat16)
+        arms["fla MomAttention"] = lambda x: theirs(x)[0]
+    x = torch.randn(B, T, margs.hidden_size, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for name, fn in arms.items():
+        res = {}
+        for mode in ("fwd", "fwd+bwd"):
+            try:
+                res[mode] = bench_one(fn, (x,), mode == "fwd+bwd")
+            except Exception as e:  # noqa: BLE001 - report, keep going
+                res[mode] = f"error: {type(e).__name__}"
+                traceback.print_exc()
+        print(f"layer B{B} T{T} {name:36s} " + "  ".join(f"{m}: {r if isinstance(r, str) else f'{r:.3f} ms'}" for m, r in res.items()), flush=True)
+        rows.append((name, res))
+    ref = dict(rows).get("fla MomAttention")
+    lines = [
+        "",
+        f"One MoM layer, 340M config (hidden {margs.hidden_size}, {margs.num_heads} heads of {margs.head_dim}, "
+        f"top-{margs.topk} of {margs.num_memories} memories + shared), bf16, B x T = {B} x {T}; "
+        "speed-up = fla ms / ours ms.",
+        "",
+        "| layer | fwd ms | fwd+bwd ms | fwd speed-up vs fla | fwd+bwd speed-up vs fla |",
+        "|---|---|---|---|---|",
+    ]
+    for name, res in rows:
+        cells = [res[m] if isinstance(res[m], str) else f"{res[m]:.3f}" for m in ("fwd", "fwd+bwd")]
+        ups = [f"{ref[m] / res[m]:.2f}x" if ref and not isinstance(ref[m], str) and not isinstance(res[m], str) else "-"
+               for m in ("fwd", "fwd+bwd")]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {ups[0]} | {ups[1]} |")
+    return lines
 
 
 def run(args):
@@ -120,6 +211,8 @@ def run(args):
     fla, fla_version = load_fla()
     cands = candidates(fla)
     prep = cands.pop("_prep")
+    if args.profile:
+        profile(args, cands, prep)
     rows = []
     for hd in args.heads.split(","):
         H, d = (int(x) for x in hd.split("x"))
@@ -127,14 +220,11 @@ def run(args):
             B = max(1, args.tokens // T)
             q, k, v, g, beta = make_inputs(B, T, H, d)
             qn, kn = prep(q), prep(k)
-            for name, (kind, fn, has_bwd) in cands.items():
+            for name, (kind, fn) in cands.items():
                 inputs = (qn, kn, v, g, beta) if kind == "sgla" else (q, k, v, g, beta)
                 fl = flops_per_token_head(kind, T, d) * B * T * H
                 res = {}
                 for mode in ("fwd", "fwd+bwd"):
-                    if mode == "fwd+bwd" and not has_bwd:
-                        res[mode] = None
-                        continue
                     try:
                         ms = bench_one(fn, inputs, mode == "fwd+bwd")
                         res[mode] = (ms, fl * (1 if mode == "fwd" else 3) / (ms * 1e-3) / 1e12)
@@ -154,12 +244,13 @@ def run(args):
         "Median of `triton.testing.do_bench`. TFLOP/s under ANCHORS.md 1.9: GDN / delta fwd 10Cd+6d^2, simple GLA "
         "4Cd+4d^2, SDPA causal 2Td per token-head (C = 64); fwd+bwd counted as 3x fwd. \"ours\" = "
         "`momtitan.ops.triton.triton_linear_recurrence` (qk L2 norm in kernel for the delta rules). fla's gated "
-        "delta rule is forward only (its backward refuses triton < 3.7.1 on Hopper).",
+        "backward rows run with its triton < 3.7.1 Hopper guard lifted (timing only; see the script's docstring).",
         "",
         "| B x T | H / d | op | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |",
         "|---|---|---|---|---|---|---|",
     ]
     lines = header + [f"| {bt} | {hd} | {name} | {_cells(res['fwd'])} | {_cells(res['fwd+bwd'])} |" for bt, hd, name, res in rows]
+    lines += layer_rows(args, fla is not None)
     return "\n".join(lines) + "\n"
 
 
@@ -179,23 +270,15 @@ def _cells(r):
     return f"{r[0]:.3f} | {r[1]:.1f}"
 
 
-def write_section(text, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text + "\n", old)
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-lens", default="2048,4096,8192,16384,32768")
     ap.add_argument("--heads", default="32x128,16x128,4x256", help="HxD list")
     ap.add_argument("--tokens", type=int, default=32768, help="B*T")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--layer-tokens", type=int, default=16384, help="B*T of the MoM layer comparison")
+    ap.add_argument("--layer-batch", type=int, default=4)
+    ap.add_argument("--profile", action="store_true", help="print per-kernel CUDA times at the first shape")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -204,7 +287,7 @@ def main():
     text = run(args)
     print(text)
     if not args.no_write:
-        write_section(text, Path(args.out))
+        write_section(Path(args.out), text)
         print(f"wrote {args.out}")
     return 0
 

@@ -3,7 +3,8 @@
 Each named case is a `run_train.sh` invocation (GPU count + flags). The script runs them one after
 another, parses torchtitan's step lines (loss, tokens/s per GPU, MFU, memory), and writes a table
 with the machine, versions and the exact commands to docs/benchmarks.md under a section title.
-tokens/s, MFU and memory are medians over the steps after `--warmup` steps.
+tokens/s, MFU and the all-to-all time are medians over the steps after `--warmup` steps, memory the
+peak; multi-GPU cases get a scaling efficiency against the suite's 1-GPU case of the same variant.
 
     python scripts/bench_train.py --suite multi_gpu_debug --steps 30
     python scripts/bench_train.py --suite single_gpu_340m --steps 20
@@ -17,6 +18,7 @@ import argparse
 import importlib.metadata
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -24,15 +26,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from doc_sections import write_section  # noqa: E402
 DEBUG = ["--job.config_file", "train_configs/mom_debug.toml", "--training.mixed_precision_param", "bfloat16",
          "--training.seq_len", "512", "--checkpoint.no-enable"]
+# The recipes' global batch (256 x 2048 tokens) would mean 64 accumulation micro-steps per step on
+# one GPU; -1 makes each step one micro-batch per rank.
 M340 = ["--job.config_file", "train_configs/mom_340m.toml", "--training.dataset", "synthetic",
         "--model.hf_assets_path", "builtin", "--training.seq_len", "2048", "--checkpoint.no-enable",
-        "--lr_scheduler.warmup_steps", "2"]
+        "--lr_scheduler.warmup_steps", "2", "--training.global_batch_size", "-1"]
 M1P3 = ["--job.config_file", "train_configs/mom_1.3b.toml", "--training.dataset", "synthetic",
         "--model.hf_assets_path", "builtin", "--training.seq_len", "2048", "--checkpoint.no-enable",
         "--lr_scheduler.warmup_steps", "2", "--training.global_batch_size", "-1", "--training.local_batch_size", "2"]
 COMPILE = ["--compile.enable"]
+EAGER = ["--compile.no-enable"]  # the 340M and 1.3B recipes compile by default
 FLOAT8 = ["--model.converters", "quantize.linear.float8", "--quantize.linear.float8.recipe_name", "rowwise"]
 
 SUITES = {
@@ -48,13 +56,17 @@ SUITES = {
         ("float8 compile", 1, DEBUG + ["--training.local_batch_size", "8"] + COMPILE + FLOAT8),
     ],
     "single_gpu_340m": [
-        ("340M bf16 eager", 1, M340 + ["--training.local_batch_size", "4"]),
+        ("340M bf16 eager", 1, M340 + ["--training.local_batch_size", "4"] + EAGER),
         ("340M bf16 compile", 1, M340 + ["--training.local_batch_size", "4"] + COMPILE),
         ("340M float8 compile", 1, M340 + ["--training.local_batch_size", "4"] + COMPILE + FLOAT8),
     ],
-    "ep_340m": [
-        ("340M 2 GPU FSDP", 2, M340 + ["--training.local_batch_size", "4"] + COMPILE),
-        ("340M 2 GPU FSDP + EP=2", 2, M340 + ["--training.local_batch_size", "4", "--parallelism.expert_parallel_degree", "2"] + COMPILE),
+    # the expert-parallel issue: EP=2 against FSDP on 2 GPUs and against 1 GPU, 340M and 1.3B, float8 off and on
+    "ep_2gpu": [
+        (f"{model} {n} GPU{'s' if n > 1 else ''} {par}{' float8' if fp8 else ''}", n,
+         base + COMPILE + (FLOAT8 if fp8 else []) + (["--parallelism.expert_parallel_degree", str(ep)] if ep > 1 else []))
+        for model, base in (("340M", M340 + ["--training.local_batch_size", "4"]), ("1.3B", M1P3))
+        for fp8 in (False, True)
+        for n, ep, par in ((1, 1, "FSDP"), (2, 1, "FSDP"), (2, 2, "FSDP+EP2"))
     ],
     # the scaling issue: 1.3B, compile on, FSDP x EP at 1-8 GPUs, float8 off and on
     "scaling_1p3b": [
@@ -68,11 +80,14 @@ SUITES = {
 }
 
 STEP = re.compile(r"step:\s*(\d+)\s+loss:\s*([\d.]+).*?memory:\s*(-?[\d.]+)GiB.*?tps:\s*([\d,]+).*?mfu:\s*([\d.]+)%")
+A2A = re.compile(r"step:\s*(\d+)\s+ce:.*?a2a:\s*([\d.]+)ms\s*\(([\d.]+)%\)")  # expert-parallel runs only
 
 
-def parse(log: str) -> list[tuple[int, float, float, float, float]]:
+def parse(log: str) -> list[tuple[int, float, float, float, float, tuple[float, float] | None]]:
+    """Per logged step: (step, loss, memory GiB, tokens/s, MFU %, (all-to-all ms, % of step) or None)."""
     clean = re.sub(r"\x1b\[[0-9;]*m", "", log)
-    return [(int(s), float(loss), float(mem), float(tps.replace(",", "")), float(mfu))
+    a2a = {int(s): (float(ms), float(pct)) for s, ms, pct in A2A.findall(clean)}
+    return [(int(s), float(loss), float(mem), float(tps.replace(",", "")), float(mfu), a2a.get(int(s)))
             for s, loss, mem, tps, mfu in STEP.findall(clean)]
 
 
@@ -82,44 +97,54 @@ def gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def run_case(name: str, ngpu: int, flags: list[str], steps: int, out_dir: Path) -> dict:
+def run_case(name: str, ngpu: int, flags: list[str], steps: int, out_dir: Path, timeout: float) -> dict:
+    """Run one case; its log streams to `out_dir/<case>.log` (kept if the case hangs or is killed)."""
     dump = out_dir / re.sub(r"\W+", "_", name)
     cmd = ["./run_train.sh", *flags, "--training.steps", str(steps), "--metrics.log_freq", "1", "--job.dump_folder", str(dump)]
     env = dict(os.environ, NGPU=str(ngpu), PYTHON=sys.executable)
+    log_path = out_dir / (dump.name + ".log")
     start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    log = proc.stdout + proc.stderr
-    (out_dir / (dump.name + ".log")).write_text(log)
-    rows = parse(log)
-    return {"name": name, "ngpu": ngpu, "cmd": f"NGPU={ngpu} " + " ".join(cmd), "rc": proc.returncode,
-            "rows": rows, "wall": time.time() - start, "tail": log[-2000:]}
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = f"timeout {timeout:.0f} s"
+    log = log_path.read_text()
+    return {"name": name, "ngpu": ngpu, "cmd": f"NGPU={ngpu} " + " ".join(cmd), "rc": rc,
+            "rows": parse(log), "wall": time.time() - start, "tail": log[-2000:]}
 
 
-def summarize(result: dict, warmup: int) -> str:
+def variant(flags: list[str]) -> tuple[str, bool]:
+    """What a case trains apart from its parallelism: (config file, float8 or not)."""
+    return flags[flags.index("--job.config_file") + 1], FLOAT8[0] in flags
+
+
+def median_tps(result: dict, warmup: int) -> float | None:
+    rows = [r for r in result["rows"] if r[0] > warmup]
+    return statistics.median(r[3] for r in rows) if result["rc"] == 0 and rows else None
+
+
+def summarize(result: dict, warmup: int, baseline: dict | None = None) -> str:
+    """One table row; `baseline` (a 1-GPU result of the same variant) gives the scaling efficiency,
+    tokens/s per GPU here over tokens/s on one GPU."""
     rows = [r for r in result["rows"] if r[0] > warmup]
     if result["rc"] != 0 or not rows:
-        return f"| {result['name']} | {result['ngpu']} | failed (rc {result['rc']}) | | | | |"
+        return f"| {result['name']} | {result['ngpu']} | failed (rc {result['rc']}) | | | | | | |"
     losses = {r[0]: r[1] for r in result["rows"]}
     first, last = min(losses), max(losses)
-    tps = statistics.median(r[3] for r in rows)
+    tps = median_tps(result, warmup)
+    base_tps = median_tps(baseline, warmup) if baseline is not None else None
+    efficiency = f"{100 * tps / base_tps:.0f}%" if base_tps else "-"
     mfu = statistics.median(r[4] for r in rows)
     mem = max(r[2] for r in rows)
+    a2a = [r[5] for r in rows if r[5] is not None]
+    a2a_cell = (f"{statistics.median(ms for ms, _ in a2a):.1f} ({statistics.median(p for _, p in a2a):.1f}%)"
+                if a2a else "-")
     return (f"| {result['name']} | {result['ngpu']} | {losses[first]:.3f} → {losses[last]:.3f} | {tps:,.0f} | "
-            f"{mfu:.1f} | {mem:.2f} | {result['wall']:.0f} |")
-
-
-def write_section(title: str, lines: list[str]) -> None:
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    header = f"## {title}"
-    body = "\n".join([header, ""] + lines) + "\n"
-    if header in text:
-        start = text.index(header)
-        nxt = text.find("\n## ", start + len(header))
-        text = text[:start] + body + (text[nxt + 1 :] if nxt != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    path.write_text(text)
+            f"{mfu:.1f} | {mem:.2f} | {a2a_cell} | {efficiency} | {result['wall']:.0f} |")
 
 
 def main() -> None:
@@ -128,6 +153,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the medians")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")) / "bench_train")
+    parser.add_argument("--case-timeout", type=float, default=600, help="seconds before a case is killed")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.steps <= args.warmup:
@@ -142,7 +168,8 @@ def main() -> None:
         if ngpu > max(available, 1):
             print(f"skip {name}: needs {ngpu} GPUs, have {available}")
             continue
-        result = run_case(name, ngpu, flags, args.steps, args.out)
+        result = run_case(name, ngpu, flags, args.steps, args.out, args.case_timeout)
+        result["variant"] = variant(flags)
         results.append(result)
         print(summarize(result, args.warmup), flush=True)
         if result["rc"] != 0:
@@ -150,12 +177,16 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if available else "CPU"
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "triton", "torchtitan", "torchao"))
-    kernels = "Triton kernels" if os.environ.get("MOMTITAN_TRITON") == "1" else "PyTorch chunked recurrence (Triton off)"
+    kernels = "PyTorch chunked recurrence (MOMTITAN_TRITON=0)" if os.environ.get("MOMTITAN_TRITON") == "0" else "Triton kernels"
     lines = [f"{time.strftime('%Y-%m-%d')}, {available} × {device}; {versions}; recurrence: {kernels}.",
-             f"{args.steps} steps; tokens/s per GPU, MFU and memory are medians after step {args.warmup}.", "",
-             "| case | GPUs | loss first → last | tokens/s/GPU | MFU % | peak memory GiB | wall s |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [summarize(r, args.warmup) for r in results]
+             f"{args.steps} steps; tokens/s per GPU, MFU and the all-to-all time (rank 0, expert-parallel runs) "
+             f"are medians after step {args.warmup}; memory is the peak. Scaling efficiency: tokens/s per GPU "
+             "over the 1-GPU case of the same model and precision.", "",
+             "| case | GPUs | loss first → last | tokens/s/GPU | MFU % | peak memory GiB | all-to-all ms/step (% of step) "
+             "| scaling efficiency | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    one_gpu = {r["variant"]: r for r in results if r["ngpu"] == 1}
+    lines += [summarize(r, args.warmup, one_gpu.get(r["variant"]) if r["ngpu"] > 1 else None) for r in results]
     lines += ["", "Loss per step:", "", "| step | " + " | ".join(r["name"] for r in results) + " |",
               "|---" * (len(results) + 1) + "|"]
     steps = sorted({s for r in results for s, *_ in r["rows"]})
@@ -165,7 +196,7 @@ def main() -> None:
     lines += ["", "Commands:", ""] + [f"    {r['cmd']}" for r in results]
     print("\n".join(lines))
     if not args.no_write:
-        write_section(f"Training: {args.suite}", lines)
+        write_section(ROOT / "docs" / "benchmarks.md", "\n".join([f"## Training: {args.suite}", ""] + lines))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+"""scripts/bench_train.py: parsing torchtitan's step lines and the table rows (no training run)."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("bench_train_cli", ROOT / "scripts" / "bench_train.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def log(tps: int, a2a: bool) -> str:
+    lines = []
+    for step in (1, 2, 3):
+        lines.append(f"[rank0]: \x1b[31mstep:  {step}  \x1b[32mloss:  {8 - step:.5f}  grad_norm:  1.0  "
+                     f"memory:  2.50GiB(1.0%)  tps: {tps:,}  tflops: 1.0  mfu: 0.{step}0%\x1b[39m")
+        lines.append(f"[rank0]: step:  {step}  ce: 7.0  aux: 2.0  load0: [0.5 0.5]"
+                     + (f"  a2a: {step}.5ms ({step}.0%)" if a2a else ""))
+    return "\n".join(lines)
+
+
+def test_parse_and_summarize_with_scaling_efficiency():
+    rows = bench.parse(log(1000, a2a=True))
+    assert rows[1] == (2, 6.0, 2.5, 1000.0, 0.2, (2.5, 2.0))
+    one = {"name": "1 GPU", "ngpu": 1, "rc": 0, "rows": bench.parse(log(2000, a2a=False)), "wall": 10.0}
+    two = {"name": "2 GPUs EP", "ngpu": 2, "rc": 0, "rows": rows, "wall": 12.0}
+    assert bench.summarize(two, warmup=1, baseline=one) == (
+        "| 2 GPUs EP | 2 | 7.000 → 5.000 | 1,000 | 0.2 | 2.50 | 3.0 (2.5%) | 50% | 12 |")
+    assert "| - | - |" in bench.summarize(one, warmup=1)
+    failed = dict(two, rc="timeout 5 s")
+    assert "failed (rc timeout 5 s)" in bench.summarize(failed, warmup=1)
+    assert bench.variant(bench.SUITES["ep_2gpu"][0][2]) == ("train_configs/mom_340m.toml", False)
+    assert bench.variant(bench.SUITES["ep_2gpu"][4][2]) == ("train_configs/mom_340m.toml", True)
