@@ -11,7 +11,7 @@ Outputs:
     a markdown section in docs/quality.md  (replaced between its markers on each run of the mode)
     a PNG plot                             --plot  (default docs/mqar.png; needs matplotlib)
 
-    MOMTITAN_TRITON=1 python scripts/mqar.py    # full grid, sized for ~10 min on one H100 (see below)
+    python scripts/mqar.py                       # full grid, sized for ~10 min on one H100 (see below)
     python scripts/mqar.py --quick --device cpu  # a CPU-sized smoke run of the same pipeline
 """
 
@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Cost. Without MOMTITAN_TRITON=1, CUDA runs the recurrence on the chunked PyTorch path, whose
+# Cost. With MOMTITAN_TRITON=0, CUDA runs the recurrence on the chunked PyTorch path, whose
 # Python loop over chunks makes a 2-layer MoM step launch-bound: measured on an H200 at T=256,
 # B=128, d_model=64: MoM 1.2 s/step, single-memory GDN 0.4 s/step, attention 9 ms/step, i.e.
 # about 5 h for the full grid. The ~10 min estimate assumes the Triton kernels (<= ~30 ms/step
@@ -285,7 +285,7 @@ def main(argv=None):
         from momtitan.ops import triton as mt_triton
 
         if getattr(mt_triton, "DISABLED", False):
-            print("warning: momtitan's Triton kernels are off (set MOMTITAN_TRITON=1); the recurrent arms run on the "
+            print("warning: momtitan's Triton kernels are off (MOMTITAN_TRITON=0); the recurrent arms run on the "
                   "chunked PyTorch path, ~1 s/step for MoM at the full grid's size", flush=True)
     n_runs = len(g["kv_pairs"]) * len(g["d_models"]) * len(g["arms"]) * len(g["lrs"])
     print(f"MQAR grid ({'quick' if a.quick else 'full'}) on {device}: {n_runs} runs: kv {g['kv_pairs']}, d_model "

@@ -318,7 +318,7 @@ def test_gpu_long_sequences_vs_chunk_fp64(dtype):
 def test_triton_switch_follows_env():
     import momtitan.ops.triton as tri
 
-    assert tri.DISABLED == (os.environ.get("MOMTITAN_TRITON", "0") != "1")  # opt-in for now
+    assert tri.DISABLED == (os.environ.get("MOMTITAN_TRITON", "1") == "0")  # on unless MOMTITAN_TRITON=0
 
 
 @pytest.mark.gpu

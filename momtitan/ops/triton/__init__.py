@@ -10,11 +10,12 @@ from momtitan.ops.triton.recurrence_op import triton_linear_recurrence
 from momtitan.ops.triton.step_op import triton_linear_recurrence_step
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
-# Opt-in until the whole GPU test matrix passes (see docs/gpu_notes.md, 2026-11-26 second entry: the
-# head-dim 16/64/128 cases and the model pass on an H200; head dim 256 hit an illegal memory access,
-# a fix is in but unverified). MOMTITAN_TRITON=1 turns the kernels on; otherwise CUDA uses the
-# PyTorch paths. Once head dim 256 passes, flip to: DISABLED = os.environ.get("MOMTITAN_TRITON", "1") == "0".
-DISABLED = os.environ.get("MOMTITAN_TRITON", "0") != "1"
+# On for CUDA tensors by default (the GPU matrix, rules x head dims 64/128/256 x dtypes, passed on an
+# H200: docs/gpu_notes.md). MOMTITAN_TRITON=0 sends CUDA tensors to the PyTorch paths instead.
+_SWITCH = os.environ.get("MOMTITAN_TRITON", "1")
+if _SWITCH not in ("0", "1"):
+    raise ValueError(f"MOMTITAN_TRITON must be 0 (PyTorch paths) or 1 (Triton kernels), got {_SWITCH!r}")
+DISABLED = _SWITCH == "0"
 
 
 def supports(q, v) -> bool:
