@@ -29,5 +29,5 @@ def test_parse_and_summarize_with_scaling_efficiency():
     assert "| - | - |" in bench.summarize(one, warmup=1)
     failed = dict(two, rc="timeout 5 s")
     assert "failed (rc timeout 5 s)" in bench.summarize(failed, warmup=1)
-    assert bench.variant(bench.SUITES["ep_2gpu"][0][2]) == ("train_configs/mom_340m.toml", False)
-    assert bench.variant(bench.SUITES["ep_2gpu"][4][2]) == ("train_configs/mom_340m.toml", True)
+    assert bench.variant(bench.SUITES["ep_2gpu"][0][2]) == ("train_configs/mom_340m.toml", "")
+    assert bench.variant(bench.SUITES["ep_2gpu"][4][2]) == ("train_configs/mom_340m.toml", "quantize.linear.float8")

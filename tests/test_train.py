@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import assert_close
+
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_TOML = ROOT / "train_configs" / "mom_debug.toml"
 STEP_RE = re.compile(r"(?<!validate )step:\s*(\d+)\s+loss:\s*([-\w.]+)")
@@ -358,6 +360,26 @@ def test_float8_converter_skips_router_and_head(cache_dir):
     assert kinds["layers.0.mixer.router"] is torch.nn.Linear
     assert kinds["layers.0.mixer.q_proj"] is Float8Linear
     assert kinds["layers.0.mixer.o_proj"] is Float8Linear
+
+
+def test_grouped_float8_targets_the_memories_and_aligns_their_groups(cache_dir):
+    """`quantize.grouped_mm.float8` defaults its FQNs to the memories, and the MoM layers then pad
+    each memory's rows to 16 (torchao's float8 grouped GEMM); the layer's output is unchanged."""
+    from momtitan.layers.mom import MemoryProjections, MoMLayer
+    from momtitan.parallel.float8 import align_memory_groups
+
+    job, spec, args = _args("--model.converters", "quantize.grouped_mm.float8")
+    assert job.quantize.grouped_mm.float8.fqns == ["memories"]
+    torch.manual_seed(0)
+    layer = MoMLayer(args.model).double()
+    layer.reset_parameters()
+    x = torch.randn(2, 37, args.model.hidden_size, dtype=torch.float64)
+    before = layer(x)[0]
+    assert align_memory_groups(layer, job) == 16
+    assert all(m.group_alignment == 16 for m in layer.modules() if isinstance(m, MemoryProjections))
+    assert_close("aligned output", layer(x)[0], before, 1e-12)
+    plain, _, _ = _args()
+    assert align_memory_groups(layer, plain) == 1
 
 
 def test_cpu_shims_only_without_accelerator():

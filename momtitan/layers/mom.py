@@ -48,6 +48,9 @@ class MemoryProjections(nn.Module):
         self.v_proj = nn.Parameter(torch.empty(E, value_dim, D))
         self.b_proj = nn.Parameter(torch.empty(E, H, D)) if uses_delta else None
         self.a_proj = nn.Parameter(torch.empty(E, H, D)) if uses_decay else None
+        # rows per memory padded to a multiple of this in the k/v grouped GEMMs (16 under float8
+        # grouped GEMMs: set by momtitan.parallel.float8.align_memory_groups)
+        self.group_alignment = 1
 
     def stacked(self) -> list[torch.Tensor]:
         """The stacked weights; under expert parallelism, this rank's memories only."""
@@ -66,7 +69,7 @@ class MemoryProjections(nn.Module):
         weights (E * 2H columns) and a pick is cheaper than a grouped launch for so few columns.
         """
         stacked = self.stacked()
-        out = [grouped_linear(x, w, group_ends) for w in stacked[:2]]
+        out = [grouped_linear(x, w, group_ends, self.group_alignment) for w in stacked[:2]]
         if len(stacked) > 2:
             small = torch.cat(stacked[2:], dim=1)  # [E, H or 2H, D]
             E, n, D = small.shape

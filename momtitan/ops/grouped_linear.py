@@ -3,6 +3,10 @@
 Rows `[group_ends[g-1], group_ends[g])` are multiplied by `weight[g]`. On CUDA with bf16 this is
 `torch._grouped_mm` (one launch for all groups); elsewhere a PyTorch fallback that computes every
 group's product for all rows and selects (G times the FLOPs, fixed shapes: fine for CPU runs).
+
+`align > 1` first spreads the rows so that every group starts at a multiple of `align` (zero rows
+in between, in a buffer of static size `R + G * (align - 1)`). torchao's float8 grouped GEMM
+(`quantize.grouped_mm.float8`) needs groups of multiples of 16 rows.
 """
 
 from __future__ import annotations
@@ -18,8 +22,24 @@ def naive_grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: torc
     return torch.einsum("ri,roi->ro", x, weight[group])
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+def aligned_rows(group_ends: torch.Tensor, rows: int, align: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`(dest [rows], padded_ends [G], capacity)`: row r goes to `dest[r]` when each group is padded to
+    a multiple of `align` rows; `padded_ends` are the padded groups' ends; `capacity` the static size."""
+    ends = group_ends.long()
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    padded = (counts + align - 1) // align * align
+    padded_ends = torch.cumsum(padded, 0)
+    group = bucket_of_index(ends, rows)
+    dest = (padded_ends - padded)[group] + torch.arange(rows, device=ends.device) - (ends - counts)[group]
+    return dest, padded_ends, rows + ends.numel() * (align - 1)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor, align: int = 1) -> torch.Tensor:
     """`x [R, in]`, `weight [G, out, in]`, `group_ends [G]` int32 (non-decreasing, last = R) -> `[R, out]`."""
+    if align > 1:
+        dest, padded_ends, capacity = aligned_rows(group_ends, x.shape[0], align)
+        spread = x.new_zeros(capacity, x.shape[1]).index_copy(0, dest, x)
+        return grouped_linear(spread, weight, padded_ends)[dest]
     if x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0 and weight.shape[1] % 8 == 0:
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=group_ends.to(torch.int32))
     group = bucket_of_index(group_ends, x.shape[0])

@@ -28,6 +28,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.tools.logging import logger
+from momtitan.parallel.float8 import align_memory_groups
 
 # Ops whose outputs selective (per-op) activation checkpointing keeps instead of recomputing.
 # Every second matmul is recomputed anyway (torchtitan's policy); the rest are expensive to redo.
@@ -115,6 +116,9 @@ def parallelize_mom(model: nn.Module, parallel_dims, job_config) -> nn.Module:
 
         apply_expert_parallel(model, parallel_dims.get_mesh("ep"))
         logger.info(f"Applied expert parallelism: {parallel_dims.ep} ranks share each layer's memories")
+    alignment = align_memory_groups(model, job_config)
+    if alignment > 1:
+        logger.info(f"float8 grouped GEMMs on the memories: each memory's rows padded to a multiple of {alignment}")
 
     ac = job_config.activation_checkpoint
     if ac.mode not in ("none", "full", "selective", "memory_budget"):

@@ -17,3 +17,24 @@ def test_grouped_linear_with_empty_groups_and_grads():
     assert_close("dx", ga[0], gb[0], 1e-12)
     assert_close("dw", ga[1], gb[1], 1e-12)
     assert torch.count_nonzero(ga[1][1]) == 0  # the empty group gets no gradient
+
+
+def test_aligned_groups_give_the_same_rows_and_grads():
+    """Groups padded to multiples of `align` (float8 grouped GEMMs need 16) change nothing."""
+    from momtitan.ops.grouped_linear import aligned_rows
+
+    ends = torch.tensor([0, 5, 5, 21, 40], dtype=torch.int32)  # empty first and third groups
+    dest, padded_ends, capacity = aligned_rows(ends, 40, 16)
+    assert padded_ends.tolist() == [0, 16, 16, 32, 64] and capacity == 40 + 5 * 15
+    assert dest.unique().numel() == 40 and int(dest.max()) < capacity
+    x = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, 6, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(40, 3, dtype=torch.float64)
+    for align in (4, 16):
+        y = grouped_linear(x, w, ends, align)
+        ref = naive_grouped_linear(x, w, ends)
+        assert_close(f"y align {align}", y, ref, 1e-12)
+        ga = torch.autograd.grad((y * dy).sum(), (x, w))
+        gb = torch.autograd.grad((ref * dy).sum(), (x, w))
+        assert_close("dx", ga[0], gb[0], 1e-12)
+        assert_close("dw", ga[1], gb[1], 1e-12)
