@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--amp", default=None, choices=["bfloat16", "float16"], help="autocast dtype (default: fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each block with inductor (default: on for CUDA, off on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=str(ROOT / "docs" / "mqar.png"))
@@ -94,7 +96,7 @@ def grid_from_args(a) -> dict:
     return g
 
 
-def run_grid(g: dict, device: str, amp: str | None, seed: int) -> list[dict]:
+def run_grid(g: dict, device: str, amp: str | None, seed: int, compile_blocks: bool) -> list[dict]:
     runs = []
     for kv in g["kv_pairs"]:
         task = MQARTask(vocab_size=g["vocab_size"], seq_len=g["seq_len"], num_kv_pairs=kv)
@@ -108,7 +110,8 @@ def run_grid(g: dict, device: str, amp: str | None, seed: int) -> list[dict]:
                                         num_memories=g["num_memories"], topk=g["topk"])
                 for lr in g["lrs"]:
                     cfg = TrainConfig(steps=g["steps"], batch_size=g["batch_size"], lr=lr, num_train=g["num_train"],
-                                      num_test=g["num_test"], seed=seed, device=device, amp_dtype=amp)
+                                      num_test=g["num_test"], seed=seed, device=device, amp_dtype=amp,
+                                      compile_backend="inductor" if compile_blocks else None)
                     r = train_mqar(args, task, cfg, data=data)
                     r.update(arm=arm, d_model=d, num_kv_pairs=kv, seq_len=task.seq_len, lr=lr,
                              heads=args.num_heads, head_dim=args.head_dim, head_v_dim=args.head_v_dim,
@@ -292,11 +295,12 @@ def main(argv=None):
           f"{g['d_models']}, arms {g['arms']}, lrs {g['lrs']}, T={g['seq_len']}, vocab={g['vocab_size']}, "
           f"{g['steps']} steps × batch {g['batch_size']}", flush=True)
     t0 = time.perf_counter()
-    runs = run_grid(g, device, a.amp, a.seed)
+    compile_blocks = device.startswith("cuda") if a.compile is None else a.compile
+    runs = run_grid(g, device, a.amp, a.seed, compile_blocks)
     wall = time.perf_counter() - t0
     dev_name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     meta = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), device=dev_name, host=platform.node(),
-                torch=torch.__version__, wall_s=wall, amp=a.amp,
+                torch=torch.__version__, wall_s=wall, amp=a.amp, compile=compile_blocks,
                 command="python scripts/mqar.py " + " ".join(sys.argv[1:] if argv is None else argv))
     print(f"done: {n_runs} runs in {wall:.0f}s", flush=True)
     json_path = Path(a.json or ROOT / "outputs" / "mqar" / f"mqar_{'quick' if a.quick else 'full'}.json")

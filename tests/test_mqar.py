@@ -208,3 +208,14 @@ def test_mqar_script_runs_a_tiny_grid_end_to_end(tmp_path):
     saved = json.loads((tmp_path / "r.json").read_text())
     assert len(saved["runs"]) == 2 and saved["grid"]["kv_pairs"] == [2]
     assert "mom" in out.read_text() and "attention" in out.read_text()
+
+
+def test_compiled_blocks_train_like_eager():
+    """Per-block torch.compile (fullgraph; aot_eager here: inductor takes minutes on CPU, the GPU
+    runs it) gives the eager losses."""
+    task = MQARTask(vocab_size=32, seq_len=16, num_kv_pairs=2)
+    args = build_model_args("mom", 16, vocab_size=32, seq_len=16)
+    results = [train_mqar(args, task, TrainConfig(steps=3, batch_size=4, num_train=16, num_test=8, compile_backend=c),
+                          log_every=1) for c in (None, "aot_eager")]
+    eager, compiled = ([loss for _, loss in r["loss_log"]] for r in results)
+    assert compiled == pytest.approx(eager, rel=1e-4)
