@@ -114,3 +114,30 @@ def test_training_loss_falls_on_a_repeating_sequence():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_valid_mask_leaves_padding_out_of_aux_loss_and_load():
+    """Right padding marked invalid: the aux loss and memory load are those of the real tokens alone
+    (padding after them cannot change them either, the model being causal)."""
+    model = tiny_model(num_hidden_layers=3)
+    real = torch.randint(0, 2048, (1, 13))
+    padded = torch.cat([real, torch.zeros(1, 6, dtype=torch.long)], dim=1)
+    valid = torch.zeros(1, 19, dtype=torch.bool)
+    valid[:, :13] = True
+    alone = model(real)
+    masked = model(padded, valid=valid)
+    assert_close("aux", masked.aux_loss, alone.aux_loss, 1e-12)
+    assert_close("load", masked.memory_load, alone.memory_load, 1e-12)
+    assert_close("logits", masked.logits[:, :13], alone.logits, 1e-12)
+    unmasked = model(padded)
+    assert (unmasked.memory_load - alone.memory_load).abs().max() > 1e-6  # the mask is what made them equal
+
+
+@pytest.mark.parametrize("attn_layers", [(), (1,)])
+def test_logits_to_keep_equals_the_last_positions(attn_layers):
+    model = tiny_model(num_hidden_layers=3, attn_layers=attn_layers)
+    tokens = torch.randint(0, 2048, (2, 17))
+    full = model(tokens).logits
+    kept = model(tokens, logits_to_keep=3).logits
+    assert kept.shape == (2, 3, full.shape[-1])
+    assert_close("kept logits", kept, full[:, -3:], 1e-12)
