@@ -23,14 +23,16 @@ def bucket_of_index(ends: torch.Tensor, n: int) -> torch.Tensor:
     """For each index `i < n`, how many of the non-decreasing `ends` are `<= i`: the bucket of `i`
     when bucket `j` covers `[ends[j-1], ends[j])`. `[n]` int64.
 
-    Equal to `torch.searchsorted(ends, arange(n), right=True)`, written as compare-and-count:
-    torch 2.11's inductor lowering of `searchsorted` on CUDA fails on a sorted sequence that is a
-    view (`NotImplementedError: SliceView`, seen compiling the 340M model). `ends` here holds
-    segment or memory boundaries (tens), so the `[n, len(ends)]` comparison is small, and inductor
-    fuses it into one reduction.
+    That is `torch.searchsorted(ends, arange(n), right=True)`, which is what runs eagerly. Under
+    `torch.compile` it is a compare-and-count instead: torch 2.11's inductor lowering of
+    `searchsorted` on CUDA fails when the sorted sequence is a view (`NotImplementedError:
+    SliceView`, seen compiling the 340M model). Inductor fuses the `[n, len(ends)]` comparison into
+    one reduction, without materialising it.
     """
     positions = torch.arange(n, device=ends.device, dtype=ends.dtype)
-    return (ends[None, :] <= positions[:, None]).sum(1)
+    if torch.compiler.is_compiling():
+        return (ends[None, :] <= positions[:, None]).sum(1)
+    return torch.searchsorted(ends.contiguous(), positions, right=True)
 
 
 def token_segments(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
