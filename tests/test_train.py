@@ -362,7 +362,7 @@ def test_float8_converter_skips_router_and_head(cache_dir):
     assert kinds["layers.0.mixer.o_proj"] is Float8Linear
 
 
-def test_grouped_float8_targets_the_memories_and_aligns_their_groups(cache_dir):
+def test_grouped_float8_targets_the_memories_and_aligns_their_groups(cache_dir, monkeypatch):
     """`quantize.grouped_mm.float8` defaults its FQNs to the memories, and the MoM layers then pad
     each memory's rows to 16 (torchao's float8 grouped GEMM); the layer's output is unchanged."""
     from momtitan.layers.mom import MemoryProjections, MoMLayer
@@ -380,6 +380,9 @@ def test_grouped_float8_targets_the_memories_and_aligns_their_groups(cache_dir):
     assert_close("aligned output", layer(x)[0], before, 1e-12)
     plain, _, _ = _args()
     assert align_memory_groups(layer, plain) == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="quantize.grouped_mm.float8.*expert_parallel_degree=2"):
+        _args("--model.converters", "quantize.grouped_mm.float8", "--parallelism.expert_parallel_degree", "2")
 
 
 def test_cpu_shims_only_without_accelerator():
