@@ -92,3 +92,34 @@ def test_decoding_on_cuda_matches_full_forward():
     steps = torch.cat([gpu.decode_step(tokens[:, t : t + 1], cache) for t in range(25, 40)], dim=1)
     assert_close("prefill", prefill, full[:, :25], 1e-3)
     assert_close("steps", steps, full[:, 25:], 1e-3)
+
+
+def test_float8_grouped_gemm_on_the_memories_tracks_bf16():
+    """torchao's float8 grouped GEMMs (what `quantize.grouped_mm.float8` installs) on the memories,
+    with rows padded to 16 per memory: the layer stays close to its bf16 self, forward and backward."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 needs SM89 or newer")
+    from torchao.prototype.moe_training.conversion_utils import MoETrainingConfig
+    from torchao.quantization.quant_api import quantize_
+
+    from momtitan.layers.mom import MemoryProjections, MoMLayer
+
+    args = get_flavor("debug").replace(hidden_size=128, head_dim=32)
+    torch.manual_seed(0)
+    plain = MoMLayer(args).cuda()
+    plain.reset_parameters()
+    plain = plain.to(torch.bfloat16)
+    fp8 = MoMLayer(args).cuda().to(torch.bfloat16)
+    fp8.load_state_dict(plain.state_dict())
+    quantize_(fp8, config=MoETrainingConfig(), filter_fn=lambda module, fqn: "memories" in fqn)
+    for module in fp8.modules():
+        if isinstance(module, MemoryProjections):
+            module.group_alignment = 16
+    x = torch.randn(2, 200, args.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y_ref, y = plain(x)[0], fp8(x)[0]
+    assert_close("float8 memories output", y.float(), y_ref.float(), 0.1)
+    dy = torch.randn_like(y)
+    g_ref = torch.autograd.grad((y_ref * dy).sum(), [x, plain.memories.k_proj])
+    g = torch.autograd.grad((y * dy).sum(), [x, fp8.memories.k_proj])
+    assert_close("dx", g[0].float(), g_ref[0].float(), 0.1)
+    assert_close("dk_proj", g[1].float(), g_ref[1].float(), 0.1)
