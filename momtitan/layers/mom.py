@@ -27,7 +27,7 @@ from momtitan.cache import MoMLayerState
 from momtitan.config import MoMModelArgs
 from momtitan.layers.norm import GatedRMSNorm
 from momtitan.ops.conv import _short_conv, short_conv_step
-from momtitan.ops.grouped_linear import grouped_linear
+from momtitan.ops.grouped_linear import grouped_linears
 from momtitan.ops.recurrence import _linear_recurrence, linear_recurrence_step
 from momtitan.ops.segments import bucket_of_index
 from momtitan.routing import combine, load_balance_loss, plan_dispatch, route, stale_streams, stream_resets
@@ -69,7 +69,7 @@ class MemoryProjections(nn.Module):
         weights (E * 2H columns) and a pick is cheaper than a grouped launch for so few columns.
         """
         stacked = self.stacked()
-        out = [grouped_linear(x, w, group_ends, self.group_alignment) for w in stacked[:2]]
+        out = grouped_linears(x, stacked[:2], group_ends, self.group_alignment)
         if len(stacked) > 2:
             small = torch.cat(stacked[2:], dim=1)  # [E, H or 2H, D]
             E, n, D = small.shape

@@ -36,10 +36,20 @@ def aligned_rows(group_ends: torch.Tensor, rows: int, align: int) -> tuple[torch
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor, align: int = 1) -> torch.Tensor:
     """`x [R, in]`, `weight [G, out, in]`, `group_ends [G]` int32 (non-decreasing, last = R) -> `[R, out]`."""
+    return grouped_linears(x, [weight], group_ends, align)[0]
+
+
+def grouped_linears(x: torch.Tensor, weights: list[torch.Tensor], group_ends: torch.Tensor, align: int = 1) -> list[torch.Tensor]:
+    """`grouped_linear` of the same rows under several weight stacks; with `align > 1` the rows are
+    spread once for all of them."""
     if align > 1:
         dest, padded_ends, capacity = aligned_rows(group_ends, x.shape[0], align)
         spread = x.new_zeros(capacity, x.shape[1]).index_copy(0, dest, x)
-        return grouped_linear(spread, weight, padded_ends)[dest]
+        return [_grouped_mm(spread, w, padded_ends)[dest] for w in weights]
+    return [_grouped_mm(x, w, group_ends) for w in weights]
+
+
+def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
     if x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0 and weight.shape[1] % 8 == 0:
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=group_ends.to(torch.int32))
     group = bucket_of_index(group_ends, x.shape[0])

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from momtitan.layers.mom import MemoryProjections
+
 FLOAT8_CONVERTER = "quantize.linear.float8"
 GROUPED_FLOAT8_CONVERTER = "quantize.grouped_mm.float8"
 ALWAYS_HIGH_PRECISION = ("router", "output")
@@ -52,8 +54,6 @@ def align_memory_groups(model: nn.Module, job_config) -> int:
     Returns the alignment set (1: unchanged)."""
     if not grouped_float8_enabled(job_config):
         return 1
-    from momtitan.layers.mom import MemoryProjections
-
     for module in model.modules():
         if isinstance(module, MemoryProjections):
             module.group_alignment = FLOAT8_GROUP_ALIGNMENT

@@ -28,6 +28,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.tools.logging import logger
+
 from momtitan.parallel.float8 import align_memory_groups
 
 # Ops whose outputs selective (per-op) activation checkpointing keeps instead of recomputing.
