@@ -21,7 +21,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from momtitan.ops.triton.common import chunk_gates, chunk_weights, decay_matrix, decay_matrix_t, mdot
+from momtitan.ops.triton.common import (
+    chunk_gates, chunk_rows, chunk_weights, decay_matrix, decay_matrix_t, mdot, row_scales,
+)
 
 
 @triton.jit
@@ -43,7 +45,6 @@ def state_bwd_kernel(
     km = kk < K
     vm = vv < V
     smask = km[:, None] & vm[None, :]
-    i = tl.arange(0, C)
     if HAS_DHT:
         dS = tl.load(dht_ptr + ((n * H + h) * K + kk[:, None]) * V + vv[None, :], mask=smask, other=0.0).to(tl.float32)
     else:
@@ -51,19 +52,11 @@ def state_bwd_kernel(
     for cc in range(c_start, c_stop):
         c = c_start + c_stop - 1 - cc  # int64 bounds
         tl.store(dh_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], dS, mask=smask)
-        tok0 = tl.load(info_ptr + 2 * c)
-        nvalid = tl.load(info_ptr + 2 * c + 1)
-        valid = i < nvalid
-        tok = tok0 + i
-        prow = c * C + i
+        tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
         gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
         carry, e, c_end = chunk_weights(gamma, run, C)
-        if L2:
-            rq = tl.load(rq_ptr + tok * H + h, mask=valid, other=0.0)
-            rk = tl.load(rk_ptr + tok * H + h, mask=valid, other=0.0)
-        else:
-            rq = tl.where(valid, 1.0, 0.0)
-            rk = tl.where(valid, 1.0, 0.0)
+        rq = row_scales(rq_ptr, tok, valid, h, H, L2)
+        rk = row_scales(rk_ptr, tok, valid, h, H, L2)
         # P^T = (k q^T) * D^T, built directly: never tl.trans a dot result (Hopper miscompile)
         KQ = tl.zeros([C, C], dtype=tl.float32)
         for kb in tl.static_range(BKF // BK):  # in K-blocks: smaller dot operands
@@ -102,22 +95,14 @@ def grads_kernel(
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     kb = tl.program_id(2)
-    tok0 = tl.load(info_ptr + 2 * c)
-    nvalid = tl.load(info_ptr + 2 * c + 1)
     i = tl.arange(0, C)
-    valid = i < nvalid
+    tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     live = nvalid > 0
-    tok = tok0 + i
-    prow = c * C + i
     gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
     carry, e, c_end = chunk_weights(gamma, run, C)
     D = decay_matrix(gamma, run, C)
-    if L2:
-        rq = tl.load(rq_ptr + tok * H + h, mask=valid, other=0.0)
-        rk = tl.load(rk_ptr + tok * H + h, mask=valid, other=0.0)
-    else:
-        rq = tl.where(valid, 1.0, 0.0)
-        rk = tl.where(valid, 1.0, 0.0)
+    rq = row_scales(rq_ptr, tok, valid, h, H, L2)
+    rk = row_scales(rk_ptr, tok, valid, h, H, L2)
     kk = kb * BK + tl.arange(0, BK)
     km = kk < K
     if DELTA:

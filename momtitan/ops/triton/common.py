@@ -63,6 +63,26 @@ def mdot(a, b, DOT_MODE: tl.constexpr):
 
 
 @triton.jit
+def chunk_rows(info_ptr, c, C: tl.constexpr):
+    """Chunk `c`'s rows: token ids `tok [C]`, `valid [C]` (the chunk's first `nvalid` rows hold
+    tokens), `prow [C]` (its rows in the padded layout), and `nvalid`."""
+    tok0 = tl.load(info_ptr + 2 * c)
+    nvalid = tl.load(info_ptr + 2 * c + 1)
+    i = tl.arange(0, C)
+    return tok0 + i, i < nvalid, c * C + i, nvalid
+
+
+@triton.jit
+def row_scales(r_ptr, tok, valid, h, H, L2: tl.constexpr):
+    """Each row's reciprocal L2 norm (q or k) when `L2`, else 1; 0 on rows past the chunk's end."""
+    if L2:
+        r = tl.load(r_ptr + tok * H + h, mask=valid, other=0.0)
+    else:
+        r = tl.where(valid, 1.0, 0.0)
+    return r
+
+
+@triton.jit
 def chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr):
     """Cumulative log-decay `gamma [C]` from the chunk start and run ids `run [C]` (resets so far)."""
     if HAS_G:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from momtitan.ops.triton.common import chunk_gates, chunk_weights, decay_matrix, mdot, unit_lower_inverse
+from momtitan.ops.triton.common import (
+    chunk_gates, chunk_rows, chunk_weights, decay_matrix, mdot, row_scales, unit_lower_inverse,
+)
 
 
 @triton.jit
@@ -28,19 +30,12 @@ def prepare_kernel(
 ):
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    tok0 = tl.load(info_ptr + 2 * c)
-    nvalid = tl.load(info_ptr + 2 * c + 1)
     i = tl.arange(0, C)
-    valid = i < nvalid
-    tok = tok0 + i
-    prow = c * C + i  # rows of the padded layout
+    tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
     carry, e, c_end = chunk_weights(gamma, run, C)
     b = tl.load(beta_ptr + tok * H + h, mask=valid, other=0.0).to(tl.float32)
-    if L2:
-        rk = tl.load(rk_ptr + tok * H + h, mask=valid, other=0.0)
-    else:
-        rk = tl.where(valid, 1.0, 0.0)
+    rk = row_scales(rk_ptr, tok, valid, h, H, L2)
 
     KK = tl.zeros([C, C], dtype=tl.float32)
     for kb in tl.static_range(NKB):
@@ -86,7 +81,6 @@ def state_kernel(
     km = kk < K
     vm = vv < V
     smask = km[:, None] & vm[None, :]
-    i = tl.arange(0, C)
     if HAS_H0:
         S = tl.load(h0_ptr + ((n * H + h) * K + kk[:, None]) * V + vv[None, :], mask=smask, other=0.0).to(tl.float32)
     else:
@@ -94,15 +88,10 @@ def state_kernel(
     for cc in range(c_start, c_end_):
         c = cc  # int64: the bounds are int64
         tl.store(h_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], S, mask=smask)
-        tok0 = tl.load(info_ptr + 2 * c)
-        nvalid = tl.load(info_ptr + 2 * c + 1)
-        valid = i < nvalid
-        tok = tok0 + i
-        prow = c * C + i
+        tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
         gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
         carry, e, c_end = chunk_weights(gamma, run, C)
-        if L2:
-            e = e * tl.load(rk_ptr + tok * H + h, mask=valid, other=0.0)
+        e = e * row_scales(rk_ptr, tok, valid, h, H, L2)  # rows past the end have k = 0 anyway
         kt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)
         if DELTA:
             Wt = tl.load(w_ptr + (prow[:, None] * H + h) * K + kk[None, :], mask=km[None, :], other=0.0)
@@ -126,22 +115,13 @@ def output_kernel(
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     vb = tl.program_id(2)
-    tok0 = tl.load(info_ptr + 2 * c)
-    nvalid = tl.load(info_ptr + 2 * c + 1)
-    i = tl.arange(0, C)
-    valid = i < nvalid
-    tok = tok0 + i
-    prow = c * C + i
+    tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     vv = vb * BV + tl.arange(0, BV)
     vm = vv < V
     gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
     carry, e, c_end = chunk_weights(gamma, run, C)
-    if L2:
-        rq = tl.load(rq_ptr + tok * H + h, mask=valid, other=0.0)
-        rk = tl.load(rk_ptr + tok * H + h, mask=valid, other=0.0)
-    else:
-        rq = tl.where(valid, 1.0, 0.0)
-        rk = tl.where(valid, 1.0, 0.0)
+    rq = row_scales(rq_ptr, tok, valid, h, H, L2)
+    rk = row_scales(rk_ptr, tok, valid, h, H, L2)
     QK = tl.zeros([C, C], dtype=tl.float32)
     qS = tl.zeros([C, BV], dtype=tl.float32)
     for kb in tl.static_range(NKB):
