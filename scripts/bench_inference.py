@@ -486,12 +486,17 @@ def run_hf_arm(arm: str, build, a, args, meta: dict, common: dict):
     return decode, prefill
 
 
-def run(a) -> dict:
-    """Every selected arm, one model on the device at a time -> dict(decode, prefill, meta, args)."""
+def run(a, publish=lambda results: None) -> dict:
+    """Every selected arm, one model on the device at a time -> dict(decode, prefill, meta, args).
+    `publish(results)` gets the results so far after each model, so a run cut off keeps its cells."""
     device, dtype = torch.device(a.device), DTYPES[a.dtype]
     args = model_args(a.flavor, a.vocab_size)
     decode, prefill, meta = [], [], dict(params={}, weights={}, fla_version=fla_version())
     common = dict(device=device, repeats=a.repeats, seed=a.seed)
+
+    def results() -> dict:
+        return dict(decode=list(decode), prefill=[{k: v for k, v in r.items() if k != "last_logits"} for r in prefill],
+                    meta=dict(meta, fla_logits_rel_err=logits_agreement(prefill)), args=args)
 
     fla_models, fla_skip = load_fla() if "fla" in a.arms else (None, None)
     if fla_models is not None and not is_cuda(device):
@@ -502,6 +507,12 @@ def run(a) -> dict:
     if any(x in a.arms for x in ("momtitan", "momtitan-hf")) or fla_models is not None:
         d, p, state_dict = run_momtitan(a, args, meta, common, keep_weights=fla_models is not None)
         decode, prefill = decode + d, prefill + p
+        publish(results())
+    if "llama" in a.arms:  # before fla, whose HF-generate cells are the slowest
+        max_positions = max(max(a.prefill_lens) + STEPS_AFTER_PREFILL + 1, a.prompt_len + a.new_tokens, args.max_seq_len)
+        d, p = run_hf_arm("llama", lambda: build_llama(args, device, dtype, a.seed, max_positions), a, args, meta, common)
+        decode, prefill = decode + d, prefill + p
+        publish(results())
     if "fla" in a.arms:
         if fla_models is None:
             d, p = skipped_rows("fla", a, fla_skip)
@@ -509,15 +520,7 @@ def run(a) -> dict:
             d, p = run_hf_arm("fla", lambda: build_fla(fla_models, args, state_dict, device, dtype), a, args, meta, common)
         state_dict = None
         decode, prefill = decode + d, prefill + p
-    if "llama" in a.arms:
-        max_positions = max(max(a.prefill_lens) + STEPS_AFTER_PREFILL + 1, a.prompt_len + a.new_tokens, args.max_seq_len)
-        d, p = run_hf_arm("llama", lambda: build_llama(args, device, dtype, a.seed, max_positions), a, args, meta, common)
-        decode, prefill = decode + d, prefill + p
-
-    meta["fla_logits_rel_err"] = logits_agreement(prefill)
-    for row in prefill:
-        row.pop("last_logits", None)
-    return dict(decode=decode, prefill=prefill, meta=meta, args=args)
+    return results()
 
 
 def logits_agreement(prefill: list[dict]) -> tuple[int, float] | None:
@@ -722,20 +725,17 @@ def main(argv=None) -> dict:
     print(f"bench_inference on {device_name}: flavor {a.flavor}, arms {a.arms}, batches {a.batch_sizes}, "
           f"prompt {a.prompt_len} + {a.new_tokens} new, prefill {a.prefill_lens}, {a.dtype}; momtitan recurrence: "
           f"{momtitan_path(a.device)}", flush=True)
-    results = run(a)
-    plot_path = None
-    if not a.no_write:
+    def publish(results: dict) -> None:
+        if a.no_write:
+            return
         note = plot(results["prefill"], a.plot, f"{a.flavor} models, batch 1, {a.dtype}, {device_name}")
-        if note:
-            print(f"no plot: {note}")
-        else:
-            plot_path = a.plot
-            print(f"wrote {a.plot}")
-    text = markdown(results, a, device_name, plot_path)
-    print(text)
-    if not a.no_write:
-        write_section(Path(a.out), text)
-        print(f"wrote {a.out}")
+        print(f"no plot: {note}" if note else f"wrote {a.plot}")
+        write_section(Path(a.out), markdown(results, a, device_name, None if note else a.plot))
+        print(f"wrote {a.out}", flush=True)
+
+    results = run(a, publish)
+    publish(results)
+    print(markdown(results, a, device_name, None if a.no_write else a.plot))
     return results
 
 

@@ -205,7 +205,9 @@ def layer_rows(args, fla_installed):
     return lines
 
 
-def run(args):
+def run(args, publish) -> str:
+    """Measure everything; `publish(text)` gets the section after the layer comparison and after every op
+    row, so a run cut off by a timeout leaves what it measured (marked as partial)."""
     import triton
 
     fla, fla_version = load_fla()
@@ -213,7 +215,28 @@ def run(args):
     prep = cands.pop("_prep")
     if args.profile:
         profile(args, cands, prep)
-    rows = []
+    header = [
+        SECTION,
+        "",
+        f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}, "
+        f"fla {fla_version if fla is not None else 'not installed'}; bf16 inputs (g fp32), B*T = {args.tokens}.",
+        "Median of `triton.testing.do_bench`. TFLOP/s under ANCHORS.md 1.9: GDN / delta fwd 10Cd+6d^2, simple GLA "
+        "4Cd+4d^2, SDPA causal 2Td per token-head (C = 64); fwd+bwd counted as 3x fwd. \"ours\" = "
+        "`momtitan.ops.triton.triton_linear_recurrence` (qk L2 norm in kernel for the delta rules). fla's gated "
+        "backward rows run with its triton < 3.7.1 Hopper guard lifted (timing only; see the script's docstring).",
+        "",
+        "| B x T | H / d | op | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    layer = layer_rows(args, fla is not None)
+    lines = []
+
+    def text(partial: bool) -> str:
+        note = ["", f"(Partial: the run stopped after the rows above; asked for H/d {args.heads}, "
+                    f"T {args.seq_lens}.)"] if partial else []
+        return "\n".join(header + lines + note + layer) + "\n"
+
+    publish(text(partial=True))
     for hd in args.heads.split(","):
         H, d = (int(x) for x in hd.split("x"))
         for T in (int(t) for t in args.seq_lens.split(",")):
@@ -232,26 +255,13 @@ def run(args):
                         res[mode] = f"error: {type(e).__name__}"
                         traceback.print_exc()
                     torch.cuda.empty_cache()
-                rows.append((f"{B}x{T}", f"{H}/{d}", name, res))
+                lines.append(f"| {B}x{T} | {H}/{d} | {name} | {_cells(res['fwd'])} | {_cells(res['fwd+bwd'])} |")
                 print(f"B{B} T{T} H{H} d{d} {name:28s} " + "  ".join(f"{m}: {_fmt(r)}" for m, r in res.items()), flush=True)
+                publish(text(partial=True))
             del q, k, v, g, beta, qn, kn
             torch.cuda.empty_cache()
-    header = [
-        SECTION,
-        "",
-        f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}, "
-        f"fla {fla_version if fla is not None else 'not installed'}; bf16 inputs (g fp32), B*T = {args.tokens}.",
-        "Median of `triton.testing.do_bench`. TFLOP/s under ANCHORS.md 1.9: GDN / delta fwd 10Cd+6d^2, simple GLA "
-        "4Cd+4d^2, SDPA causal 2Td per token-head (C = 64); fwd+bwd counted as 3x fwd. \"ours\" = "
-        "`momtitan.ops.triton.triton_linear_recurrence` (qk L2 norm in kernel for the delta rules). fla's gated "
-        "backward rows run with its triton < 3.7.1 Hopper guard lifted (timing only; see the script's docstring).",
-        "",
-        "| B x T | H / d | op | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines = header + [f"| {bt} | {hd} | {name} | {_cells(res['fwd'])} | {_cells(res['fwd+bwd'])} |" for bt, hd, name, res in rows]
-    lines += layer_rows(args, fla is not None)
-    return "\n".join(lines) + "\n"
+    publish(text(partial=False))
+    return text(partial=False)
 
 
 def _fmt(r):
@@ -284,10 +294,9 @@ def main():
     if not torch.cuda.is_available():
         print("bench_ops.py needs a CUDA device", file=sys.stderr)
         return 1
-    text = run(args)
+    text = run(args, publish=(lambda _: None) if args.no_write else (lambda t: write_section(Path(args.out), t)))
     print(text)
     if not args.no_write:
-        write_section(Path(args.out), text)
         print(f"wrote {args.out}")
     return 0
 

@@ -8,6 +8,7 @@ peak; multi-GPU cases get a scaling efficiency against the suite's 1-GPU case of
 
     python scripts/bench_train.py --suite multi_gpu_debug --steps 30
     python scripts/bench_train.py --suite single_gpu_340m --steps 20
+    python scripts/bench_train.py --suite ep_2gpu --pack --results outputs/bench_train.json  # 4 GPUs: 2 cases at a time
 
 Suites are defined in SUITES below; a case runs only if the machine has its GPU count.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import re
 import signal
@@ -71,14 +73,15 @@ SUITES = {
         for model, base in (("340M", M340 + ["--training.local_batch_size", "4"]), ("1.3B", M1P3))
         for fp8 in (False, True)
         for n, ep, par in ((1, 1, "FSDP"), (2, 1, "FSDP"), (2, 2, "FSDP+EP2"))
-    ],
-    # the scaling issue: 1.3B, compile on, FSDP x EP at 1-8 GPUs, float8 off and on
+    ] + [("340M 1 GPU FSDP float8 (+ memories)", 1, M340 + ["--training.local_batch_size", "4"] + COMPILE + FLOAT8_ALL)],
+    # the scaling issue: 1.3B, compile on, FSDP x EP (ep = 2 .. n) at 2-8 GPUs against 1 GPU, float8 off and
+    # on; the 1- and 2-GPU cases are ep_2gpu's (same flags: --results reuses them)
     "scaling_1p3b": [
         (f"1.3B {n} GPU{'s' if n > 1 else ''} {par}{' float8' if fp8 else ''}", n,
          M1P3 + COMPILE + (FLOAT8 if fp8 else []) + (["--parallelism.expert_parallel_degree", str(ep)] if ep > 1 else []))
         for n in (1, 2, 4, 8)
         for ep, par in ((1, "FSDP"), (2, "FSDP+EP2"), (4, "FSDP+EP4"), (8, "FSDP+EP8"))
-        if ep <= n
+        if (ep == 1 and n == 1) or 1 < ep <= n
         for fp8 in (False, True)
     ],
 }
@@ -101,24 +104,69 @@ def gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def run_case(name: str, ngpu: int, flags: list[str], steps: int, out_dir: Path, timeout: float) -> dict:
-    """Run one case; its log streams to `out_dir/<case>.log` (kept if the case hangs or is killed)."""
+def case_key(ngpu: int, flags: list[str], steps: int, device: str) -> str:
+    """What makes two runs the same measurement: machine, GPU count, flags and steps (not the case's name)."""
+    return f"{device} | {ngpu} | {steps} | {' '.join(flags)}"
+
+
+def start_case(name: str, ngpu: int, flags: list[str], steps: int, out_dir: Path, gpus: list[int] | None) -> dict:
+    """Start one case in its own process group; its log streams to `out_dir/<case>.log` (kept if the case
+    hangs or is killed). `gpus`: the CUDA devices it may see (None: all)."""
     dump = out_dir / re.sub(r"\W+", "_", name)
     cmd = ["./run_train.sh", *flags, "--training.steps", str(steps), "--metrics.log_freq", "1", "--job.dump_folder", str(dump)]
     env = dict(os.environ, NGPU=str(ngpu), PYTHON=sys.executable)
+    if gpus is not None:  # indices into this process's visible devices
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[g] if len(visible) > g and visible[g] else str(g) for g in gpus)
     log_path = out_dir / (dump.name + ".log")
-    start = time.time()
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = f"timeout {timeout:.0f} s"
-    log = log_path.read_text()
-    return {"name": name, "ngpu": ngpu, "cmd": f"NGPU={ngpu} " + " ".join(cmd), "rc": rc,
-            "rows": parse(log), "wall": time.time() - start, "tail": log[-2000:]}
+    log_file = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    return {"name": name, "ngpu": ngpu, "cmd": f"NGPU={ngpu} " + " ".join(cmd), "proc": proc, "log_file": log_file,
+            "log_path": log_path, "start": time.time(), "gpus": gpus}
+
+
+def finish_case(case: dict, timeout: float) -> dict | None:
+    """The case's result once it has ended (killing it past `timeout` seconds), else None."""
+    proc, elapsed = case["proc"], time.time() - case["start"]
+    rc = proc.poll()
+    if rc is None and elapsed < timeout:
+        return None
+    if rc is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rc = f"timeout {timeout:.0f} s"
+    case["log_file"].close()
+    log = case["log_path"].read_text()
+    return {"name": case["name"], "ngpu": case["ngpu"], "cmd": case["cmd"], "rc": rc, "rows": parse(log),
+            "wall": elapsed, "tail": log[-2000:], "gpus": case["gpus"]}
+
+
+def run_cases(cases: list[tuple[str, int, list[str]]], steps: int, out_dir: Path, timeout: float, available: int,
+              pack: bool, on_result) -> None:
+    """Run the cases one after another, or with `pack` at the same time on disjoint GPUs (the widest
+    first, each on the lowest free devices). `on_result(case_index, result)` is called as each ends."""
+    free = list(range(available)) if pack and available else None
+    pending = sorted(range(len(cases)), key=lambda i: -cases[i][1]) if pack else list(range(len(cases)))
+    running: dict[int, dict] = {}
+    while pending or running:
+        for i in list(pending):
+            name, ngpu, flags = cases[i]
+            if free is None and running:
+                break
+            if free is not None and len(free) < ngpu:
+                continue
+            gpus = None if free is None else [free.pop(0) for _ in range(ngpu)]
+            print(f"start {name}" + (f" on GPUs {gpus}" if gpus else ""), flush=True)
+            running[i] = start_case(name, ngpu, flags, steps, out_dir, gpus)
+            pending.remove(i)
+        time.sleep(1)
+        for i, case in list(running.items()):
+            result = finish_case(case, timeout)
+            if result is not None:
+                del running[i]
+                if free is not None:
+                    free = sorted(free + result["gpus"])
+                on_result(i, result)
 
 
 def variant(flags: list[str]) -> tuple[str, str]:
@@ -134,24 +182,66 @@ def median_tps(result: dict, warmup: int) -> float | None:
     return statistics.median(r[3] for r in rows) if result["rc"] == 0 and rows else None
 
 
-def summarize(result: dict, warmup: int, baseline: dict | None = None) -> str:
-    """One table row; `baseline` (a 1-GPU result of the same variant) gives the scaling efficiency,
-    tokens/s per GPU here over tokens/s on one GPU."""
+def efficiency(tps: float, result: dict | None, warmup: int) -> str:
+    base = median_tps(result, warmup) if result is not None else None
+    return f"{100 * tps / base:.0f}%" if base else "-"
+
+
+def summarize(result: dict, warmup: int, one_gpu: dict | None = None, two_gpu: dict | None = None) -> str:
+    """One table row; `one_gpu` / `two_gpu` (results of the same variant on 1 and 2 GPUs) give the scaling
+    efficiencies, tokens/s per GPU here over tokens/s per GPU there."""
     rows = [r for r in result["rows"] if r[0] > warmup]
     if result["rc"] != 0 or not rows:
-        return f"| {result['name']} | {result['ngpu']} | failed (rc {result['rc']}) | | | | | | |"
+        return f"| {result['name']} | {result['ngpu']} | failed (rc {result['rc']}) | | | | | | | |"
     losses = {r[0]: r[1] for r in result["rows"]}
     first, last = min(losses), max(losses)
     tps = median_tps(result, warmup)
-    base_tps = median_tps(baseline, warmup) if baseline is not None else None
-    efficiency = f"{100 * tps / base_tps:.0f}%" if base_tps else "-"
     mfu = statistics.median(r[4] for r in rows)
     mem = max(r[2] for r in rows)
     a2a = [r[5] for r in rows if r[5] is not None]
     a2a_cell = (f"{statistics.median(ms for ms, _ in a2a):.1f} ({statistics.median(p for _, p in a2a):.1f}%)"
                 if a2a else "-")
     return (f"| {result['name']} | {result['ngpu']} | {losses[first]:.3f} → {losses[last]:.3f} | {tps:,.0f} | "
-            f"{mfu:.1f} | {mem:.2f} | {a2a_cell} | {efficiency} | {result['wall']:.0f} |")
+            f"{mfu:.1f} | {mem:.2f} | {a2a_cell} | {efficiency(tps, one_gpu, warmup)} | "
+            f"{efficiency(tps, two_gpu, warmup)} | {result['wall']:.0f} |")
+
+
+def load_results(path: Path | None) -> dict:
+    if path is None or not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
+def section(args, results: list[dict], missing: list[str], device: str, available: int) -> str:
+    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "triton", "torchtitan", "torchao"))
+    kernels = ("Triton kernels" if available and os.environ.get("MOMTITAN_TRITON") != "0"
+               else "PyTorch chunked path" + (" (MOMTITAN_TRITON=0)" if available else ""))
+    packed = (" Cases ran at the same time on disjoint GPUs of the machine (`--pack`)." if args.pack else "")
+    reused = [r["name"] for r in results if r.get("reused")]
+    lines = [f"{time.strftime('%Y-%m-%d')}, {available} × {device}; {versions}; recurrence: {kernels}.",
+             f"{args.steps} steps; tokens/s per GPU, MFU and the all-to-all time (rank 0, expert-parallel runs) "
+             f"are medians after step {args.warmup}; memory is the peak. Scaling efficiency: tokens/s per GPU "
+             f"over that of the 1-GPU (2-GPU) case of the same model and precision.{packed}"
+             + (f" Reused from an earlier run on the same machine kind, same flags: {', '.join(reused)}." if reused else ""),
+             "",
+             "| case | GPUs | loss first → last | tokens/s/GPU | MFU % | peak memory GiB | all-to-all ms/step (% of step) "
+             "| efficiency vs 1 GPU | vs 2 GPUs | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    by_gpus = {}
+    for r in results:
+        by_gpus.setdefault((r["variant"], r["ngpu"]), r)
+    lines += [summarize(r, args.warmup, by_gpus.get((r["variant"], 1)) if r["ngpu"] > 1 else None,
+                        by_gpus.get((r["variant"], 2)) if r["ngpu"] > 2 else None) for r in results]
+    if missing:
+        lines += ["", f"Not (yet) run: {', '.join(missing)}."]
+    lines += ["", "Loss per step:", "", "| step | " + " | ".join(r["name"] for r in results) + " |",
+              "|---" * (len(results) + 1) + "|"]
+    steps = sorted({s for r in results for s, *_ in r["rows"]})
+    for s in steps:
+        cells = [next((f"{row[1]:.4f}" for row in r["rows"] if row[0] == s), "") for r in results]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines += ["", "Commands:", ""] + [f"    {r['cmd']}" for r in results]
+    return "\n".join([f"## Training: {args.suite}", ""] + lines)
 
 
 def main() -> None:
@@ -161,6 +251,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the medians")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")) / "bench_train")
     parser.add_argument("--case-timeout", type=float, default=600, help="seconds before a case is killed")
+    parser.add_argument("--pack", action="store_true", help="run cases at the same time on disjoint GPUs")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="JSON of finished cases: a case measured there on the same GPU with the same flags and "
+                             "steps is reused, not rerun; every new result is added")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.steps <= args.warmup:
@@ -170,40 +264,43 @@ def main() -> None:
     import torch
 
     available = gpu_count()
-    results = []
+    device = torch.cuda.get_device_name() if available else "CPU"
+    store = load_results(args.results)
+    cases, done = [], {}
     for name, ngpu, flags in SUITES[args.suite]:
         if ngpu > max(available, 1):
             print(f"skip {name}: needs {ngpu} GPUs, have {available}")
             continue
-        result = run_case(name, ngpu, flags, args.steps, args.out, args.case_timeout)
+        key = case_key(ngpu, flags, args.steps, device)
+        if key in store and store[key]["rc"] == 0:
+            done[len(cases)] = dict(store[key], name=name, variant=variant(flags), reused=True)
+            print(f"reuse {name} from {args.results}")
+        cases.append((name, ngpu, flags))
+
+    def write(missing: list[str]) -> str:
+        text = section(args, [done[i] for i in sorted(done)], missing, device, available)
+        if not args.no_write:
+            write_section(ROOT / "docs" / "benchmarks.md", text)
+        return text
+
+    def on_result(i: int, result: dict) -> None:
+        name, ngpu, flags = todo[i]
         result["variant"] = variant(flags)
-        results.append(result)
+        done[index[i]] = result
         print(summarize(result, args.warmup), flush=True)
         if result["rc"] != 0:
             print(result["tail"])
+        if args.results is not None:
+            store = load_results(args.results)
+            store[case_key(ngpu, flags, args.steps, device)] = {k: v for k, v in result.items() if k != "variant"}
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            args.results.write_text(json.dumps(store, indent=1))
+        write([todo[j][0] for j in range(len(todo)) if index[j] not in done])
 
-    device = torch.cuda.get_device_name() if available else "CPU"
-    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "triton", "torchtitan", "torchao"))
-    kernels = "PyTorch chunked recurrence (MOMTITAN_TRITON=0)" if os.environ.get("MOMTITAN_TRITON") == "0" else "Triton kernels"
-    lines = [f"{time.strftime('%Y-%m-%d')}, {available} × {device}; {versions}; recurrence: {kernels}.",
-             f"{args.steps} steps; tokens/s per GPU, MFU and the all-to-all time (rank 0, expert-parallel runs) "
-             f"are medians after step {args.warmup}; memory is the peak. Scaling efficiency: tokens/s per GPU "
-             "over the 1-GPU case of the same model and precision.", "",
-             "| case | GPUs | loss first → last | tokens/s/GPU | MFU % | peak memory GiB | all-to-all ms/step (% of step) "
-             "| scaling efficiency | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    one_gpu = {r["variant"]: r for r in results if r["ngpu"] == 1}
-    lines += [summarize(r, args.warmup, one_gpu.get(r["variant"]) if r["ngpu"] > 1 else None) for r in results]
-    lines += ["", "Loss per step:", "", "| step | " + " | ".join(r["name"] for r in results) + " |",
-              "|---" * (len(results) + 1) + "|"]
-    steps = sorted({s for r in results for s, *_ in r["rows"]})
-    for s in steps:
-        cells = [next((f"{row[1]:.4f}" for row in r["rows"] if row[0] == s), "") for r in results]
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    lines += ["", "Commands:", ""] + [f"    {r['cmd']}" for r in results]
-    print("\n".join(lines))
-    if not args.no_write:
-        write_section(ROOT / "docs" / "benchmarks.md", "\n".join([f"## Training: {args.suite}", ""] + lines))
+    index = [i for i in range(len(cases)) if i not in done]
+    todo = [cases[i] for i in index]
+    run_cases(todo, args.steps, args.out, args.case_timeout, available, args.pack, on_result)
+    print(write([]))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,13 @@ Outputs:
 
     python scripts/mqar.py                       # full grid, sized for ~10 min on one H100 (see below)
     python scripts/mqar.py --quick --device cpu  # a CPU-sized smoke run of the same pipeline
+
+On a machine of several GPUs the grid splits into shards, one process per GPU, each writing only
+its JSON; `--merge` then writes the markdown and the plot from the shards' JSONs:
+
+    CUDA_VISIBLE_DEVICES=0 python scripts/mqar.py --shard 0/2 --json outputs/mqar/s0.json &
+    CUDA_VISIBLE_DEVICES=1 python scripts/mqar.py --shard 1/2 --json outputs/mqar/s1.json; wait
+    python scripts/mqar.py --merge outputs/mqar/s0.json,outputs/mqar/s1.json
 """
 
 from __future__ import annotations
@@ -69,11 +76,29 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each block with inductor (default: on for CUDA, off on CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run the I-th of N interleaved parts of the grid and write only its JSON")
+    p.add_argument("--merge", default=None, metavar="A.json,B.json",
+                   help="train nothing: write the markdown and plot of the shards' JSONs")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=str(ROOT / "docs" / "mqar.png"))
     p.add_argument("--markdown", default=str(ROOT / "docs" / "quality.md"))
     p.add_argument("--no-write", action="store_true", help="print only; write no markdown or plot")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.shard_index, a.num_shards = _shard(a.shard)
+    return a
+
+
+def _shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise ValueError(f"--shard must be I/N with 0 <= I < N, got {text!r}")
+    return i, n
 
 
 def _list(text, cast):
@@ -96,16 +121,23 @@ def grid_from_args(a) -> dict:
     return g
 
 
-def run_grid(g: dict, device: str, amp: str | None, seed: int, compile_blocks: bool) -> list[dict]:
+def run_grid(g: dict, device: str, amp: str | None, seed: int, compile_blocks: bool,
+             shard: tuple[int, int] = (0, 1), on_run=None) -> list[dict]:
+    """Train every (kv, d_model, arm, lr) of the grid, or the shard's part of it: the run at grid indices
+    (i, j, a) goes to shard (i + j + a) % N, which spreads each arm's costly cells over the shards."""
     runs = []
-    for kv in g["kv_pairs"]:
+    for i, kv in enumerate(g["kv_pairs"]):
+        if all((i + j + a) % shard[1] != shard[0] for j in range(len(g["d_models"])) for a in range(len(g["arms"]))):
+            continue
         task = MQARTask(vocab_size=g["vocab_size"], seq_len=g["seq_len"], num_kv_pairs=kv)
         t = time.perf_counter()
         data = (*generate_mqar(task, g["num_train"], seed=seed), *generate_mqar(task, g["num_test"], seed=seed + 1))
         print(f"[data] T={task.seq_len} kv={kv} vocab={task.vocab_size}: {g['num_train']} train / {g['num_test']} "
               f"test in {time.perf_counter() - t:.1f}s", flush=True)
-        for d in g["d_models"]:
-            for arm in g["arms"]:
+        for j, d in enumerate(g["d_models"]):
+            for a, arm in enumerate(g["arms"]):
+                if (i + j + a) % shard[1] != shard[0]:
+                    continue
                 args = build_model_args(arm, d, vocab_size=task.vocab_size, seq_len=task.seq_len, num_heads=g["num_heads"],
                                         num_memories=g["num_memories"], topk=g["topk"])
                 for lr in g["lrs"]:
@@ -123,6 +155,8 @@ def run_grid(g: dict, device: str, amp: str | None, seed: int, compile_blocks: b
                           f"loss={r['final_train_loss']:.3f}  state={r['state_total']:>8d} (active {r['state_active']:>8d})  "
                           f"params={r['num_params']:>8d}  train {r['train_seconds']:.1f}s "
                           f"({1e3 * r['train_seconds'] / cfg.steps:.1f} ms/step)", flush=True)
+                    if on_run is not None:
+                        on_run(runs)
     return runs
 
 
@@ -148,6 +182,14 @@ def markdown(g: dict, runs: list[dict], meta: dict, plot: str | None, quick: boo
     best = best_runs(runs)
     title = "### MQAR — CPU quick run (`scripts/mqar.py --quick`), not the full grid" if quick else "### MQAR — full grid"
     lines = [title, ""]
+    expected = len(g["kv_pairs"]) * len(g["d_models"]) * len(g["arms"]) * len(g["lrs"])
+    if len(runs) < expected:
+        missing = sorted({(kv, d) for kv in g["kv_pairs"] for d in g["d_models"]}
+                         - {(r["num_kv_pairs"], r["d_model"]) for r in runs if all(
+                             any(x["num_kv_pairs"] == r["num_kv_pairs"] and x["d_model"] == r["d_model"] and x["arm"] == a
+                                 for x in runs) for a in g["arms"])})
+        lines += [f"**Partial: {len(runs)} of the grid's {expected} runs** (the run was stopped before the rest); "
+                  f"cells not complete (kv, d_model): {', '.join(map(str, missing))}.", ""]
     if quick:
         lines += ["A smoke-sized run of the pipeline on CPU: tiny vocabulary, short sequences, one width and "
                   "few steps. It shows the harness end to end; it does not rank the architectures.", ""]
@@ -169,7 +211,7 @@ def markdown(g: dict, runs: list[dict], meta: dict, plot: str | None, quick: boo
         "(elements; short-conv caches not counted; attention has a KV cache of 2·T·d per layer instead).",
         "",
         "Accuracy = share of query positions whose argmax is the right value; chance = 1/#values "
-        f"= {1 / (g['vocab_size'] - g['vocab_size'] // 2):.3f}.",
+        f"= {1 / (g['vocab_size'] - g['vocab_size'] // 2):.2g}.",
         "",
         "| kv pairs | d_model | arm | state shape (streams×H×d_k×d_v) | state total | state active | params | lr | accuracy | final loss | train s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -275,8 +317,42 @@ def plot(runs: list[dict], path: str, title: str) -> str | None:
     return None
 
 
+def merge(a) -> list[dict]:
+    """Markdown and plot of several shards' JSONs (the same grid, disjoint runs)."""
+    parts = [json.loads(Path(f).read_text()) for f in a.merge.split(",") if f.strip()]
+    if not parts:
+        raise ValueError(f"--merge needs JSON files, got {a.merge!r}")
+    grids = [{k: v for k, v in part["grid"].items()} for part in parts]
+    if any(grid != grids[0] for grid in grids):
+        raise ValueError(f"--merge: the JSONs {a.merge!r} come from different grids")
+    g, runs = grids[0], [r for part in parts for r in part["runs"]]
+    meta = dict(parts[0]["meta"], wall_s=max(part["meta"]["wall_s"] for part in parts),
+                command=" ; ".join(part["meta"]["command"] for part in parts) + f" ; python scripts/mqar.py --merge {a.merge}")
+    return write_outputs(a, g, runs, meta, quick=False)
+
+
+def write_outputs(a, g: dict, runs: list[dict], meta: dict, quick: bool) -> list[dict]:
+    if a.no_write:
+        print(markdown(g, runs, meta, None, quick))
+        return runs
+    note = plot(runs, a.plot, f"MQAR {'quick CPU run' if quick else 'grid'}: T={g['seq_len']}, vocab={g['vocab_size']}, "
+                f"{g['steps']} steps, {meta['device']}")
+    if note:
+        print(f"no plot: {note}")
+        meta["plot_note"] = note
+    else:
+        print(f"wrote {a.plot}")
+    text = markdown(g, runs, meta, None if note else a.plot, quick)
+    write_section(Path(a.markdown), text, quick)
+    print(f"wrote {a.markdown}")
+    print(text)
+    return runs
+
+
 def main(argv=None):
     a = parse_args(argv)
+    if a.merge:
+        return merge(a)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -294,34 +370,28 @@ def main(argv=None):
     print(f"MQAR grid ({'quick' if a.quick else 'full'}) on {device}: {n_runs} runs: kv {g['kv_pairs']}, d_model "
           f"{g['d_models']}, arms {g['arms']}, lrs {g['lrs']}, T={g['seq_len']}, vocab={g['vocab_size']}, "
           f"{g['steps']} steps × batch {g['batch_size']}", flush=True)
-    t0 = time.perf_counter()
     compile_blocks = device.startswith("cuda") if a.compile is None else a.compile
-    runs = run_grid(g, device, a.amp, a.seed, compile_blocks)
-    wall = time.perf_counter() - t0
     dev_name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     meta = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), device=dev_name, host=platform.node(),
-                torch=torch.__version__, wall_s=wall, amp=a.amp, compile=compile_blocks,
+                torch=torch.__version__, wall_s=0.0, amp=a.amp, compile=compile_blocks,
                 command="python scripts/mqar.py " + " ".join(sys.argv[1:] if argv is None else argv))
-    print(f"done: {n_runs} runs in {wall:.0f}s", flush=True)
-    json_path = Path(a.json or ROOT / "outputs" / "mqar" / f"mqar_{'quick' if a.quick else 'full'}.json")
+    part = f"_shard{a.shard_index}of{a.num_shards}" if a.num_shards > 1 else ""
+    json_path = Path(a.json or ROOT / "outputs" / "mqar" / f"mqar_{'quick' if a.quick else 'full'}{part}.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(dict(meta=meta, grid=g, runs=runs), indent=1))
+    t0 = time.perf_counter()
+
+    def save(runs):  # after every run, so a run cut off by a timeout keeps what it trained
+        meta["wall_s"] = time.perf_counter() - t0
+        json_path.write_text(json.dumps(dict(meta=meta, grid=g, runs=runs), indent=1))
+
+    runs = run_grid(g, device, a.amp, a.seed, compile_blocks, (a.shard_index, a.num_shards), on_run=save)
+    save(runs)
+    print(f"done: {len(runs)} runs in {meta['wall_s']:.0f}s", flush=True)
     print(f"wrote {json_path}")
-    if a.no_write:
-        print(markdown(g, runs, meta, None, a.quick))
+    if a.num_shards > 1:
+        print(f"shard {a.shard}: {len(runs)} runs; write the markdown with --merge once every shard has run")
         return runs
-    note = plot(runs, a.plot, f"MQAR {'quick CPU run' if a.quick else 'grid'}: T={g['seq_len']}, vocab={g['vocab_size']}, "
-                f"{g['steps']} steps, {dev_name}")
-    if note:
-        print(f"no plot: {note}")
-        meta["plot_note"] = note
-    else:
-        print(f"wrote {a.plot}")
-    text = markdown(g, runs, meta, None if note else a.plot, a.quick)
-    write_section(Path(a.markdown), text, a.quick)
-    print(f"wrote {a.markdown}")
-    print(text)
-    return runs
+    return write_outputs(a, g, runs, meta, a.quick)
 
 
 if __name__ == "__main__":

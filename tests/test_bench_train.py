@@ -24,10 +24,39 @@ def test_parse_and_summarize_with_scaling_efficiency():
     assert rows[1] == (2, 6.0, 2.5, 1000.0, 0.2, (2.5, 2.0))
     one = {"name": "1 GPU", "ngpu": 1, "rc": 0, "rows": bench.parse(log(2000, a2a=False)), "wall": 10.0}
     two = {"name": "2 GPUs EP", "ngpu": 2, "rc": 0, "rows": rows, "wall": 12.0}
-    assert bench.summarize(two, warmup=1, baseline=one) == (
-        "| 2 GPUs EP | 2 | 7.000 → 5.000 | 1,000 | 0.2 | 2.50 | 3.0 (2.5%) | 50% | 12 |")
-    assert "| - | - |" in bench.summarize(one, warmup=1)
+    assert bench.summarize(two, warmup=1, one_gpu=one) == (
+        "| 2 GPUs EP | 2 | 7.000 → 5.000 | 1,000 | 0.2 | 2.50 | 3.0 (2.5%) | 50% | - | 12 |")
+    four = {"name": "4 GPUs EP", "ngpu": 4, "rc": 0, "rows": bench.parse(log(800, a2a=True)), "wall": 9.0}
+    assert "| 40% | 80% | 9 |" in bench.summarize(four, warmup=1, one_gpu=one, two_gpu=two)
+    assert "| - | - | - |" in bench.summarize(one, warmup=1)
     failed = dict(two, rc="timeout 5 s")
     assert "failed (rc timeout 5 s)" in bench.summarize(failed, warmup=1)
     assert bench.variant(bench.SUITES["ep_2gpu"][0][2]) == ("train_configs/mom_340m.toml", "")
     assert bench.variant(bench.SUITES["ep_2gpu"][4][2]) == ("train_configs/mom_340m.toml", "quantize.linear.float8")
+
+
+def test_pack_runs_cases_side_by_side_on_disjoint_gpus(monkeypatch, tmp_path):
+    """--pack: the widest cases first, each on free GPUs, the next one as soon as enough are free."""
+    started, polls = [], {}
+
+    def start(name, ngpu, flags, steps, out_dir, gpus):
+        started.append((name, gpus))
+        return {"name": name, "ngpu": ngpu, "gpus": gpus}
+
+    def finish(case, timeout):
+        polls[case["name"]] = polls.get(case["name"], 0) + 1
+        done = polls[case["name"]] >= case["ngpu"]  # a 2-GPU case takes two polls, a 1-GPU case one
+        return dict(case, rc=0, rows=[]) if done else None
+
+    monkeypatch.setattr(bench, "start_case", start)
+    monkeypatch.setattr(bench, "finish_case", finish)
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    order = []
+    cases = [("a1", 1, []), ("b2", 2, []), ("c2", 2, []), ("d1", 1, [])]
+    bench.run_cases(cases, 3, tmp_path, 10, available=3, pack=True, on_result=lambda i, r: order.append(cases[i][0]))
+    assert started[:2] == [("b2", [0, 1]), ("a1", [2])]
+    assert sorted(order) == ["a1", "b2", "c2", "d1"]
+    assert all(len(gpus) == 2 for name, gpus in started if name in ("b2", "c2"))
+    started.clear()
+    bench.run_cases(cases, 3, tmp_path, 10, available=3, pack=False, on_result=lambda i, r: None)
+    assert started == [(name, None) for name, _, _ in cases]

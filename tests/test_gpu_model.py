@@ -25,6 +25,11 @@ def test_grouped_linear_bf16_on_cuda():
     gb = torch.autograd.grad((ref * dy.float()).sum(), (x, w))
     assert_close("dx", ga[0], gb[0], 1e-2)
     assert_close("dw", ga[1], gb[1], 1e-2)
+    # the gradient of a slice of a concatenation whose width is not a multiple of 8 (k | v | 2H
+    # columns with H = 2) has a row stride _grouped_mm's backward refuses unless made contiguous
+    wide = torch.cat([grouped_linear(x, w, ends), torch.zeros(300, 4, device="cuda", dtype=torch.bfloat16)], dim=1)
+    gc = torch.autograd.grad((wide[:, :64] * dy).sum(), (x, w))
+    assert_close("dx (sliced grad)", gc[0], gb[0], 1e-2)
 
 
 def _models(**changes):
@@ -58,13 +63,25 @@ def test_model_forward_backward_on_cuda_matches_cpu_fp64(rule):
             assert_close(f"grad {name}", p.grad, p_ref.grad, 5e-3)
 
 
-def test_model_bf16_autocast_close_to_fp32():
+def test_model_bf16_autocast_as_close_to_fp32_as_the_pytorch_path(monkeypatch):
+    """bf16 autocast moves this random-init model's logits by about 9% (relative norm; the same on
+    CPU, where no Triton runs: seen at 9.3%). The Triton kernels must not add to that: their error
+    stays within 1.25x the PyTorch path's under the same autocast."""
+    import momtitan.ops.triton
+
     args, _, gpu = _models()
     tokens = torch.randint(0, args.vocab_size, (4, 256), device="cuda")
     ref = gpu(tokens).logits
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = gpu(tokens).logits
-    assert_close("bf16 logits", out.float(), ref, 3e-2)
+
+    def autocast_error() -> float:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = gpu(tokens).logits
+        return float((out.float() - ref).norm() / ref.norm())
+
+    with_triton = autocast_error()
+    monkeypatch.setattr(momtitan.ops.triton, "DISABLED", True)
+    pytorch_path = autocast_error()
+    assert with_triton <= 1.25 * pytorch_path + 1e-3, (with_triton, pytorch_path)
 
 
 def test_compiled_block_on_cuda_has_no_graph_break_and_matches_eager():

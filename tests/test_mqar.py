@@ -210,6 +210,26 @@ def test_mqar_script_runs_a_tiny_grid_end_to_end(tmp_path):
     assert "mom" in out.read_text() and "attention" in out.read_text()
 
 
+def test_mqar_shards_split_the_grid_and_merge(tmp_path):
+    """Two shards train disjoint halves of the grid; --merge writes one table of both."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mqar_cli", Path(__file__).resolve().parents[1] / "scripts" / "mqar.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    common = ["--device", "cpu", "--arms", "mom,attention", "--kv-pairs", "2", "--d-models", "16", "--seq-len", "16",
+              "--vocab-size", "32", "--steps", "2", "--batch-size", "4", "--num-train", "16", "--num-test", "8"]
+    shards = [cli.main(common + ["--shard", f"{i}/2", "--json", str(tmp_path / f"s{i}.json")]) for i in range(2)]
+    assert [[r["arm"] for r in runs] for runs in shards] == [["mom"], ["attention"]]
+    out = tmp_path / "q.md"
+    merged = cli.main(["--merge", f"{tmp_path / 's0.json'},{tmp_path / 's1.json'}", "--markdown", str(out),
+                       "--plot", str(tmp_path / "p.png")])
+    assert sorted(r["arm"] for r in merged) == ["attention", "mom"]
+    assert "| 2 | 16 | mom |" in out.read_text() and "| 2 | 16 | attention |" in out.read_text()
+    with pytest.raises(ValueError, match="--shard"):
+        cli.main(common + ["--shard", "2/2"])
+
+
 def test_compiled_blocks_train_like_eager():
     """Per-block torch.compile (fullgraph; aot_eager here: inductor takes minutes on CPU, the GPU
     runs it) gives the eager losses."""

@@ -41,7 +41,11 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tens
 
 def grouped_linears(x: torch.Tensor, weights: list[torch.Tensor], group_ends: torch.Tensor, align: int = 1) -> list[torch.Tensor]:
     """`grouped_linear` of the same rows under several weight stacks; with `align > 1` the rows are
-    spread once for all of them."""
+    spread once for all of them. Under autocast the GEMMs run in its dtype, as `F.linear` would
+    (autocast does not cover `_grouped_mm`: fp32 inputs would take the slow per-group fallback)."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weights = x.to(dtype), [w.to(dtype) for w in weights]
     if align > 1:
         dest, padded_ends, capacity = aligned_rows(group_ends, x.shape[0], align)
         spread = x.new_zeros(capacity, x.shape[1]).index_copy(0, dest, x)
@@ -51,9 +55,26 @@ def grouped_linears(x: torch.Tensor, weights: list[torch.Tensor], group_ends: to
 
 def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
     if x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0 and weight.shape[1] % 8 == 0:
-        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=group_ends.to(torch.int32))
+        # _grouped_mm wants 16-byte strides: rows sliced out of a wider buffer (the expert-parallel
+        # receive buffer holds x | q | flag) are copied first
+        out = torch._grouped_mm(x.contiguous(), weight.transpose(-2, -1), offs=group_ends.to(torch.int32))
+        return _ContiguousGrad.apply(out)
     group = bucket_of_index(group_ends, x.shape[0])
     out = x.new_zeros(x.shape[0], weight.shape[1])
     for g in range(weight.shape[0]):
         out = torch.where((group == g)[:, None], x @ weight[g].transpose(0, 1), out)
     return out
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: `_grouped_mm`'s backward needs 16-byte
+    strides, and a gradient sliced out of a concatenation (k | v | beta | decay, where 2H columns
+    need not be a multiple of 8) has the concatenation's row stride."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()

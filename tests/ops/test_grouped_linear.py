@@ -38,3 +38,17 @@ def test_aligned_groups_give_the_same_rows_and_grads():
         gb = torch.autograd.grad((ref * dy).sum(), (x, w))
         assert_close("dx", ga[0], gb[0], 1e-12)
         assert_close("dw", ga[1], gb[1], 1e-12)
+
+
+def test_autocast_runs_the_grouped_gemm_in_its_dtype_and_grads_reach_fp32_weights():
+    """Under autocast (what torchtitan uses on one GPU, without FSDP) the GEMMs take autocast's dtype,
+    as F.linear does, and the gradients come back to the fp32 inputs."""
+    x = torch.randn(30, 16, requires_grad=True)
+    w = torch.randn(3, 8, 16, requires_grad=True)
+    ends = torch.tensor([10, 10, 30], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grouped_linear(x, w, ends)
+    assert y.dtype == torch.bfloat16
+    assert_close("y", y.float(), naive_grouped_linear(x, w, ends), 2e-2)
+    y.float().sum().backward()
+    assert x.grad.dtype == w.grad.dtype == torch.float32
