@@ -1,6 +1,7 @@
 """Generation with the recurrent cache: an eager prefill, then a compiled one-token decode step.
 
-    prefill   model(prompt, doc_starts, cache)          one forward over the (left-padded) prompts
+    prefill   model(prompt, doc_starts, cache)          forwards over the (left-padded) prompts, in
+                                                        chunks of `prefill_chunk_size` tokens if set
     decode    model.decode_step(token, cache) + sample  compiled once: fixed shapes, the cache
                                                         updated in place, sampling on the device
 
@@ -9,6 +10,11 @@ are marked as static addresses, so the graph reads and writes them in place, and
 numbers for sampling come from a device generator: no host sync per token. The host looks at the
 tokens only to stream them (if asked) and, every `sync_every` steps, to stop early once every row
 has produced its end-of-sequence token.
+
+Chunked prefill: each chunk continues from the cache the previous one left, so the result equals one
+forward over the whole prompt, while the activations held at once are those of one chunk: the peak
+memory of a long prompt stays flat in its length (the recurrent state is fixed-size; attention
+layers, if any, still grow their KV cache).
 
 Left padding: a prompt's padding is a separate "document" before the prompt (`doc_starts` marks
 the first real token). The MoM layers restart every memory and conv window there and zero the
@@ -72,6 +78,23 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1.0 - 1e-7)))
     return (logits + gumbel).argmax(dim=-1)
+
+
+@torch.no_grad()
+def prefill(model: MoMTransformer, input_ids: torch.Tensor, cache: ModelCache, *, doc_starts: torch.Tensor | None = None,
+            chunk_size: int | None = None) -> torch.Tensor:
+    """Run the prompts `input_ids [B, T]` into `cache`, `chunk_size` tokens at a time (None: all at
+    once) -> the last position's logits `[B, vocab]` (no logits are computed for the other positions)."""
+    T = input_ids.shape[1]
+    if chunk_size is not None:
+        require_positive_int("chunk_size", chunk_size)
+    step = T if chunk_size is None else chunk_size
+    logits = None
+    for start in range(0, T, step):
+        end = min(start + step, T)
+        chunk_starts = None if doc_starts is None else doc_starts[:, start:end]
+        logits = model(input_ids[:, start:end], doc_starts=chunk_starts, cache=cache, logits_to_keep=1).logits
+    return logits[:, -1]
 
 
 def _cache_tensors(cache: ModelCache):
@@ -143,10 +166,12 @@ class Generator:
         seed: int | None = None,
         streamer: Callable[[torch.Tensor], None] | None = None,
         sync_every: int = 32,
+        prefill_chunk_size: int | None = None,
     ) -> torch.Tensor:
         """Generate up to `max_new_tokens` tokens per row -> `[B, n]` (n < max_new_tokens only if
         every row ended early). After a row's `eos_token_id`, it gets `pad_token_id` (default: eos).
-        `streamer(tokens [B])` is called with each step's tokens (on the host: one sync per token)."""
+        `streamer(tokens [B])` is called with each step's tokens (on the host: one sync per token).
+        `prefill_chunk_size`: feed the prompt that many tokens at a time (bounds its peak memory)."""
         model = self.model
         if model.training:
             raise ValueError("generate needs the model in eval mode (call model.eval())")
@@ -176,7 +201,7 @@ class Generator:
                 return None
             return torch.rand(B, model.args.vocab_size, device=device, generator=generator)
 
-        logits = model(input_ids, doc_starts=doc_starts, cache=cache).logits[:, -1].float()
+        logits = prefill(model, input_ids, cache, doc_starts=doc_starts, chunk_size=prefill_chunk_size).float()
         token = sample_tokens(logits, temperature, top_k, top_p, noise())
 
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)

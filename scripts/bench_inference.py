@@ -60,7 +60,7 @@ from momtitan.config import MoMModelArgs, get_flavor  # noqa: E402
 
 SECTION = "## Inference: decode and prefill"
 ARMS = ("momtitan", "momtitan-hf", "fla", "llama")
-PREFILL_ARMS = ("momtitan", "fla", "llama")  # momtitan-hf's forward is momtitan's
+PREFILL_ARMS = ("momtitan", "momtitan-chunked", "fla", "llama")  # momtitan-hf's forward is momtitan's
 DECODE_LABELS = {
     "momtitan": "momtitan Generator (compiled, CUDA graphs)",
     "momtitan-hf": "momtitan MoMForCausalLM.generate",
@@ -69,6 +69,7 @@ DECODE_LABELS = {
 }
 PREFILL_LABELS = {
     "momtitan": "momtitan forward + cache",
+    "momtitan-chunked": "momtitan prefill in chunks (--prefill-chunk)",
     "fla": "fla MomForCausalLM forward",
     "llama": "Llama SDPA forward",
 }
@@ -99,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=128, help="decode prompt length")
     p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per sequence")
     p.add_argument("--prefill-lens", default="4096,8192,16384,32768,65536,131072", help="prefill lengths (batch 1)")
+    p.add_argument("--prefill-chunk", type=int, default=8192,
+                   help="also time momtitan's prefill fed this many tokens at a time (0: not)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per cell after the warmup (median)")
     p.add_argument("--decode-budget-s", type=float, default=60.0,
                    help="an HF-generate decode cell whose warmup predicts more than this is timed over fewer tokens")
@@ -120,6 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ValueError(f"{option} must be a positive integer, got {value}")
     if a.vocab_size is not None and a.vocab_size <= 3:
         raise ValueError(f"--vocab-size must be an integer > 3 (ids 0-2 are special), got {a.vocab_size}")
+    if a.prefill_chunk < 0:
+        raise ValueError(f"--prefill-chunk must be >= 0, got {a.prefill_chunk}")
+    PREFILL_LABELS["momtitan-chunked"] = f"momtitan prefill in chunks of {a.prefill_chunk}"
     if a.decode_budget_s <= 0:
         raise ValueError(f"--decode-budget-s must be positive, got {a.decode_budget_s}")
     try:
@@ -273,17 +279,20 @@ def build_llama(args: MoMModelArgs, device, dtype, seed: int, max_positions: int
 
 # ---- prefill ------------------------------------------------------------------------------------
 class MoMtitanRunner:
-    """Prefill and one-token steps on `MoMTransformer` with its fixed-shape `ModelCache`."""
+    """Prefill (`momtitan.generate.prefill`, in chunks of `chunk_size` tokens if set) and one-token
+    steps on `MoMTransformer` with its fixed-shape `ModelCache`."""
 
-    def __init__(self, model):
+    def __init__(self, model, chunk_size: int | None = None):
         self.model = model  # MoMTransformer
+        self.chunk_size = chunk_size
 
     def prefill(self, tokens):
+        from momtitan.generate import prefill
+
         param = next(self.model.parameters())
         cache = ModelCache.allocate(self.model.args, tokens.shape[0], device=param.device, dtype=param.dtype,
                                     max_len=tokens.shape[1] + STEPS_AFTER_PREFILL + 1)
-        logits = self.model(tokens, cache=cache, logits_to_keep=1).logits
-        return logits[:, -1], cache
+        return prefill(self.model, tokens, cache, chunk_size=self.chunk_size), cache
 
     def step(self, tokens, cache):
         return self.model.decode_step(tokens, cache)[:, -1]
@@ -451,6 +460,9 @@ def run_momtitan(a, args, meta: dict, common: dict, keep_weights: bool):
                  budget_s=a.decode_budget_s, batch_sizes=a.batch_sizes, **common)
     if "momtitan" in a.arms:
         prefill += measure_prefill("momtitan", MoMtitanRunner(model.model), a.prefill_lens, args.vocab_size, **common)
+        if a.prefill_chunk:
+            prefill += measure_prefill("momtitan-chunked", MoMtitanRunner(model.model, a.prefill_chunk), a.prefill_lens,
+                                       args.vocab_size, **common)
         generator = Generator(model.model)
         rows = measure_decode("momtitan", generator_fn(generator), full_warmup=True, **cells)
         if not generator.cuda_graphs:

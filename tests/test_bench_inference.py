@@ -7,7 +7,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--device", "cpu", "--flavor", "debug", "--prefill-lens", "64,128", "--batch-sizes", "1,2",
-         "--new-tokens", "8", "--no-write"]
+         "--new-tokens", "8", "--prefill-chunk", "48", "--no-write"]
 
 
 def load_script():
@@ -37,7 +37,7 @@ def test_smoke_run_measures_every_cell(smoke, capsys):
             assert r["new_tokens"] == 8 and r["seconds"] > 0 and r["tokens_per_s"] > 0
             assert r["tokens_per_s"] == pytest.approx(r["batch"] * 8 / r["seconds"])
             assert r["peak"] is None  # no memory statistics on the CPU
-    for arm in ("momtitan", "llama"):
+    for arm in ("momtitan", "momtitan-chunked", "llama"):
         rows = [r for r in prefill if r["arm"] == arm]
         assert [r["seq_len"] for r in rows] == [64, 128]
         assert all(r["status"] == "ok" and r["ms"] > 0 and r["tokens_per_s"] > 0 for r in rows), rows
@@ -57,6 +57,7 @@ def test_report_tables_and_section_replacement(cli, smoke, tmp_path):
     assert text.startswith(cli.SECTION)
     assert "| momtitan Generator (eager) | 2 | 8 |" in text
     assert "| Llama SDPA forward | 128 |" in text
+    assert "| momtitan prefill in chunks of 48 | 128 |" in text
     fla_rows = [line for line in text.splitlines() if line.startswith("| fla MomForCausalLM")]
     assert len(fla_rows) == 4 and all("| not installed |" in line or "| skipped" in line for line in fla_rows)
     out = tmp_path / "benchmarks.md"

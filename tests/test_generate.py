@@ -5,7 +5,8 @@ import torch
 import torch._dynamo
 
 from momtitan.config import get_flavor
-from momtitan.generate import Generator, padding_doc_starts, sample_tokens
+from momtitan.cache import ModelCache
+from momtitan.generate import Generator, padding_doc_starts, prefill, sample_tokens
 from momtitan.model import MoMTransformer
 
 VOCAB = 2048
@@ -67,6 +68,29 @@ def test_eager_decoding_equals_full_forward_with_left_padding(attn_layers):
     out = Generator(model, compile=False).generate(batch, 7, attention_mask=mask)
     for i, p in enumerate(prompts):
         assert torch.equal(out[i], full_forward_greedy(model, p[None], 7)[0]), f"row {i}"
+
+
+@pytest.mark.parametrize("attn_layers", [(), (1,)])
+def test_chunked_prefill_equals_one_forward(attn_layers):
+    """Chunks of 4 (T = 11: a partial last chunk; left padding crossing a chunk edge) leave the same
+    cache and last logits as one forward, and generation continues identically."""
+    model = tiny_model(attn_layers=attn_layers)
+    batch = torch.randint(3, VOCAB, (2, 11))
+    mask = torch.ones_like(batch)
+    mask[1, :6] = 0
+    doc_starts = padding_doc_starts(mask)
+    caches = [ModelCache.allocate(model.args, 2, dtype=torch.float64, max_len=16) for _ in range(2)]
+    whole = prefill(model, batch, caches[0], doc_starts=doc_starts)
+    chunked = prefill(model, batch, caches[1], doc_starts=doc_starts, chunk_size=4)
+    torch.testing.assert_close(chunked, whole, rtol=1e-10, atol=1e-10)
+    assert caches[0].position == caches[1].position == 11
+    step = [model.decode_step(whole.argmax(-1, keepdim=True), c) for c in caches]
+    torch.testing.assert_close(step[1], step[0], rtol=1e-10, atol=1e-10)
+    gen = Generator(model, compile=False)
+    assert torch.equal(gen.generate(batch, 5, attention_mask=mask, prefill_chunk_size=3),
+                       gen.generate(batch, 5, attention_mask=mask))
+    with pytest.raises(ValueError, match="chunk_size"):
+        prefill(model, batch, caches[0], chunk_size=0)
 
 
 def test_eos_stops_rows_and_generation():
