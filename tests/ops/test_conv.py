@@ -50,3 +50,16 @@ def test_step_matches_reference_and_touches_only_indexed_rows():
         assert_close("y", y[r], ref[0, 0], 1e-12)
         assert_close("state", table[s], final[0], 1e-12)
     assert torch.equal(table[[0, 2, 4]], before[[0, 2, 4]])
+
+
+def test_output_keeps_the_input_dtype_with_fp32_weights():
+    """bf16 activations with fp32 weights (bf16 autocast on one GPU): the conv stays in bf16 and the
+    weight's gradient comes back in fp32."""
+    x = torch.randn(2, 9, 6, dtype=torch.bfloat16)
+    weight = torch.randn(6, 4, requires_grad=True)
+    y, _ = short_conv(x, weight)
+    assert y.dtype == torch.bfloat16
+    ref, _ = naive_short_conv(x.double(), weight.double())
+    assert torch.allclose(y.double(), ref, rtol=3e-2, atol=3e-2)
+    y.float().sum().backward()
+    assert weight.grad.dtype == torch.float32

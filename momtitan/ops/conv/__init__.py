@@ -29,7 +29,8 @@ def short_conv(
     """Causal depthwise conv of `x [B, T, D]` with `weight [D, W]` (last tap = current token).
 
     `cu_seqlens`, `reset` and `initial_state [N, D, W-1]` (the last W-1 inputs, oldest first) have
-    the meaning they have in `linear_recurrence`. Returns `(y, final_state)`.
+    the meaning they have in `linear_recurrence`. Returns `(y, final_state)`, `y` in x's dtype (the
+    weight is cast to it: under bf16 autocast, fp32 weights must not turn the activations fp32).
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a [B, T, D] tensor, got {getattr(x, 'shape', type(x).__name__)}")

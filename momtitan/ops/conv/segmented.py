@@ -17,6 +17,7 @@ def segmented_short_conv(x, weight, *, cu_seqlens=None, reset=None, initial_stat
                          activation="silu"):
     B, T, D = x.shape
     W = weight.shape[-1]
+    weight = weight.to(x.dtype)  # computes in x's dtype, as autocast would (fp32 weights under bf16 autocast)
     total = B * T
     cu = uniform_cu_seqlens(B, T, x.device) if cu_seqlens is None else cu_seqlens.long()
     N = cu.numel() - 1
