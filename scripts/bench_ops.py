@@ -19,10 +19,20 @@ Then one MoM layer (the 340M config: hidden 1024, 4 heads of 256, top-2 of 4 mem
 shared one), bf16, fwd and fwd+bwd at B*T = 16K tokens: `momtitan.layers.mom.MoMLayer` (eager and
 compiled) against fla's `MomAttention`.
 
-Writes the tables to docs/benchmarks.md, section "## Ops: linear_recurrence". `--profile` prints
-the per-kernel CUDA time of one fwd+bwd of each recurrence at the first shape (not written).
+Writes the tables to docs/benchmarks.md, section "## Ops: linear_recurrence" (after every row, so a
+run cut off keeps what it measured). `--profile` prints the per-kernel CUDA time of one fwd+bwd of
+each recurrence at the first shape (not written).
 
     python scripts/bench_ops.py [--seq-lens 2048,8192,32768] [--heads 32x128,16x128,4x256] [--no-write] [--profile]
+
+fla autotunes each of its kernels at every new shape, which makes a full run long. On a machine of
+several GPUs, `--part` splits it: each part writes its own section, "## Ops: linear_recurrence, part
+<name>", and the MoM layer comparison runs in the part named `layer` only:
+
+    CUDA_VISIBLE_DEVICES=0 python scripts/bench_ops.py --part layer --heads "" &
+    CUDA_VISIBLE_DEVICES=1 python scripts/bench_ops.py --part 32x128 --heads 32x128 --no-layer &
+    CUDA_VISIBLE_DEVICES=2 python scripts/bench_ops.py --part 16x128 --heads 16x128 --no-layer &
+    CUDA_VISIBLE_DEVICES=3 python scripts/bench_ops.py --part 4x256 --heads 4x256 --no-layer; wait
 """
 
 from __future__ import annotations
@@ -216,7 +226,7 @@ def run(args, publish) -> str:
     if args.profile:
         profile(args, cands, prep)
     header = [
-        SECTION,
+        SECTION + (f", part {args.part}" if args.part else ""),
         "",
         f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}, "
         f"fla {fla_version if fla is not None else 'not installed'}; bf16 inputs (g fp32), B*T = {args.tokens}.",
@@ -224,11 +234,11 @@ def run(args, publish) -> str:
         "4Cd+4d^2, SDPA causal 2Td per token-head (C = 64); fwd+bwd counted as 3x fwd. \"ours\" = "
         "`momtitan.ops.triton.triton_linear_recurrence` (qk L2 norm in kernel for the delta rules). fla's gated "
         "backward rows run with its triton < 3.7.1 Hopper guard lifted (timing only; see the script's docstring).",
-        "",
-        "| B x T | H / d | op | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |",
-        "|---|---|---|---|---|---|---|",
     ]
-    layer = layer_rows(args, fla is not None)
+    if args.heads.strip():
+        header += ["", "| B x T | H / d | op | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |",
+                   "|---|---|---|---|---|---|---|"]
+    layer = [] if args.no_layer else layer_rows(args, fla is not None)
     lines = []
 
     def text(partial: bool) -> str:
@@ -237,7 +247,7 @@ def run(args, publish) -> str:
         return "\n".join(header + lines + note + layer) + "\n"
 
     publish(text(partial=True))
-    for hd in args.heads.split(","):
+    for hd in (x for x in args.heads.split(",") if x.strip()):
         H, d = (int(x) for x in hd.split("x"))
         for T in (int(t) for t in args.seq_lens.split(",")):
             B = max(1, args.tokens // T)
@@ -289,6 +299,8 @@ def main():
     ap.add_argument("--layer-tokens", type=int, default=16384, help="B*T of the MoM layer comparison")
     ap.add_argument("--layer-batch", type=int, default=4)
     ap.add_argument("--profile", action="store_true", help="print per-kernel CUDA times at the first shape")
+    ap.add_argument("--part", default="", help="name of this part of a split run (its own section)")
+    ap.add_argument("--no-layer", action="store_true", help="skip the MoM layer comparison")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
