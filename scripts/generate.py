@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as stored")
     p.add_argument("--no-compile", action="store_true", help="eager decoding")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="feed the prompt this many tokens at a time (bounds a long prompt's memory)")
     a = p.parse_args(argv)
 
     model = load_model(a.model, device=a.device, dtype=DTYPES.get(a.dtype))
@@ -69,7 +71,8 @@ def main(argv=None) -> int:
     generator = Generator(model.model, compile=not a.no_compile and None)
     start = time.perf_counter()
     generator.generate(ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
-                       eos_token_id=None if a.no_eos else model.config.eos_token_id, streamer=stream, sync_every=1)
+                       eos_token_id=None if a.no_eos else model.config.eos_token_id, streamer=stream, sync_every=1,
+                       prefill_chunk_size=a.prefill_chunk)
     elapsed = time.perf_counter() - start
     print(f"\n[{len(generated)} tokens in {elapsed:.2f}s, including prefill and compilation]", file=sys.stderr)
     return 0

@@ -140,3 +140,28 @@ def test_float8_grouped_gemm_on_the_memories_tracks_bf16():
     g = torch.autograd.grad((y * dy).sum(), [x, fp8.memories.k_proj])
     assert_close("dx", g[0].float(), g_ref[0].float(), 0.1)
     assert_close("dk_proj", g[1].float(), g_ref[1].float(), 0.1)
+
+
+def test_chunked_prefill_memory_is_flat_in_the_prompt_length():
+    """`prefill(chunk_size=1024)`: the peak memory above the model and cache is the same for a 4K and a
+    16K prompt (one chunk's activations), while a one-shot prefill's grows with the prompt."""
+    from momtitan.generate import prefill
+
+    args = get_flavor("debug").replace(hidden_size=256, head_dim=64, num_heads=4, vocab_size=4096)
+    model = MoMTransformer(args).cuda().to(torch.bfloat16).eval()
+    model.init_weights()
+
+    def peak_above_start(T: int, chunk: int | None) -> int:
+        tokens = torch.randint(0, args.vocab_size, (1, T), device="cuda")
+        cache = ModelCache.allocate(args, 1, device="cuda", dtype=torch.bfloat16, max_len=T + 1)
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        prefill(model, tokens, cache, chunk_size=chunk)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+
+    peak_above_start(4096, 1024)  # warmup: kernels compiled, allocator warm
+    short, long = peak_above_start(4096, 1024), peak_above_start(16384, 1024)
+    assert long <= 1.1 * short, (short, long)
+    assert peak_above_start(16384, None) > 2 * long

@@ -178,3 +178,24 @@ def test_manual_cache_continuation_and_errors():
     model(tokens, attention_mask=right, use_cache=False)  # fine without a cache
     with pytest.raises(ValueError, match="inputs_embeds"):
         model(inputs_embeds=torch.zeros(1, 2, 64))
+
+
+def test_generate_cli_streams_the_greedy_tokens(tmp_path, capsys):
+    """scripts/generate.py on a saved folder (CPU, eager, chunked prefill): it prints the greedy
+    continuation token by token."""
+    import importlib.util
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    model = tiny_hf().float()
+    model.model.init_weights()
+    model.save_pretrained(tmp_path)
+    spec = importlib.util.spec_from_file_location("generate_cli", Path(__file__).resolve().parents[1] / "scripts" / "generate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    prompt = [5, 17, 300, 42, 9]
+    assert cli.main([str(tmp_path), "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "4", "--no-compile",
+                     "--device", "cpu", "--no-eos", "--prefill-chunk", "2"]) == 0
+    printed = [int(t) for t in capsys.readouterr().out.split()]
+    expected = greedy_reference(model.model, torch.tensor([prompt]), 4)[0, len(prompt):].tolist()
+    assert printed == expected
