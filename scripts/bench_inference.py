@@ -381,12 +381,16 @@ def generator_fn(generator):
 def decode_cell(generate, prompt, new_tokens: int, device, repeats: int, budget_s: float, full_warmup: bool):
     """`(n, warmup seconds, [(seconds, peak bytes)] per timed run)` for one arm and batch size.
     `full_warmup`: warm up with every new token (a compiled step must see the same cache); otherwise
-    with WARMUP_TOKENS, whose time also sizes the timed run to `budget_s` (n may then be < new_tokens)."""
+    with WARMUP_TOKENS, whose time (that of a second such call, if the first predicts over the budget)
+    sizes the timed run to `budget_s` (n may then be < new_tokens)."""
     warm_n = new_tokens if full_warmup else min(new_tokens, WARMUP_TOKENS)
     _, warm_s = timed(lambda: generate(prompt, warm_n), device)
     n = new_tokens
     if not full_warmup and warm_s / warm_n * new_tokens > budget_s:
-        n = max(warm_n, int(budget_s / (warm_s / warm_n)))
+        # the first call may hold one-off costs (Triton autotuning, lazy init): size on a second one
+        _, again_s = timed(lambda: generate(prompt, warm_n), device)
+        if again_s / warm_n * new_tokens > budget_s:
+            n = max(warm_n, int(budget_s / (again_s / warm_n)))
     runs = []
     for _ in range(repeats):
         free(device)

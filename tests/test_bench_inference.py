@@ -89,3 +89,24 @@ def test_guarded_reports_errors_per_cell(cli):
 
     assert cli.guarded(lambda: 3, "cpu") == (3, None)
     assert cli.guarded(boom, "cpu") == (None, "error: RuntimeError: bad / cell")
+
+
+def test_decode_budget_is_sized_on_a_call_without_one_off_costs(cli):
+    """An HF arm whose first call is slow (autotuning) is timed over as many tokens as its steady
+    per-token time fits in the budget, not as few as the first call predicted."""
+    import time
+
+    import torch
+
+    calls = []
+
+    def generate(prompt, n):
+        time.sleep(0.5 if not calls else 0.002 * n)
+        calls.append(n)
+        return torch.zeros(prompt.shape[0], n, dtype=torch.long)
+
+    prompt = torch.zeros(1, 4, dtype=torch.long)
+    n, warm_s, runs = cli.decode_cell(generate, prompt, 256, torch.device("cpu"), repeats=1, budget_s=0.2,
+                                      full_warmup=False)
+    assert warm_s >= 0.5 and calls[:2] == [cli.WARMUP_TOKENS, cli.WARMUP_TOKENS]
+    assert 40 <= n <= 100 and calls[-1] == n and len(runs) == 1
