@@ -125,10 +125,13 @@ def run_grid(g: dict, device: str, amp: str | None, seed: int, compile_blocks: b
              shard: tuple[int, int] = (0, 1), on_run=None) -> list[dict]:
     """Train every (kv, d_model, arm, lr) of the grid, or the shard's part of it: the run at grid indices
     (i, j, a) goes to shard (i + j + a) % N, which spreads each arm's costly cells over the shards."""
+    def mine(i: int, j: int, a: int) -> bool:
+        return (i + j + a) % shard[1] == shard[0]
+
     runs = []
     for i, kv in enumerate(g["kv_pairs"]):
-        if all((i + j + a) % shard[1] != shard[0] for j in range(len(g["d_models"])) for a in range(len(g["arms"]))):
-            continue
+        if not any(mine(i, j, a) for j in range(len(g["d_models"])) for a in range(len(g["arms"]))):
+            continue  # no run of this kv in the shard: skip generating its data
         task = MQARTask(vocab_size=g["vocab_size"], seq_len=g["seq_len"], num_kv_pairs=kv)
         t = time.perf_counter()
         data = (*generate_mqar(task, g["num_train"], seed=seed), *generate_mqar(task, g["num_test"], seed=seed + 1))
@@ -136,7 +139,7 @@ def run_grid(g: dict, device: str, amp: str | None, seed: int, compile_blocks: b
               f"test in {time.perf_counter() - t:.1f}s", flush=True)
         for j, d in enumerate(g["d_models"]):
             for a, arm in enumerate(g["arms"]):
-                if (i + j + a) % shard[1] != shard[0]:
+                if not mine(i, j, a):
                     continue
                 args = build_model_args(arm, d, vocab_size=task.vocab_size, seq_len=task.seq_len, num_heads=g["num_heads"],
                                         num_memories=g["num_memories"], topk=g["topk"])
@@ -322,7 +325,7 @@ def merge(a) -> list[dict]:
     parts = [json.loads(Path(f).read_text()) for f in a.merge.split(",") if f.strip()]
     if not parts:
         raise ValueError(f"--merge needs JSON files, got {a.merge!r}")
-    grids = [{k: v for k, v in part["grid"].items()} for part in parts]
+    grids = [part["grid"] for part in parts]
     if any(grid != grids[0] for grid in grids):
         raise ValueError(f"--merge: the JSONs {a.merge!r} come from different grids")
     g, runs = grids[0], [r for part in parts for r in part["runs"]]
