@@ -6,10 +6,12 @@ Per chunk (start state S0, end state S1, carry c, end weights e, decay D, P = (q
     o  = s (c q) S0 + s P u
     S1 = c_end S0 + (e k)^T u
 
-1. `state_bwd_kernel` per (segment, head, V-block), chunks in reverse: stores dS1 per chunk (dh),
+1. `local_du_kernel` per (chunk, head, V-block): the state-independent part s P^T dO of du,
+   chunk-parallel (it used to sit inside the sequential loop, repeated per V-block).
+2. `state_bwd_kernel` per (segment, head, V-block), chunks in reverse: stores dS1 per chunk (dh),
    du = s P^T dO + (e k) dS1, and carries dS0 = c_end dS1 + s (c q)^T dO - W^T du back; at the
    segment start that is the initial state's gradient. For the plain rules du is dv.
-2. `grads_kernel` per (chunk, head, K-block): everything else, with dbv = T^T du, dA = -dbv u^T
+3. `grads_kernel` per (chunk, head, K-block): everything else, with dbv = T^T du, dA = -dbv u^T
    (strictly lower), d(beta c k) = -dbv S0^T. Gradients of gamma (cumulative log-decay) are turned
    into gradients of g by a reverse cumsum in the chunk. Partial sums over K-blocks of dg and dbeta
    are stored per K-block and summed on the host side (a tensor sum, no sync).
@@ -27,14 +29,49 @@ from momtitan.ops.triton.common import (
 
 
 @triton.jit
+def local_du_kernel(
+    q_ptr, k_ptr, g_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr, do_ptr, dul_ptr,
+    scale, H, K, V,
+    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DOT_MODE: tl.constexpr,
+):
+    """Per (chunk, head, V-block): the part of du that does not depend on the carried state,
+    `scale * P^T dO` with `P = (q k^T) * D`, into the padded layout (fp32)."""
+    c = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    vb = tl.program_id(2)
+    tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
+    vv = vb * BV + tl.arange(0, BV)
+    vm = vv < V
+    gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
+    rq = row_scales(rq_ptr, tok, valid, h, H, L2)
+    rk = row_scales(rk_ptr, tok, valid, h, H, L2)
+    # P^T = (k q^T) * D^T, built directly: never tl.trans a dot result (Hopper miscompile)
+    KQ = tl.zeros([C, C], dtype=tl.float32)
+    for kb in tl.static_range(NKB):
+        k2 = kb * BK + tl.arange(0, BK)
+        m2 = valid[:, None] & (k2 < K)[None, :]
+        q2 = tl.load(q_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
+        kt2 = tl.load(k_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
+        KQ += mdot(kt2, tl.trans(q2), DOT_MODE)
+    PT = KQ * (rk[:, None] * rq[None, :]) * decay_matrix_t(gamma, run, C)
+    dO = tl.load(do_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=valid[:, None] & vm[None, :], other=0.0)
+    tl.store(dul_ptr + (prow[:, None] * H + h) * V + vv[None, :], scale * mdot(PT, dO.to(tl.float32), DOT_MODE),
+             mask=vm[None, :])
+
+
+@triton.jit
 def state_bwd_kernel(
-    q_ptr, k_ptr, g_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr, seg_ptr, w_ptr, do_ptr, dht_ptr,
+    q_ptr, k_ptr, g_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr, seg_ptr, w_ptr, do_ptr, dht_ptr, dul_ptr,
     dh_ptr, du_ptr, dh0_ptr,
     scale, H, K, V,
-    C: tl.constexpr, BKF: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    C: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DELTA: tl.constexpr,
     HAS_DHT: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
+    """The reverse sequential pass: per (segment, head, V-block), chunk by chunk from the end,
+    stores each chunk's end-state gradient dh, the full du (the chunk-local part from
+    `local_du_kernel` plus the state part) and dh0."""
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     vb = tl.program_id(2)
@@ -57,19 +94,11 @@ def state_bwd_kernel(
         carry, e, c_end = chunk_weights(gamma, run, C)
         rq = row_scales(rq_ptr, tok, valid, h, H, L2)
         rk = row_scales(rk_ptr, tok, valid, h, H, L2)
-        # P^T = (k q^T) * D^T, built directly: never tl.trans a dot result (Hopper miscompile)
-        KQ = tl.zeros([C, C], dtype=tl.float32)
-        for kb in tl.static_range(BKF // BK):  # in K-blocks: smaller dot operands
-            k2 = kb * BK + tl.arange(0, BK)
-            m2 = valid[:, None] & (k2 < K)[None, :]
-            q2 = tl.load(q_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
-            kt2 = tl.load(k_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
-            KQ += mdot(kt2, tl.trans(q2), DOT_MODE)
-        PT = KQ * (rk[:, None] * rq[None, :]) * decay_matrix_t(gamma, run, C)
         qt = tl.load(q_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)
         kt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)
         dO = tl.load(do_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=valid[:, None] & vm[None, :], other=0.0).to(tl.float32)
-        du = scale * mdot(PT, dO, DOT_MODE) + mdot(kt.to(tl.float32) * (rk * e)[:, None], dS, DOT_MODE)
+        du_local = tl.load(dul_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=vm[None, :], other=0.0)
+        du = du_local + mdot(kt.to(tl.float32) * (rk * e)[:, None], dS, DOT_MODE)
         dS_new = c_end * dS + scale * mdot(tl.trans(qt.to(tl.float32) * (rq * carry)[:, None]), dO, DOT_MODE)
         if DELTA:
             tl.store(du_ptr + (prow[:, None] * H + h) * V + vv[None, :], du, mask=vm[None, :])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from momtitan.ops.triton.bwd_kernels import grads_kernel, state_bwd_kernel
+from momtitan.ops.triton.bwd_kernels import grads_kernel, local_du_kernel, state_bwd_kernel
 from momtitan.ops.triton.common import DOT_MODES, chunk_map, pow2
 from momtitan.ops.triton.fwd_kernels import output_kernel, prepare_kernel, state_kernel
 
@@ -129,10 +129,17 @@ def backward(p: _Plan, scale: float, do, dht):
     dh0 = torch.empty(p.N, H, K, V, device=dev, dtype=f32)
     dv = torch.empty(p.B, p.T, H, V, device=dev, dtype=p.v.dtype)
     du = torch.empty(NC * C, H, V, device=dev, dtype=f32) if p.delta else dv
+    # the state-independent part of du, chunk-parallel, so the sequential pass only carries dS
+    du_local = torch.empty(NC * C, H, V, device=dev, dtype=f32)
+    bwd_flags = {**p.flags(), "DOT_MODE": p.dot_mode_state_bwd}
+    local_du_kernel[(NC, H, p.NVB)](
+        p.q, p.k, p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, do, du_local,
+        scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, num_warps=p.warps_chunk, **bwd_flags,
+    )
     state_bwd_kernel[(p.N, H, p.NVBS)](
         p.q, p.k, p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, p.seg, p.ptr(s["W"]), do,
-        p.ptr(dht), dh, du, dh0, scale, H, K, V, C=C, BKF=p.BKF, BK=p.BK, BV=p.BVS, DELTA=p.delta,
-        HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=1, **{**p.flags(), "DOT_MODE": p.dot_mode_state_bwd},
+        p.ptr(dht), du_local, dh, du, dh0, scale, H, K, V, C=C, BKF=p.BKF, BV=p.BVS, DELTA=p.delta,
+        HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=1, **bwd_flags,
     )
     dq = torch.empty(total, H, K, device=dev, dtype=f32)
     dk = torch.empty(total, H, K, device=dev, dtype=f32)
