@@ -1,10 +1,12 @@
-"""Triton kernels for `linear_recurrence` (chunked forward and backward) and for the decode step,
-registered as `torch.library` custom ops in the `momtitan` namespace. Importing this package
-imports triton; the PyTorch paths in `momtitan.ops.recurrence` import it lazily, on CUDA only.
+"""Triton kernels for `linear_recurrence` (chunked forward and backward) and its decode step, and
+for `short_conv` (forward, backward, decode step), registered as `torch.library` custom ops in the
+`momtitan` namespace. Importing this package imports triton; the PyTorch paths in
+`momtitan.ops.recurrence` and `momtitan.ops.conv` import it lazily, on CUDA only.
 """
 
 import os
 
+from momtitan.ops.triton.conv_op import triton_short_conv, triton_short_conv_step
 from momtitan.ops.triton.launch import MAX_HEAD_DIM
 from momtitan.ops.triton.recurrence_op import triton_linear_recurrence
 from momtitan.ops.triton.step_op import triton_linear_recurrence_step
@@ -28,4 +30,14 @@ def supports(q, v) -> bool:
     )
 
 
-__all__ = ["triton_linear_recurrence", "triton_linear_recurrence_step", "supports"]
+def supports_conv(*tensors) -> bool:
+    """Whether the Triton short-conv kernels handle these tensors (dtypes; None entries ignored)."""
+    return not DISABLED and all(
+        t is None or str(t.dtype).removeprefix("torch.") in SUPPORTED_DTYPES for t in tensors
+    )
+
+
+__all__ = [
+    "triton_linear_recurrence", "triton_linear_recurrence_step", "triton_short_conv", "triton_short_conv_step",
+    "supports", "supports_conv",
+]
