@@ -1,6 +1,7 @@
 """Tests of the Triton kernels of `short_conv` (forward, backward) and of its decode step.
 
-CPU: the kernels run under the Triton interpreter at tiny shapes, in fp32, in ONE subprocess that
+CPU: the kernels run under the Triton interpreter at tiny shapes (fp32 and mixed dtypes; one bf16
+case with an fp32 weight and cache, bf16 autocast's case; an fp16 step), in ONE subprocess that
 runs this file as a script (`python tests/test_triton_conv.py worker`), so the interpreter setting
 never reaches the rest of the test session. The worker shrinks the tiles (8 tokens, and at most
 2 backward programs per D block) so that small inputs span several T blocks, partial blocks and
@@ -40,7 +41,7 @@ def make_inputs(spec, device, dtype, seed=0):
     N = B if cu is None else len(cu) - 1
     x = torch.randn(B, T, D, generator=gen).to(device, dtype)
     weight = (torch.randn(D, W, generator=gen) * 0.6).to(device, spec.get("wdtype", dtype))
-    h0 = torch.randn(N, D, W - 1, generator=gen).to(device, dtype) if spec.get("h0", True) else None
+    h0 = torch.randn(N, D, W - 1, generator=gen).to(device, spec.get("h0dtype", dtype)) if spec.get("h0", True) else None
     reset = None
     if spec.get("reset"):
         reset = torch.rand(B, T, generator=gen) < spec["reset"]
@@ -59,7 +60,7 @@ def make_inputs(spec, device, dtype, seed=0):
 
 def check_case(spec, device="cpu", dtype=torch.float32, seed=0, reference="naive"):
     """Relative errors of the Triton op against the fp64 reference: y, final state, all grads;
-    and whether the result dtypes are those of the PyTorch path."""
+    and whether the result dtypes are those of the PyTorch path (y in x's dtype)."""
     from momtitan.ops.conv import naive_short_conv, segmented_short_conv
     from momtitan.ops.triton import triton_short_conv
 
@@ -89,9 +90,10 @@ def check_case(spec, device="cpu", dtype=torch.float32, seed=0, reference="naive
         errs["d" + n] = rel_err(a, b)
     finite = all(torch.isfinite(t).all().item() for t in (y, *grads))
 
-    # dtypes as the PyTorch path gives them (it runs on the same inputs, any device)
+    # dtypes as the PyTorch path gives them (it runs on the same inputs, any device): the conv
+    # computes in x's dtype, whatever the weight's and the initial state's
     ys, fs = segmented_short_conv(x["x"], x["weight"], initial_state=x["initial_state"], **extra)
-    dtypes_ok = y.dtype == ys.dtype and (final is None or final.dtype == fs.dtype)
+    dtypes_ok = y.dtype == x["x"].dtype == ys.dtype and (final is None or final.dtype == fs.dtype)
     dtypes_ok = dtypes_ok and all(g.dtype == leaves[n].dtype for n, g in zip(names, grads))
     return errs, finite, dtypes_ok
 
@@ -120,9 +122,19 @@ def check_step(W, act, device="cpu", dtype=torch.float32, state_dtype=torch.floa
     }
 
 
+# relative-error bounds against fp64 on the same (rounded) inputs: (y and final state, gradients)
+TOL = {"fp32": (1e-5, 1e-5), "fp16": (2e-3, 3e-3), "bf16": (1e-2, 1.5e-2)}
+
+
+def _assert_errs(errs, finite, tol_y, tol_g, what):
+    assert finite, f"{what}: non-finite output or gradient"
+    bad = {k: v for k, v in errs.items() if not v < (tol_y if k in ("y", "final_state") else tol_g)}
+    assert not bad, f"{what}: {bad} (all: {errs})"
+
+
 # ---------------------------------------------------------------- CPU, under the interpreter
 
-CPU_TOL = 1e-5
+CPU_TOL = TOL["fp32"][0]
 VARLEN_CU = [0, 0, 1, 1, 4, 13, 13, 30, 30]  # empty segments first, inside and last; T = 30
 CPU_CASES = {
     **{
@@ -144,25 +156,45 @@ CPU_CASES = {
     "T1_varlen_empty_segments": dict(shape=(1, 1, 5, 4), cu=[0, 0, 1, 1]),
     "T2_short_segments": dict(shape=(1, 5, 5, 4), cu=[0, 2, 2, 3, 5], reset=0.3),
     "D_two_blocks": dict(shape=(1, 21, 70, 4), cu=[0, 9, 9, 21], reset=0.1),
-    "weight_fp64_x_fp32": dict(shape=(1, 17, 5, 4), cu=[0, 5, 17], reset=0.2, wdtype=torch.float64),
+    # y and the final state in x's dtype (fp32), dweight and d(initial_state) in fp64
+    "weight_and_state_fp64_x_fp32": dict(shape=(1, 17, 5, 4), cu=[0, 5, 17], reset=0.2, wdtype=torch.float64,
+                                         h0dtype=torch.float64),
 }
+# x in bf16 (bf16 autocast's case: fp32 weight and cache; y and the final state bf16, their grads fp32)
+CPU_BF16_CASES = {
+    "bf16_x_fp32_weight_and_state": dict(shape=(1, 30, 5, 4), cu=VARLEN_CU, reset=0.1, wdtype=torch.float32,
+                                         h0dtype=torch.float32),
+}
+
+
+SMALL_TILES = (8, 2)  # (BLOCK_T, BWD_PROGRAMS) for the interpreter
+
+
+def _emit(check, **fields):
+    print(json.dumps({"check": check, **fields}), flush=True)
+
+
+def _emit_case(name, spec, dtype=torch.float32):
+    errs, finite, dtypes_ok = check_case(spec, dtype=dtype)
+    _emit(name, errs=errs, finite=finite, dtypes_ok=dtypes_ok)
 
 
 def _worker():
     import momtitan.ops.triton.conv_kernels as ck
 
-    ck.BLOCK_T, ck.BWD_PROGRAMS = 8, 2
+    default_tiles = (ck.BLOCK_T, ck.BWD_PROGRAMS)
+    ck.BLOCK_T, ck.BWD_PROGRAMS = SMALL_TILES
     for name, spec in CPU_CASES.items():
-        errs, finite, dtypes_ok = check_case(spec)
-        print(json.dumps({"check": name, "errs": errs, "finite": finite, "dtypes_ok": dtypes_ok}), flush=True)
-    ck.BLOCK_T, ck.BWD_PROGRAMS = 64, 1024  # the default tiles: one partial T block
-    errs, finite, dtypes_ok = check_case(CPU_CASES["varlen_W4_silu"])
-    print(json.dumps({"check": "default_tiles", "errs": errs, "finite": finite, "dtypes_ok": dtypes_ok}), flush=True)
+        _emit_case(name, spec)
+    for name, spec in CPU_BF16_CASES.items():
+        _emit_case(name, spec, torch.bfloat16)
+    ck.BLOCK_T, ck.BWD_PROGRAMS = default_tiles  # one partial T block
+    _emit_case("default_tiles", CPU_CASES["varlen_W4_silu"])
     for W in (2, 4):
         for act in ("silu", None):
-            print(json.dumps({"check": f"step_W{W}_{act or 'none'}", "errs": check_step(W, act)}), flush=True)
-    print(json.dumps({"check": "step_x_fp16_state_fp32", "errs": check_step(4, "silu", dtype=torch.float16)}), flush=True)
-    ck.BLOCK_T, ck.BWD_PROGRAMS = 8, 2
+            _emit(f"step_W{W}_{act or 'none'}", errs=check_step(W, act))
+    _emit("step_x_fp16_state_fp32", errs=check_step(4, "silu", dtype=torch.float16))
+    ck.BLOCK_T, ck.BWD_PROGRAMS = SMALL_TILES
     _worker_opcheck()
     _worker_compile()
 
@@ -170,24 +202,26 @@ def _worker():
 def _worker_opcheck():
     import momtitan.ops.triton  # noqa: F401  (registers the ops)
 
-    x, extra = make_inputs(CPU_CASES["varlen_W4_silu"], "cpu", torch.float32)
-    for t in x.values():
-        t.requires_grad_(True)
-    cu, reset = extra["cu_seqlens"], extra["reset"]
-    fwd = torch.ops.momtitan.short_conv_fwd
-    torch.library.opcheck(fwd, (x["x"], x["weight"], x["initial_state"], cu, reset, True, True))
-    torch.library.opcheck(fwd, (x["x"], x["weight"], x["initial_state"], cu, reset, False, False))
+    fwd, bwd = torch.ops.momtitan.short_conv_fwd, torch.ops.momtitan.short_conv_bwd
+    for name in ("varlen_W4_silu", "weight_and_state_fp64_x_fp32"):  # one dtype; mixed (the fakes' dtypes)
+        x, extra = make_inputs(CPU_CASES[name], "cpu", torch.float32)
+        for t in x.values():
+            t.requires_grad_(True)
+        cu, reset = extra["cu_seqlens"], extra["reset"]
+        torch.library.opcheck(fwd, (x["x"], x["weight"], x["initial_state"], cu, reset, True, True))
+        torch.library.opcheck(fwd, (x["x"], x["weight"], x["initial_state"], cu, reset, False, False))
+        inputs = [t.detach() for t in (x["x"], x["weight"], x["initial_state"])]
+        dy = torch.randn_like(inputs[0])
+        dfinal = torch.randn(inputs[2].shape)  # the final state is in x's dtype (fp32)
+        torch.library.opcheck(bwd, (dy, dfinal, *inputs, cu, reset, True))
     plain, _ = make_inputs(dict(shape=(2, 9, 4, 2), h0=False), "cpu", torch.float32)
     torch.library.opcheck(fwd, (plain["x"].requires_grad_(True), plain["weight"], None, None, None, True, True))
-    det = [t.detach() for t in (x["x"], x["weight"], x["initial_state"])]
-    bwd = torch.ops.momtitan.short_conv_bwd
-    torch.library.opcheck(bwd, (torch.randn_like(det[0]), torch.randn_like(det[2]), *det, cu, reset, True))
     torch.library.opcheck(bwd, (torch.randn_like(plain["x"]), None, plain["x"].detach(), plain["weight"], None, None, None, False))
     gen = torch.Generator().manual_seed(5)
     step_args = (torch.randn(2, 7, generator=gen), torch.randn(7, 4, generator=gen), torch.randn(4, 7, 3, generator=gen),
                  torch.tensor([3, 1]), True)
     torch.library.opcheck(torch.ops.momtitan.short_conv_step, step_args)
-    print(json.dumps({"check": "opcheck", "ok": True}), flush=True)
+    _emit("opcheck", ok=True)
 
 
 def _worker_compile():
@@ -210,7 +244,7 @@ def _worker_compile():
         gc = torch.autograd.grad(val, list(leaves.values()))
         out[backend] = max([rel_err(val, eager)] + [rel_err(a, b) for a, b in zip(gc, ge)])
     out["step_compiled"] = check_step(4, "silu", compiled=True)["y"]
-    print(json.dumps({"check": "compile", "errs": out}), flush=True)
+    _emit("compile", errs=out)
 
 
 @pytest.fixture(scope="module")
@@ -236,19 +270,17 @@ def _get(results, name):
     return results[name]
 
 
-@pytest.mark.parametrize("name", list(CPU_CASES) + ["default_tiles"])
+@pytest.mark.parametrize("name", list(CPU_CASES) + ["default_tiles"] + list(CPU_BF16_CASES))
 def test_interpreter_matches_naive_fp64(interpreter_results, name):
     r = _get(interpreter_results, name)
-    assert r["finite"], r
     assert r["dtypes_ok"], f"{name}: result dtypes differ from the PyTorch path's"
-    bad = {k: v for k, v in r["errs"].items() if not v < CPU_TOL}
-    assert not bad, f"{name}: relative errors above {CPU_TOL}: {bad} (all: {r['errs']})"
+    _assert_errs(r["errs"], r["finite"], *TOL["bf16" if name in CPU_BF16_CASES else "fp32"], name)
 
 
 @pytest.mark.parametrize("name", [f"step_W{W}_{a}" for W in (2, 4) for a in ("silu", "none")] + ["step_x_fp16_state_fp32"])
 def test_interpreter_step(interpreter_results, name):
     r = _get(interpreter_results, name)["errs"]
-    tol_y = 2e-3 if "fp16" in name else CPU_TOL  # y is rounded to x's dtype
+    tol_y = TOL["fp16"][0] if "fp16" in name else CPU_TOL  # y is rounded to x's dtype
     assert r["y"] < tol_y and r["state"] < CPU_TOL and r["untouched_equal"] and r["dtype_ok"], r
 
 
@@ -265,14 +297,6 @@ def test_interpreter_compile_fullgraph(interpreter_results):
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# relative-error bounds against fp64 on the same (rounded) inputs: (y and final state, gradients)
-GPU_TOL = {"fp32": (1e-5, 1e-5), "fp16": (2e-3, 3e-3), "bf16": (1e-2, 1.5e-2)}
-
-
-def _assert_errs(errs, finite, tol_y, tol_g, what):
-    assert finite, f"{what}: non-finite output or gradient"
-    bad = {k: v for k, v in errs.items() if not v < (tol_y if k in ("y", "final_state") else tol_g)}
-    assert not bad, f"{what}: {bad} (all: {errs})"
 
 
 @pytest.mark.gpu
@@ -281,7 +305,7 @@ def _assert_errs(errs, finite, tol_y, tol_g, what):
 @pytest.mark.parametrize("W", [2, 4])
 @pytest.mark.parametrize("act", ["silu", None])
 def test_gpu_matrix(dtype, W, act):
-    tol_y, tol_g = GPU_TOL[dtype]
+    tol_y, tol_g = TOL[dtype]
     varlen = dict(shape=(1, 3000, 320, W), cu=[0, 0, 700, 701, 701, 2003, 3000, 3000], reset=0.01, act=act)
     batched = dict(shape=(3, 1000, 200, W), reset=0.01, act=act)
     for what, spec in (("varlen", varlen), ("batched", batched)):
@@ -293,11 +317,12 @@ def test_gpu_matrix(dtype, W, act):
 @pytest.mark.gpu
 @gpu
 def test_gpu_mixed_dtypes_match_pytorch_path():
-    """bf16 x with an fp32 weight and cache: y comes out fp32, the final state bf16, as in PyTorch."""
-    spec = dict(shape=(1, 500, 96, 4), cu=[0, 200, 200, 500], reset=0.02, wdtype=torch.float32)
+    """bf16 x with an fp32 weight and cache (bf16 autocast): y and the final state come out bf16 and
+    the weight's and cache's gradients fp32, as in PyTorch."""
+    spec = dict(shape=(1, 500, 96, 4), cu=[0, 200, 200, 500], reset=0.02, wdtype=torch.float32, h0dtype=torch.float32)
     errs, finite, dtypes_ok = check_case(spec, "cuda", torch.bfloat16, reference="segmented")
     assert dtypes_ok
-    _assert_errs(errs, finite, *GPU_TOL["bf16"], "mixed")
+    _assert_errs(errs, finite, *TOL["bf16"], "mixed")
 
 
 @pytest.mark.gpu
@@ -311,7 +336,7 @@ def test_gpu_long_many_segments(dtype):
     cu = [0] + torch.cumsum(lengths, 0).tolist()
     spec = dict(shape=(1, cu[-1], 512, 4), cu=cu, reset=0.002)
     errs, finite, _ = check_case(spec, "cuda", DTYPES[dtype], reference="segmented")
-    _assert_errs(errs, finite, *GPU_TOL[dtype], f"long {dtype}")
+    _assert_errs(errs, finite, *TOL[dtype], f"long {dtype}")
 
 
 def test_triton_switch_follows_env():

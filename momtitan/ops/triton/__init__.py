@@ -20,11 +20,15 @@ if _SWITCH not in ("0", "1"):
 DISABLED = _SWITCH == "0"
 
 
+def _supported_dtype(t) -> bool:
+    return str(t.dtype).removeprefix("torch.") in SUPPORTED_DTYPES
+
+
 def supports(q, v) -> bool:
     """Whether the Triton kernels handle these inputs (dtype and head dims)."""
     return (
         not DISABLED
-        and str(q.dtype).removeprefix("torch.") in SUPPORTED_DTYPES
+        and _supported_dtype(q)
         and q.shape[-1] <= MAX_HEAD_DIM
         and v.shape[-1] <= MAX_HEAD_DIM
     )
@@ -32,9 +36,7 @@ def supports(q, v) -> bool:
 
 def supports_conv(*tensors) -> bool:
     """Whether the Triton short-conv kernels handle these tensors (dtypes; None entries ignored)."""
-    return not DISABLED and all(
-        t is None or str(t.dtype).removeprefix("torch.") in SUPPORTED_DTYPES for t in tensors
-    )
+    return not DISABLED and all(t is None or _supported_dtype(t) for t in tensors)
 
 
 __all__ = [

@@ -26,6 +26,9 @@ Kernels (every token tile is [BT, BD], D contiguous; the grid is (T blocks, D bl
 6. `conv_step_kernel`     the decode step: per (row, D block) reads the window `state[index[r]]`,
                           writes it back shifted by x (in place), returns act(window . w).
 
+Dtypes: as `segmented.py`, the conv computes in x's dtype (the host rounds the weight and the
+initial state to it; the kernels sum in fp32), so y and the final state are in x's dtype.
+
 No host syncs: every launch shape comes from tensor shapes.
 """
 
@@ -74,9 +77,7 @@ def _tap(x_ptr, h0_ptr, reset_ptr, tok, n, start, open_, tmask, dd, dmask, D,
     if HAS_H0:
         slot = W - 1 + src - start
         mh = (tmask & (src < start) & open_)[:, None] & dmask[None, :]
-        hv = tl.load(h0_ptr + (n[:, None] * D + dd[None, :]) * (W - 1) + slot[:, None], mask=mh, other=0.0)
-        # the PyTorch paths cast the cache to x's dtype first
-        val += hv.to(x_ptr.dtype.element_ty).to(tl.float32)
+        val += tl.load(h0_ptr + (n[:, None] * D + dd[None, :]) * (W - 1) + slot[:, None], mask=mh, other=0.0).to(tl.float32)
     return val, open_
 
 
@@ -141,8 +142,7 @@ def conv_final_kernel(
         src = end - s
         val = tl.load(x_ptr + src * D + dd, mask=dmask & (src >= start) & open_, other=0.0)
         if HAS_H0:
-            hv = tl.load(h0_ptr + (n * D + dd) * (W - 1) + (W - 1 + src - start), mask=dmask & (src < start) & open_, other=0.0)
-            val += hv.to(x_ptr.dtype.element_ty)
+            val += tl.load(h0_ptr + (n * D + dd) * (W - 1) + (W - 1 + src - start), mask=dmask & (src < start) & open_, other=0.0)
         tl.store(final_ptr + (n * D + dd) * (W - 1) + (W - 1 - s), val.to(final_ptr.dtype.element_ty), mask=dmask)
 
 
@@ -277,19 +277,26 @@ def conv_step_kernel(
 
 
 class _ConvPlan:
-    """Flattened views, segment tables and tiles, from shapes (no host syncs)."""
+    """Flattened views, segment tables and tiles, from shapes (no host syncs).
+
+    The weight and the initial window are rounded to x's dtype, as the PyTorch path does (the conv
+    computes in x's dtype); their gradients go back in their own dtypes.
+    """
 
     def __init__(self, x, weight, initial_state, cu_seqlens, reset):
         B, T, D = x.shape
         self.B, self.T, self.D, self.W = B, T, D, weight.shape[-1]
         self.total = B * T
+        self.empty = self.total == 0 or D == 0  # nothing for the per-token kernels to do
         dev = x.device
         self.varlen = cu_seqlens is not None
         self.cu = cu_seqlens.contiguous() if cu_seqlens is not None else torch.arange(B + 1, device=dev, dtype=torch.int64) * T
         self.N = self.cu.numel() - 1
         self.x = x.reshape(self.total, D).contiguous()
-        self.w = weight.contiguous()
-        self.h0 = initial_state.contiguous() if initial_state is not None else None
+        self.w = weight.to(x.dtype).contiguous()
+        self.weight_dtype = weight.dtype
+        self.h0 = initial_state.to(x.dtype).contiguous() if initial_state is not None else None
+        self.state_dtype = initial_state.dtype if initial_state is not None else None
         self.reset = reset.reshape(self.total).contiguous().view(torch.uint8) if reset is not None else None
         self.seg = token_segments(self.cu, self.total) if self.varlen else None
         self.BT = BLOCK_T
@@ -297,9 +304,9 @@ class _ConvPlan:
         self.ND = triton.cdiv(D, self.BD)
         self.NT = triton.cdiv(T, self.BT)
         self.dummy = torch.empty(1, device=dev, dtype=torch.float32)
-        self.out_dtype = torch.promote_types(x.dtype, weight.dtype)
 
     def ptr(self, t):
+        """A kernel argument for an optional tensor (a dummy the kernel never reads when absent)."""
         return self.dummy if t is None else t
 
     def common(self):
@@ -309,57 +316,59 @@ class _ConvPlan:
         return dict(W=self.W, BT=self.BT, BD=self.BD, VARLEN=self.varlen, HAS_H0=self.h0 is not None,
                     HAS_RESET=self.reset is not None)
 
+    def bwd_split(self):
+        """`(n_split, span)`: conv_bwd_kernel's T splits, about BWD_PROGRAMS programs in all, each
+        `span` tokens (whole T blocks)."""
+        n_split = max(1, min(self.NT, triton.cdiv(BWD_PROGRAMS, max(1, self.B * self.ND))))
+        span = max(1, triton.cdiv(self.NT, n_split)) * self.BT
+        return max(1, triton.cdiv(self.T, span)), span
+
 
 def conv_forward(p: _ConvPlan, silu: bool, output_final_state: bool):
-    """Returns `y [B, T, D]` (dtype of x promoted with weight's) and `final [N, D, W-1]` (x's dtype)
-    or an empty placeholder."""
-    y = torch.empty(p.B, p.T, p.D, device=p.x.device, dtype=p.out_dtype)
-    if p.total > 0 and p.D > 0:
-        h0, reset, seg, cu = p.common()
+    """Returns `y [B, T, D]` and `final [N, D, W-1]` or None, both in x's dtype."""
+    h0, reset, seg, cu = p.common()
+    y = p.x.new_empty(p.B, p.T, p.D)
+    if not p.empty:
         conv_fwd_kernel[(p.NT, p.ND, p.B)](p.x, p.w, h0, reset, seg, cu, y, p.T, p.D, SILU=silu, **p.flags())
     if not output_final_state:
-        return y, p.x.new_empty((0,))
-    final = torch.empty(p.N, p.D, p.W - 1, device=p.x.device, dtype=p.x.dtype)
+        return y, None
+    final = p.x.new_empty(p.N, p.D, p.W - 1)
     if p.D > 0:
         conv_final_kernel[(p.N, p.ND)](
-            p.x, p.ptr(p.h0), p.ptr(p.reset), p.cu, final, p.D,
-            W=p.W, BD=p.BD, HAS_H0=p.h0 is not None, HAS_RESET=p.reset is not None,
+            p.x, h0, reset, cu, final, p.D, W=p.W, BD=p.BD, HAS_H0=p.h0 is not None, HAS_RESET=p.reset is not None,
         )
     return y, final
 
 
 def conv_backward(p: _ConvPlan, silu: bool, dy: torch.Tensor, dfinal: torch.Tensor | None):
     """Returns `(dx [B, T, D] in x's dtype, dweight in weight's dtype, dh0 in initial_state's dtype or None)`."""
-    dev = p.x.device
     h0, reset, seg, cu = p.common()
     dy = dy.reshape(p.total, p.D).contiguous()
     dfinal = dfinal.contiguous() if dfinal is not None else None
-    if p.D == 0 or p.total == 0:
+    if p.empty:
         da = p.dummy
     elif silu:
-        da = torch.empty(p.total, p.D, device=dev, dtype=torch.float32)
+        da = torch.empty(p.total, p.D, device=p.x.device, dtype=torch.float32)
         conv_bwd_da_kernel[(p.NT, p.ND, p.B)](p.x, p.w, h0, reset, seg, cu, dy, da, p.T, p.D, **p.flags())
     else:
         da = dy
-    dx = torch.empty(p.B, p.T, p.D, device=dev, dtype=p.x.dtype)
-    n_split = max(1, min(p.NT, triton.cdiv(BWD_PROGRAMS, max(1, p.B * p.ND))))
-    span = max(1, triton.cdiv(p.NT, n_split)) * p.BT  # tokens per program, whole T blocks
-    n_split = max(1, triton.cdiv(p.T, span))
-    dwp = torch.zeros(p.B * n_split, p.D, p.W, device=dev, dtype=torch.float32)
-    if p.total > 0 and p.D > 0:
+    dx = p.x.new_empty(p.B, p.T, p.D)
+    n_split, span = p.bwd_split()
+    dwp = torch.zeros(p.B * n_split, p.D, p.W, device=p.x.device, dtype=torch.float32)
+    if not p.empty:
         conv_bwd_kernel[(n_split, p.ND, p.B)](
             p.x, p.w, h0, reset, seg, cu, da, p.ptr(dfinal), dx, dwp, p.T, p.D, span, n_split,
             BW=pow2(p.W, 2), HAS_DFINAL=dfinal is not None, **p.flags(),
         )
-    dw = dwp.sum(0).to(p.w.dtype)
-    dh0 = None
-    if p.h0 is not None:
-        dh0 = torch.empty_like(p.h0)
-        if p.D > 0:
-            conv_bwd_dh0_kernel[(p.N, p.ND)](
-                p.w, reset, cu, da, p.ptr(dfinal), dh0, p.D,
-                W=p.W, BJ=pow2(p.W - 1, 2), BD=p.BD, HAS_RESET=p.reset is not None, HAS_DFINAL=dfinal is not None,
-            )
+    dw = dwp.sum(0).to(p.weight_dtype)
+    if p.h0 is None:
+        return dx, dw, None
+    dh0 = p.h0.new_empty(p.h0.shape, dtype=p.state_dtype)
+    if p.D > 0:
+        conv_bwd_dh0_kernel[(p.N, p.ND)](
+            p.w, reset, cu, da, p.ptr(dfinal), dh0, p.D,
+            W=p.W, BJ=pow2(p.W - 1, 2), BD=p.BD, HAS_RESET=p.reset is not None, HAS_DFINAL=dfinal is not None,
+        )
     return dx, dw, dh0
 
 
@@ -367,7 +376,7 @@ def conv_step(x, weight, state, index, silu: bool):
     """`y [R, D]` in x's dtype; `state[index]` advanced in place."""
     R, D = x.shape
     W = weight.shape[-1]
-    y = torch.empty_like(x)
+    y = x.new_empty(R, D)  # contiguous: the kernel writes row r at r * D
     if R == 0 or D == 0:
         return y
     BD = min(pow2(D), MAX_BLOCK_D)

@@ -14,11 +14,10 @@ import torch
 
 from momtitan.ops.triton.conv_kernels import _ConvPlan, conv_backward, conv_forward, conv_step
 
-_EMPTY = (0,)
 
-
-def _num_segments(x, cu_seqlens):
-    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+def _or_empty(t, like):
+    """An absent output as the ops return it: an empty tensor (a custom op cannot return None)."""
+    return like.new_empty((0,)) if t is None else t
 
 
 @torch.library.custom_op("momtitan::short_conv_fwd", mutates_args=())
@@ -26,16 +25,17 @@ def short_conv_fwd(
     x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
     reset: torch.Tensor | None, silu: bool, output_final_state: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    p = _ConvPlan(x, weight, initial_state, cu_seqlens, reset)
-    return conv_forward(p, silu, output_final_state)
+    y, final = conv_forward(_ConvPlan(x, weight, initial_state, cu_seqlens, reset), silu, output_final_state)
+    return y, _or_empty(final, x)
 
 
 @short_conv_fwd.register_fake
 def _(x, weight, initial_state, cu_seqlens, reset, silu, output_final_state):
-    y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
-    if not output_final_state:
-        return y, x.new_empty(_EMPTY)
-    return y, x.new_empty(_num_segments(x, cu_seqlens), x.shape[-1], weight.shape[-1] - 1)
+    final = None
+    if output_final_state:
+        N = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        final = x.new_empty(N, x.shape[-1], weight.shape[-1] - 1)
+    return x.new_empty(x.shape), _or_empty(final, x)
 
 
 @torch.library.custom_op("momtitan::short_conv_bwd", mutates_args=())
@@ -43,28 +43,26 @@ def short_conv_bwd(
     dy: torch.Tensor, dfinal: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
     initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, reset: torch.Tensor | None, silu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = _ConvPlan(x, weight, initial_state, cu_seqlens, reset)
-    dx, dw, dh0 = conv_backward(p, silu, dy, dfinal)
-    return dx, dw, dh0 if dh0 is not None else x.new_empty(_EMPTY)
+    dx, dw, dh0 = conv_backward(_ConvPlan(x, weight, initial_state, cu_seqlens, reset), silu, dy, dfinal)
+    return dx, dw, _or_empty(dh0, x)
 
 
 @short_conv_bwd.register_fake
 def _(dy, dfinal, x, weight, initial_state, cu_seqlens, reset, silu):
-    dh0 = torch.empty_like(initial_state) if initial_state is not None else x.new_empty(_EMPTY)
-    return torch.empty_like(x), torch.empty_like(weight), dh0
+    dh0 = initial_state.new_empty(initial_state.shape) if initial_state is not None else None
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), _or_empty(dh0, x)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, initial_state, cu_seqlens, reset, silu, output_final_state = inputs
     ctx.save_for_backward(x, weight, initial_state, cu_seqlens, reset)
     ctx.silu, ctx.output_final_state = silu, output_final_state
-    ctx.y_dtype = output[0].dtype
 
 
 def _backward(ctx, dy, dfinal):
     x, weight, initial_state, cu_seqlens, reset = ctx.saved_tensors
     if dy is None:
-        dy = x.new_zeros(x.shape, dtype=ctx.y_dtype)
+        dy = x.new_zeros(x.shape)  # y is in x's dtype
     if not ctx.output_final_state:
         dfinal = None
     dx, dw, dh0 = short_conv_bwd(dy, dfinal, x, weight, initial_state, cu_seqlens, reset, ctx.silu)
@@ -85,12 +83,12 @@ def short_conv_step_op(
 
 @short_conv_step_op.register_fake
 def _(x, weight, state, index, silu):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 def triton_short_conv(x, weight, *, cu_seqlens=None, reset=None, initial_state=None, output_final_state=False,
                       activation="silu"):
-    """`short_conv` on the Triton kernels (same arguments and results; no value checks)."""
+    """`short_conv` on the Triton kernels (same arguments and results, y in x's dtype; no value checks)."""
     y, final = short_conv_fwd(x, weight, initial_state, cu_seqlens, reset, activation == "silu", output_final_state)
     return y, (final if output_final_state else None)
 
