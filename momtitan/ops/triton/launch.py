@@ -143,12 +143,12 @@ def backward(p: _Plan, scale: float, do, dht):
     )
     dq = torch.empty(total, H, K, device=dev, dtype=f32)
     dk = torch.empty(total, H, K, device=dev, dtype=f32)
-    dg = torch.empty(p.NKB, total, H, device=dev, dtype=f32) if p.g is not None else None
-    db = torch.empty(p.NKB, total, H, device=dev, dtype=f32) if p.delta else None
-    grads_kernel[(NC, H, p.NKB)](
+    dg = torch.empty(total, H, device=dev, dtype=f32) if p.g is not None else None
+    db = torch.empty(total, H, device=dev, dtype=f32) if p.delta else None
+    grads_kernel[(NC, H)](
         p.q, p.k, p.v, p.ptr(p.g), p.ptr(p.beta), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info,
         p.ptr(s["T"]), s["h"], dh, p.ptr(s["u"]), p.ptr(du if p.delta else None), do,
-        dq, dk, dv, p.ptr(dg), p.ptr(db), scale, H, K, V, total,
+        dq, dk, dv, p.ptr(dg), p.ptr(db), scale, H, K, V,
         C=C, BK=p.BK, NKB=p.NKB, BV=p.BVG, NVB=p.NVBG, DELTA=p.delta, num_warps=p.warps_grad, **p.flags(),
     )
     if p.l2:
@@ -156,6 +156,6 @@ def backward(p: _Plan, scale: float, do, dht):
         dk = _l2norm_bwd(p.k, p.rk, dk)
     dq = dq.reshape(p.B, p.T, H, K).to(p.q.dtype)
     dk = dk.reshape(p.B, p.T, H, K).to(p.k.dtype)
-    dg = dg.sum(0).reshape(p.B, p.T, H) if dg is not None else None
-    db = db.sum(0).reshape(p.B, p.T, H) if db is not None else None
+    dg = dg.reshape(p.B, p.T, H) if dg is not None else None
+    db = db.reshape(p.B, p.T, H) if db is not None else None
     return dq, dk, dv, dg, db, dh0
