@@ -24,6 +24,7 @@ run cut off keeps what it measured). `--profile` prints the per-kernel CUDA time
 each recurrence at the first shape (not written).
 
     python scripts/bench_ops.py [--seq-lens 2048,8192,32768] [--heads 32x128,16x128,4x256] [--no-write] [--profile]
+    python scripts/bench_ops.py --profile --ops ours --heads 32x128 --seq-lens 4096 --no-layer --no-write
 
 fla autotunes each of its kernels at every new shape, which makes a full run long. On a machine of
 several GPUs, `--part` splits it: each part writes its own section, "## Ops: linear_recurrence, part
@@ -223,6 +224,11 @@ def run(args, publish) -> str:
     fla, fla_version = load_fla()
     cands = candidates(fla)
     prep = cands.pop("_prep")
+    if args.ops:
+        wanted = [w.strip() for w in args.ops.split(",") if w.strip()]
+        cands = {n: c for n, c in cands.items() if any(w in n for w in wanted)}
+        if not cands:
+            raise ValueError(f"--ops {args.ops!r} matches none of the ops {[n for n in candidates(None) if n[0] != '_']}")
     if args.profile:
         profile(args, cands, prep)
     header = [
@@ -301,6 +307,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print per-kernel CUDA times at the first shape")
     ap.add_argument("--part", default="", help="name of this part of a split run (its own section)")
     ap.add_argument("--no-layer", action="store_true", help="skip the MoM layer comparison")
+    ap.add_argument("--ops", default="", help="comma list: time only the ops whose name contains one of these "
+                    "(e.g. 'ours' or 'gated delta'); default all")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():

@@ -218,7 +218,8 @@ def test_mqar_shards_split_the_grid_and_merge(tmp_path):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     common = ["--device", "cpu", "--arms", "mom,attention", "--kv-pairs", "2", "--d-models", "16", "--seq-len", "16",
-              "--vocab-size", "32", "--steps", "2", "--batch-size", "4", "--num-train", "16", "--num-test", "8"]
+              "--vocab-size", "32", "--steps", "2", "--batch-size", "4", "--num-train", "16", "--num-test", "8",
+              "--lrs", "0.003"]
     shards = [cli.main(common + ["--shard", f"{i}/2", "--json", str(tmp_path / f"s{i}.json")]) for i in range(2)]
     assert [[r["arm"] for r in runs] for runs in shards] == [["mom"], ["attention"]]
     out = tmp_path / "q.md"
@@ -228,6 +229,26 @@ def test_mqar_shards_split_the_grid_and_merge(tmp_path):
     assert "| 2 | 16 | mom |" in out.read_text() and "| 2 | 16 | attention |" in out.read_text()
     with pytest.raises(ValueError, match="--shard"):
         cli.main(common + ["--shard", "2/2"])
+
+
+def test_mqar_jobs_train_the_grid_in_worker_processes(tmp_path):
+    """`--jobs 2`: the runs are trained by two spawned workers and all reach the JSON; bad --jobs raises."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "scripts" / "mqar.py"), "--device", "cpu", "--arms", "mom,attention",
+           "--kv-pairs", "2", "--d-models", "16", "--seq-len", "16", "--vocab-size", "32", "--steps", "2",
+           "--batch-size", "4", "--num-train", "16", "--num-test", "8", "--lrs", "0.001,0.003", "--no-write",
+           "--json", str(tmp_path / "r.json")]
+    done = subprocess.run(cmd + ["--jobs", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = json.loads((tmp_path / "r.json").read_text())["runs"]
+    assert sorted((r["arm"], r["lr"]) for r in runs) == [("attention", 0.001), ("attention", 0.003),
+                                                         ("mom", 0.001), ("mom", 0.003)]
+    bad = subprocess.run(cmd + ["--jobs", "0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--jobs must be >= 1, got 0" in bad.stderr
 
 
 def test_compiled_blocks_train_like_eager():
