@@ -43,9 +43,10 @@ sys.path.insert(0, str(ROOT))
 
 # Cost. Measured on an H200 with the Triton kernels in fp32: 36-57 ms per step (B=128, T=256) for the
 # recurrent arms, 11-12 ms for attention, i.e. 55-85 s per run and ~24 min for the 24 runs of one learning
-# rate one after another. These 2-layer models' kernels are tiny, so the GPU idles between launches;
-# `--jobs` trains several runs side by side on one GPU to fill it (and `--amp bfloat16` runs the kernels
-# in bf16).
+# rate one after another. These 2-layer models' kernels are small, so the host's launches set much of
+# the pace: `--jobs` trains several runs side by side on one GPU (measured: 12 workers gave ~1.9x the
+# throughput of one, so the GPU work itself is ~half of a step), `--compile-mode reduce-overhead`
+# replays each compiled block as CUDA graphs (not yet measured), `--amp bfloat16` runs the kernels in bf16.
 from momtitan.eval.mqar import ARM_LABELS, ARMS, MQARTask, TrainConfig, build_model_args, generate_mqar, train_mqar  # noqa: E402
 
 # Full grid: Zoology's T=256 setting at three recall loads, two widths (Zoology Fig. 2 / GDN sweep
@@ -78,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each block with inductor (default: on for CUDA, off on CPU)")
+    p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune",
+                                                             "max-autotune-no-cudagraphs"],
+                   help="inductor's mode for the compiled blocks (reduce-overhead: CUDA graphs; needs --compile)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="run the I-th of N interleaved parts of the grid and write only its JSON")
@@ -147,7 +151,7 @@ def _data(task: MQARTask, num_train: int, num_test: int, seed: int):
     return data
 
 
-def train_run(g: dict, device: str, amp: str | None, seed: int, compile_blocks: bool,
+def train_run(g: dict, device: str, amp: str | None, seed: int, compile_blocks: bool, compile_mode: str | None,
               run: tuple[int, int, str, float]) -> dict:
     """Train one `(kv, d_model, arm, lr)` of the grid; the result row of the JSON."""
     kv, d, arm, lr = run
@@ -156,7 +160,7 @@ def train_run(g: dict, device: str, amp: str | None, seed: int, compile_blocks: 
                             num_memories=g["num_memories"], topk=g["topk"])
     cfg = TrainConfig(steps=g["steps"], batch_size=g["batch_size"], lr=lr, num_train=g["num_train"],
                       num_test=g["num_test"], seed=seed, device=device, amp_dtype=amp,
-                      compile_backend="inductor" if compile_blocks else None)
+                      compile_backend="inductor" if compile_blocks else None, compile_mode=compile_mode)
     r = train_mqar(args, task, cfg, data=_data(task, g["num_train"], g["num_test"], seed))
     r.update(arm=arm, d_model=d, num_kv_pairs=kv, seq_len=task.seq_len, lr=lr,
              heads=args.num_heads, head_dim=args.head_dim, head_v_dim=args.head_v_dim,
@@ -173,11 +177,11 @@ def _worker_init(device: str) -> None:
 
 
 def run_grid(g: dict, device: str, amp: str | None, seed: int, compile_blocks: bool,
-             shard: tuple[int, int] = (0, 1), on_run=None, jobs: int = 1) -> list[dict]:
+             shard: tuple[int, int] = (0, 1), on_run=None, jobs: int = 1, compile_mode: str | None = None) -> list[dict]:
     """Train the shard's runs of the grid (`grid_runs`), one after another, or with `jobs > 1` in that
     many worker processes sharing the device (a tiny model's step leaves a GPU mostly idle)."""
     todo = grid_runs(g, shard)
-    work = functools.partial(train_run, g, device, amp, seed, compile_blocks)
+    work = functools.partial(train_run, g, device, amp, seed, compile_blocks, compile_mode)
     pool = None
     if jobs > 1:
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # the workers compile side by side
@@ -241,7 +245,8 @@ def markdown(g: dict, runs: list[dict], meta: dict, plot: str | None, quick: boo
         f"Task: vocab {g['vocab_size']}, T = {g['seq_len']}, power_a 0.01, random filler; {g['num_train']} train / "
         f"{g['num_test']} test examples (test seed = train seed + 1). Training: {g['steps']} steps × batch "
         f"{g['batch_size']}, AdamW (β 0.9/0.98, wd 0.1), warmup 10 % then cosine, lr ∈ {g['lrs']} "
-        f"(best per cell reported), fp32{'' if not meta.get('amp') else ' + autocast ' + meta['amp']}. "
+        f"(best per cell reported), fp32{'' if not meta.get('amp') else ' + autocast ' + meta['amp']}"
+        f"{'' if not meta.get('compile') else ', blocks compiled (inductor, mode ' + (meta.get('compile_mode') or 'default') + ')'}. "
         f"Models: 2 layers, SwiGLU 2·d, tied embeddings; recurrent arms use the gated delta rule with short conv 4, "
         f"heads of d_k = d_v = d_model / {g['num_heads']}.",
         "",
@@ -412,9 +417,11 @@ def main(argv=None):
           f"{g['d_models']}, arms {g['arms']}, lrs {g['lrs']}, T={g['seq_len']}, vocab={g['vocab_size']}, "
           f"{g['steps']} steps × batch {g['batch_size']}", flush=True)
     compile_blocks = device.startswith("cuda") if a.compile is None else a.compile
+    if a.compile_mode is not None and not compile_blocks:
+        raise ValueError(f"--compile-mode {a.compile_mode} needs compiled blocks (--compile, the default on CUDA)")
     dev_name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     meta = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), device=dev_name, host=platform.node(),
-                torch=torch.__version__, wall_s=0.0, amp=a.amp, compile=compile_blocks,
+                torch=torch.__version__, wall_s=0.0, amp=a.amp, compile=compile_blocks, compile_mode=a.compile_mode,
                 command="python scripts/mqar.py " + " ".join(sys.argv[1:] if argv is None else argv))
     part = f"_shard{a.shard_index}of{a.num_shards}" if a.num_shards > 1 else ""
     json_path = Path(a.json or ROOT / "outputs" / "mqar" / f"mqar_{'quick' if a.quick else 'full'}{part}.json")
@@ -425,7 +432,8 @@ def main(argv=None):
         meta["wall_s"] = time.perf_counter() - t0
         json_path.write_text(json.dumps(dict(meta=meta, grid=g, runs=runs), indent=1))
 
-    runs = run_grid(g, device, a.amp, a.seed, compile_blocks, (a.shard_index, a.num_shards), on_run=save, jobs=a.jobs)
+    runs = run_grid(g, device, a.amp, a.seed, compile_blocks, (a.shard_index, a.num_shards), on_run=save, jobs=a.jobs,
+                    compile_mode=a.compile_mode)
     save(runs)
     print(f"done: {len(runs)} runs in {meta['wall_s']:.0f}s", flush=True)
     print(f"wrote {json_path}")
