@@ -336,7 +336,9 @@ def train_mqar(args: MoMModelArgs, task: MQARTask, cfg: TrainConfig, *, log_ever
     warmup = max(1, int(cfg.warmup_frac * cfg.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, warmup))
     order_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    order = torch.randperm(train_x.shape[0], generator=order_gen)
+    # each epoch's order goes to the device once: a per-step host-to-device copy of the batch indices
+    # would wait for the GPU every step, and the host could not queue the next step ahead of it
+    order = torch.randperm(train_x.shape[0], generator=order_gen).to(device)
     cursor = 0
     amp = _autocast(cfg, device)
     model.train()
@@ -346,8 +348,8 @@ def train_mqar(args: MoMModelArgs, task: MQARTask, cfg: TrainConfig, *, log_ever
         if cfg.cuda_graphs:  # the graphs' outputs of the last step may be overwritten from here on
             torch.compiler.cudagraph_mark_step_begin()
         if cursor + cfg.batch_size > order.numel():
-            order, cursor = torch.randperm(train_x.shape[0], generator=order_gen), 0
-        idx = order[cursor : cursor + cfg.batch_size].to(device)
+            order, cursor = torch.randperm(train_x.shape[0], generator=order_gen).to(device), 0
+        idx = order[cursor : cursor + cfg.batch_size]
         cursor += cfg.batch_size
         x, y = train_x[idx], train_y[idx]
         with _autocast(cfg, device):
