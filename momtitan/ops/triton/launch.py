@@ -91,8 +91,8 @@ def states(p: _Plan, for_backward: bool = False) -> dict:
         T = torch.empty(NC, H, C, C, device=dev, dtype=f32) if for_backward else None
         prepare_kernel[(NC, H)](
             p.k, p.v, p.ptr(p.g), p.beta, p.ptr(p.reset), p.ptr(p.rk), p.info, W, U, p.ptr(T),
-            H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, NVB=p.NVB, STORE_T=for_backward,
-            num_warps=p.warps_chunk, **p.flags(),
+            H, K, V, C=C, BS=16, BK=p.BK, NKB=p.NKB, BV=p.BV, NVB=p.NVB, STORE_T=for_backward,
+            num_warps=4, **p.flags(),  # 16-row dots: never at 8 warps (see _Plan)
         )
         u = torch.empty(NC * C, H, V, device=dev, dtype=f32)
     h = torch.empty(NC, H, K, V, device=dev, dtype=f32)
