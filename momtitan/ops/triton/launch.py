@@ -10,6 +10,7 @@ import torch
 from momtitan.ops.triton.bwd_kernels import grads_kernel, local_du_kernel, state_bwd_kernel
 from momtitan.ops.triton.common import DOT_MODES, chunk_map, pow2
 from momtitan.ops.triton.fwd_kernels import output_kernel, prepare_kernel, state_kernel
+from momtitan.ops.triton.l2norm import l2norm_bwd
 
 DEFAULT_CHUNK = 64
 MAX_HEAD_DIM = 256
@@ -117,12 +118,6 @@ def forward(p: _Plan, scale: float):
     return o, s["ht"]
 
 
-def _l2norm_bwd(x, r, dxn):
-    """Gradient through x / max(|x|, eps), given the reciprocal norm r and the gradient dxn."""
-    xn = x.to(torch.float32) * r[..., None]
-    return r[..., None] * (dxn - xn * (xn * dxn).sum(-1, keepdim=True))
-
-
 def backward(p: _Plan, scale: float, do, dht):
     """Returns `(dq, dk, dv, dg, dbeta, dh0)` (None where the input is absent)."""
     H, K, V, C, NC, total = p.H, p.K, p.V, p.C, p.NC, p.total
@@ -158,8 +153,8 @@ def backward(p: _Plan, scale: float, do, dht):
         C=C, BK=p.BK, NKB=p.NKB, BV=p.BVG, NVB=p.NVBG, DELTA=p.delta, num_warps=p.warps_grad, **p.flags(),
     )
     if p.l2:
-        dq = _l2norm_bwd(p.q, p.rq, dq)
-        dk = _l2norm_bwd(p.k, p.rk, dk)
+        dq = l2norm_bwd(p.q, p.rq, dq)  # in q's dtype
+        dk = l2norm_bwd(p.k, p.rk, dk)
     dq = dq.reshape(p.B, p.T, H, K).to(p.q.dtype)
     dk = dk.reshape(p.B, p.T, H, K).to(p.k.dtype)
     dg = dg.reshape(p.B, p.T, H) if dg is not None else None
