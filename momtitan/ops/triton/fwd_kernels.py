@@ -3,7 +3,8 @@
 1. `prepare_kernel`  per (chunk, head), in 16-row blocks: A, T = (I + A)^-1 (diagonal blocks by
    forward substitution, the rest by 16-wide dots), and the WY factors W = T (beta*carry*k),
    U = T (beta*v)   (delta rules only).
-2. `state_kernel`    per (segment, head, V-block): the sequential pass over the segment's chunks;
+2. `gates_kernel`    per (chunk, head): the row weights of the sequential passes (no scans in their loops).
+   `state_kernel`    per (segment, head, V-block): the sequential pass over the segment's chunks;
    stores each chunk's start state h, the corrected values u = U - W h (delta rules), the final state.
 3. `output_kernel`   per (chunk, head, V-block): o = scale * ((carry*q) h + (q k^T * D) u).
 
@@ -170,12 +171,29 @@ def _t_times(x_ptr, out_ptr, D, dd, s0, s1, s2, s3, X00, X10, X11, X20, X21, X22
 
 
 @triton.jit
+def gates_kernel(
+    g_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr, ke_ptr, qc_ptr, cend_ptr,
+    H, C: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr,
+):
+    """Per (chunk, head), the row weights the sequential passes need, so that their loops carry no
+    cumulative sums or reductions: `ke = e * rk` (each row's weight in the chunk's end state),
+    `qc = carry * rq` (the start state's weight at each row), and `c_end`, in the padded layout."""
+    c = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
+    gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
+    carry, e, c_end = chunk_weights(gamma, run, C)
+    tl.store(ke_ptr + prow * H + h, e * row_scales(rk_ptr, tok, valid, h, H, L2))
+    tl.store(qc_ptr + prow * H + h, carry * row_scales(rq_ptr, tok, valid, h, H, L2))
+    tl.store(cend_ptr + c * H + h, c_end)
+
+
+@triton.jit
 def state_kernel(
-    k_ptr, v_ptr, g_ptr, r_ptr, rk_ptr, info_ptr, seg_ptr, w_ptr, uin_ptr, h0_ptr,
+    k_ptr, v_ptr, ke_ptr, cend_ptr, info_ptr, seg_ptr, w_ptr, uin_ptr, h0_ptr,
     h_ptr, unew_ptr, ht_ptr,
     H, K, V,
-    C: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
-    HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DELTA: tl.constexpr,
+    C: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr,
     HAS_H0: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
@@ -196,9 +214,8 @@ def state_kernel(
         c = cc  # int64: the bounds are int64
         tl.store(h_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], S, mask=smask)
         tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
-        gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
-        carry, e, c_end = chunk_weights(gamma, run, C)
-        e = e * row_scales(rk_ptr, tok, valid, h, H, L2)  # rows past the end have k = 0 anyway
+        e = tl.load(ke_ptr + prow * H + h)  # from gates_kernel: e * rk
+        c_end = tl.load(cend_ptr + c * H + h)
         kt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)
         if DELTA:
             Wt = tl.load(w_ptr + (prow[:, None] * H + h) * K + kk[None, :], mask=km[None, :], other=0.0)
