@@ -34,12 +34,17 @@ def test_bad_degrees_are_rejected_with_their_values():
     check_expert_parallel_degree(4, 2, world_size=4)
 
 
-def test_run_train_with_expert_parallel_on_two_cpu_ranks(tmp_path):
+@pytest.mark.parametrize("extra_flags", [
+    [],
+    # the 340M and 1.3B recipes' per-op selective AC, with the memories' FSDP unit inside each checkpointed block
+    ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"],
+], ids=["no_ac", "sac_op"])
+def test_run_train_with_expert_parallel_on_two_cpu_ranks(tmp_path, extra_flags):
     """The torchtitan path: ep=2 over 2 gloo ranks trains, and the loss falls."""
     env = dict(os.environ, NGPU="2", PYTHON=sys.executable, LOG_RANK="0,1")  # both ranks in the log
     cmd = ["./run_train.sh", "--job.config_file", "train_configs/mom_debug.toml",
            "--parallelism.expert_parallel_degree", "2", "--training.steps", "12", "--training.local_batch_size", "4",
-           "--checkpoint.no-enable", "--job.dump_folder", str(tmp_path), "--metrics.log_freq", "1"]
+           "--checkpoint.no-enable", "--job.dump_folder", str(tmp_path), "--metrics.log_freq", "1", *extra_flags]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
