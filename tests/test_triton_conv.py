@@ -25,7 +25,7 @@ import json
 import pytest
 import torch
 
-from tests.interpreter import rel_err, result, run_worker
+from tests.interpreter import assert_compiled_matches_eager, rel_err, result, run_worker
 
 
 def make_inputs(spec, device, dtype, seed=0):
@@ -347,15 +347,7 @@ def test_gpu_dispatch_and_compile_fullgraph(monkeypatch):
         y, final = short_conv(x, weight, initial_state=initial_state, **extra)
         return y.float().square().sum() + final.float().sum()
 
-    eager = f(**leaves)
-    ge = torch.autograd.grad(eager, list(leaves.values()))
-    torch._dynamo.reset()
-    cf = torch.compile(f, fullgraph=True)
-    val = cf(**leaves)
-    gc = torch.autograd.grad(val, list(leaves.values()))
-    assert rel_err(val, eager) < 1e-5
-    for a, b in zip(gc, ge):
-        assert rel_err(a, b) < 1e-5
+    assert_compiled_matches_eager(f, leaves)
 
 
 @pytest.mark.gpu

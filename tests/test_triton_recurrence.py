@@ -22,7 +22,7 @@ import json
 import pytest
 import torch
 
-from tests.interpreter import rel_err, result, run_worker
+from tests.interpreter import assert_compiled_matches_eager, rel_err, result, run_worker
 
 RULES = {"linear": (False, False), "gated": (True, False), "delta": (False, True), "gated_delta": (True, True)}
 
@@ -317,15 +317,7 @@ def test_gpu_dispatch_and_compile_fullgraph(monkeypatch):
         o, ht = linear_recurrence(q, k, v, g, beta, initial_state=initial_state, **extra)
         return o.float().square().sum() + ht.sum()
 
-    eager = f(**leaves)
-    ge = torch.autograd.grad(eager, list(leaves.values()))
-    torch._dynamo.reset()
-    cf = torch.compile(f, fullgraph=True)
-    val = cf(**leaves)
-    gc = torch.autograd.grad(val, list(leaves.values()))
-    assert rel_err(val, eager) < 1e-5
-    for a, b in zip(gc, ge):
-        assert rel_err(a, b) < 1e-5
+    assert_compiled_matches_eager(f, leaves)
 
 
 @pytest.mark.gpu
