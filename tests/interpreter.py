@@ -17,6 +17,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# the dtypes the GPU matrices cover (tests marked `gpu` are skipped without CUDA: conftest.py)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
