@@ -194,18 +194,22 @@ class MoMLayer(nn.Module):
     def run_stream(self, routed_x, routed_q, shared_x, shared_q, cu_seqlens, memory_offsets, reset=None, state=None):
         """Projections, short conv and recurrence of one stream of rows.
 
-        The stream is the routed rows, grouped by memory (`memory_offsets`: group ends over the
-        stacked per-memory weights), followed by the shared-memory rows if `shared_x` is given;
+        The stream is the routed rows (if `routed_x` is given), grouped by memory (`memory_offsets`:
+        group ends over the stacked per-memory weights), followed by the shared-memory rows (if
+        `shared_x` is given);
         `cu_seqlens` and `reset` describe its segments. `q` comes in precomputed (it is one shared
         projection). Returns `(o [rows, value_dim], final_state, final_conv_state)`, the last two
         None unless `state` gives the initial ones.
         """
         H, K, V = self.num_heads, self.head_k, self.head_v
-        proj = self.memories(routed_x, memory_offsets)
-        q = routed_q
+        projs, qs = [], []
+        if routed_x is not None:
+            projs.append(self.memories(routed_x, memory_offsets))
+            qs.append(routed_q)
         if shared_x is not None:
-            proj = torch.cat([proj, F.linear(shared_x, self.shared_weight())])
-            q = torch.cat([q, shared_q])
+            projs.append(F.linear(shared_x, self.shared_weight()))
+            qs.append(shared_q)
+        proj, q = (projs[0], qs[0]) if len(projs) == 1 else (torch.cat(projs), torch.cat(qs))
         rows = q.shape[0]
         k, v, extra = proj.split([self.key_dim, self.value_dim, proj.shape[-1] - self.key_dim - self.value_dim], dim=-1)
         reset = None if reset is None else reset[None]

@@ -6,10 +6,11 @@ One MoM layer's forward under EP, on every rank:
 1. Route and plan as usual. The routed rows are in (memory, batch, time) order, so the rows bound
    for rank r (memories `r*E_local ...`) are one contiguous block.
 2. All-to-all of the per-(memory, batch) counts; their sums become the split sizes on the host.
-   This device-to-host copy is the one host sync per layer (torchtitan's MoE has the same).
+   This device-to-host copy is the one host sync per layer (torchtitan's MoE has the same); the
+   shared memory's projections, conv and recurrence are queued before the host waits for it.
 3. All-to-all of the rows (x | q | reset flag), differentiable.
 4. The owner reorders what it received from (source, memory, batch, time) to (memory, source,
-   batch, time), appends its own shared-memory rows, and runs `MoMLayer.run_stream`: segments
+   batch, time) and runs `MoMLayer.run_stream` on them: segments
    (memory, source, batch) keep causal order, so each memory sees exactly the token subsequence it
    would see without EP.
 5. The routed outputs go back by the inverse all-to-all; the source combines them with its shared
@@ -68,12 +69,23 @@ class MemoryExchange:
         ep, El = self.ep, self.local_memories
         B = plan.counts.shape[1]
         R = plan.token_of_row.numel()
+        shared = layer.shared_mem
         # 1-2. counts: send[dst] = my counts for dst's memories [El, B]; recv[src] = src's counts for mine
         send_counts = plan.counts.view(ep, El * B).contiguous()
         recv_counts = torch.empty_like(send_counts)
         with ALL_TO_ALL.measure(flat.device):
             torch.distributed.all_to_all_single(recv_counts, send_counts, group=self.group)
-        sizes = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).cpu()  # the host sync
+        sizes, copied = _to_host(torch.stack([send_counts.sum(1), recv_counts.sum(1)]))
+        # the shared memory needs nothing from the exchange: queue it before waiting for the sizes,
+        # so the GPU has work while the host waits (the one host sync per layer)
+        o_shared = None
+        if shared:
+            T = flat.shape[0] // B
+            cu_shared = T * torch.arange(B + 1, device=flat.device)
+            o_shared, _, _ = layer.run_stream(None, None, flat, q_tok, cu_shared, None,
+                                              None if reset is None else reset[R:])
+        if copied is not None:
+            copied.synchronize()
         send_sizes, recv_sizes = sizes[0].tolist(), sizes[1].tolist()
 
         # 3. rows out: x | q | reset
@@ -81,7 +93,7 @@ class MemoryExchange:
         rows = torch.cat([flat[plan.token_of_row], q_tok[plan.token_of_row], flag[:, None]], dim=1)
         got = _AllToAll.apply(rows, recv_sizes, send_sizes, self.group)
 
-        # 4. reorder (source, memory, batch) -> (memory, source, batch) and run the local stream
+        # 4. reorder (source, memory, batch) -> (memory, source, batch) and run the local memories
         counts = recv_counts.view(ep, El, B)
         group_of_row = torch.repeat_interleave(
             torch.arange(ep * El * B, device=flat.device), counts.reshape(-1), output_size=got.shape[0])
@@ -94,21 +106,25 @@ class MemoryExchange:
         seg_counts = counts.permute(1, 0, 2).reshape(-1)
         cu = torch.cat([seg_counts.new_zeros(1), torch.cumsum(seg_counts, 0)])
         memory_offsets = cu[ep * B :: ep * B].to(torch.int32)
-        shared = layer.shared_mem
-        if shared:
-            T = flat.shape[0] // B
-            cu = torch.cat([cu, cu[-1] + T * torch.arange(1, B + 1, device=cu.device)])
-        stream_reset = None
-        if reset is not None:
-            stream_reset = torch.cat([flags, reset[R:]]) if shared else flags
-        o, _, _ = layer.run_stream(x_rows, q_rows, flat if shared else None, q_tok if shared else None,
-                                   cu, memory_offsets, stream_reset)
-        routed = o[: got.shape[0]]
+        routed, _, _ = layer.run_stream(x_rows, q_rows, None, None, cu, memory_offsets,
+                                        None if reset is None else flags)
 
         # 5. routed outputs back to their source, in the source's row order
         back = torch.empty_like(routed).index_copy(0, order, routed)
         routed_home = _AllToAll.apply(back, send_sizes, recv_sizes, self.group)
-        return torch.cat([routed_home, o[got.shape[0] :]]) if shared else routed_home
+        return torch.cat([routed_home, o_shared]) if shared else routed_home
+
+
+def _to_host(sizes: torch.Tensor):
+    """`(host tensor, event or None)`: on CUDA an asynchronous copy into pinned memory and the event
+    that marks it done, so the host waits for the copy only, not for work queued after it."""
+    if not sizes.is_cuda:
+        return sizes, None
+    host = torch.empty(sizes.shape, dtype=sizes.dtype, pin_memory=True)
+    host.copy_(sizes, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
 
 
 def check_expert_parallel_degree(num_memories: int, ep: int, world_size: int) -> None:
