@@ -86,6 +86,8 @@ def prefill(model: MoMTransformer, input_ids: torch.Tensor, cache: ModelCache, *
     """Run the prompts `input_ids [B, T]` into `cache`, `chunk_size` tokens at a time (None: all at
     once) -> the last position's logits `[B, vocab]` (no logits are computed for the other positions)."""
     T = input_ids.shape[1]
+    if T == 0:
+        raise ValueError(f"prefill needs at least one token, got input_ids of shape {tuple(input_ids.shape)}")
     if chunk_size is not None:
         require_positive_int("chunk_size", chunk_size)
     step = T if chunk_size is None else chunk_size

@@ -57,6 +57,7 @@ from doc_sections import write_section  # noqa: E402
 
 from momtitan.cache import ModelCache  # noqa: E402
 from momtitan.config import MoMModelArgs, get_flavor  # noqa: E402
+from momtitan.generate import Generator, prefill  # noqa: E402
 
 SECTION = "## Inference: decode and prefill"
 ARMS = ("momtitan", "momtitan-hf", "fla", "llama")
@@ -287,8 +288,6 @@ class MoMtitanRunner:
         self.chunk_size = chunk_size
 
     def prefill(self, tokens):
-        from momtitan.generate import prefill
-
         param = next(self.model.parameters())
         cache = ModelCache.allocate(self.model.args, tokens.shape[0], device=param.device, dtype=param.dtype,
                                     max_len=tokens.shape[1] + STEPS_AFTER_PREFILL + 1)
@@ -452,8 +451,6 @@ def momtitan_path(device) -> str:
 
 def run_momtitan(a, args, meta: dict, common: dict, keep_weights: bool):
     """momtitan's cells (prefill, compiled Generator, HF generate) -> (decode, prefill, CPU state dict or None)."""
-    from momtitan.generate import Generator
-
     device, decode, prefill = common["device"], [], []
     base = allocated(device)
     model = build_momtitan(args, device, DTYPES[a.dtype], a.seed)
@@ -741,6 +738,7 @@ def main(argv=None) -> dict:
     print(f"bench_inference on {device_name}: flavor {a.flavor}, arms {a.arms}, batches {a.batch_sizes}, "
           f"prompt {a.prompt_len} + {a.new_tokens} new, prefill {a.prefill_lens}, {a.dtype}; momtitan recurrence: "
           f"{momtitan_path(a.device)}", flush=True)
+
     def publish(results: dict) -> None:
         if a.no_write:
             return

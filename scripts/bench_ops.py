@@ -21,9 +21,10 @@ compiled) against fla's `MomAttention`.
 
 Writes the tables to docs/benchmarks.md, section "## Ops: linear_recurrence" (after every row, so a
 run cut off keeps what it measured). `--profile` prints the per-kernel CUDA time of one fwd+bwd of
-each recurrence at the first shape (not written).
+each recurrence at the first shape, and of the two MoM layers (not written).
 
     python scripts/bench_ops.py [--seq-lens 2048,8192,32768] [--heads 32x128,16x128,4x256] [--no-write] [--profile]
+    python scripts/bench_ops.py --profile --ops ours --heads 32x128 --seq-lens 4096 --no-layer --no-write
 
 fla autotunes each of its kernels at every new shape, which makes a full run long. On a machine of
 several GPUs, `--part` splits it: each part writes its own section, "## Ops: linear_recurrence, part
@@ -119,30 +120,44 @@ def candidates(fla):
     return c
 
 
-def grad_step(fn, inputs):
-    """A closure running fn forward and backward (gradients of every input) once."""
+def grad_step(fn, inputs, params=()):
+    """A closure running fn forward and backward once: the gradients of every input and of `params`
+    (a layer's parameters, so that its weight-gradient GEMMs are timed too)."""
     leaves = [t.detach().requires_grad_(True) for t in inputs]
+    wrt = leaves + list(params)
     with torch.no_grad():
         do = torch.randn_like(fn(*leaves))
 
     def step():
         o = fn(*leaves)
-        torch.autograd.grad(o, leaves, do, allow_unused=True)
+        torch.autograd.grad(o, wrt, do, allow_unused=True)
 
     return step
 
 
-def bench_one(fn, inputs, backward):
+def bench_one(fn, inputs, backward, params=()):
     from triton.testing import do_bench
 
     if not backward:
         with torch.no_grad():
             return do_bench(lambda: fn(*inputs), warmup=25, rep=100, return_mode="median")
-    return do_bench(grad_step(fn, inputs), warmup=25, rep=100, return_mode="median")
+    return do_bench(grad_step(fn, inputs, params), warmup=25, rep=100, return_mode="median")
+
+
+def print_profile(title: str, step, rows: int = 12) -> None:
+    """Print the CUDA time per kernel of three calls of `step` (after one warm-up call)."""
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(f"\n### {title}, 3 x fwd+bwd")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows))
 
 
 def profile(args, cands, prep):
-    """Print the CUDA time per kernel of three fwd+bwd steps of each recurrence at the first shape."""
+    """The per-kernel profile of one fwd+bwd of each recurrence at the first shape."""
     H, d = (int(x) for x in args.heads.split(",")[0].split("x"))
     T = int(args.seq_lens.split(",")[0])
     B = max(1, args.tokens // T)
@@ -151,15 +166,7 @@ def profile(args, cands, prep):
         if kind == "sdpa":
             continue
         inputs = (prep(q), prep(k), v, g, beta) if kind == "sgla" else (q, k, v, g, beta)
-        step = grad_step(fn, inputs)
-        step()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-        print(f"\n### {name}: B{B} T{T} H{H} d{d}, 3 x fwd+bwd")
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
+        print_profile(f"{name}: B{B} T{T} H{H} d{d}", grad_step(fn, inputs))
 
 
 def layer_rows(args, fla_installed):
@@ -174,8 +181,9 @@ def layer_rows(args, fla_installed):
     ours = MoMLayer(margs).cuda()
     ours.reset_parameters()
     ours = ours.to(torch.bfloat16)
-    arms = {"momtitan MoMLayer (eager)": lambda x: ours(x)[0]}
-    arms["momtitan MoMLayer (torch.compile)"] = torch.compile(lambda x: ours(x)[0], fullgraph=True)
+    # name -> (fn, the layer whose parameters get gradients too)
+    arms = {"momtitan MoMLayer (eager)": (lambda x: ours(x)[0], ours)}
+    arms["momtitan MoMLayer (torch.compile)"] = (torch.compile(lambda x: ours(x)[0], fullgraph=True), ours)
     if fla_installed:
         from fla.layers.mom import MomAttention
 
@@ -184,14 +192,19 @@ def layer_rows(args, fla_installed):
             num_memories=margs.num_memories, topk=margs.topk, shared_mem=margs.shared_mem, conv_size=margs.conv_size,
             mode="chunk", layer_idx=0,
         ).cuda().to(torch.bfloat16)
-        arms["fla MomAttention"] = lambda x: theirs(x)[0]
+        arms["fla MomAttention"] = (lambda x: theirs(x)[0], theirs)
     x = torch.randn(B, T, margs.hidden_size, device="cuda", dtype=torch.bfloat16)
+    if args.profile:  # where one MoM layer's time goes, ours compiled and fla's
+        for name in ("momtitan MoMLayer (torch.compile)", "fla MomAttention"):
+            if name in arms:
+                fn, layer = arms[name]
+                print_profile(f"{name}: B{B} T{T}", grad_step(fn, (x,), layer.parameters()), rows=25)
     rows = []
-    for name, fn in arms.items():
+    for name, (fn, layer) in arms.items():
         res = {}
         for mode in ("fwd", "fwd+bwd"):
             try:
-                res[mode] = bench_one(fn, (x,), mode == "fwd+bwd")
+                res[mode] = bench_one(fn, (x,), mode == "fwd+bwd", layer.parameters())
             except Exception as e:  # noqa: BLE001 - report, keep going
                 res[mode] = f"error: {type(e).__name__}"
                 traceback.print_exc()
@@ -201,8 +214,8 @@ def layer_rows(args, fla_installed):
     lines = [
         "",
         f"One MoM layer, 340M config (hidden {margs.hidden_size}, {margs.num_heads} heads of {margs.head_dim}, "
-        f"top-{margs.topk} of {margs.num_memories} memories + shared), bf16, B x T = {B} x {T}; "
-        "speed-up = fla ms / ours ms.",
+        f"top-{margs.topk} of {margs.num_memories} memories + shared), bf16, B x T = {B} x {T}; fwd+bwd "
+        "computes the gradients of the input and of every parameter; speed-up = fla ms / ours ms.",
         "",
         "| layer | fwd ms | fwd+bwd ms | fwd speed-up vs fla | fwd+bwd speed-up vs fla |",
         "|---|---|---|---|---|",
@@ -223,7 +236,12 @@ def run(args, publish) -> str:
     fla, fla_version = load_fla()
     cands = candidates(fla)
     prep = cands.pop("_prep")
-    if args.profile:
+    if args.ops:
+        wanted = [w.strip() for w in args.ops.split(",") if w.strip()]
+        cands = {n: c for n, c in cands.items() if any(w in n for w in wanted)}
+        if not cands:
+            raise ValueError(f"--ops {args.ops!r} matches none of the ops {[n for n in candidates(None) if n[0] != '_']}")
+    if args.profile and args.heads.strip():
         profile(args, cands, prep)
     header = [
         SECTION + (f", part {args.part}" if args.part else ""),
@@ -301,6 +319,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print per-kernel CUDA times at the first shape")
     ap.add_argument("--part", default="", help="name of this part of a split run (its own section)")
     ap.add_argument("--no-layer", action="store_true", help="skip the MoM layer comparison")
+    ap.add_argument("--ops", default="", help="comma list: time only the ops whose name contains one of these "
+                    "(e.g. 'ours' or 'gated delta'); default all")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():

@@ -11,7 +11,7 @@ Outputs:
     a markdown section in docs/quality.md  (replaced between its markers on each run of the mode)
     a PNG plot                             --plot  (default docs/mqar.png; needs matplotlib)
 
-    python scripts/mqar.py                       # full grid, sized for ~10 min on one H100 (see below)
+    python scripts/mqar.py --jobs 12 --amp bfloat16   # full grid on one GPU, 12 runs side by side
     python scripts/mqar.py --quick --device cpu  # a CPU-sized smoke run of the same pipeline
 
 On a machine of several GPUs the grid splits into shards, one process per GPU, each writing only
@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
+import multiprocessing
+import os
 import platform
 import re
 import sys
@@ -38,16 +41,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Cost. With MOMTITAN_TRITON=0, CUDA runs the recurrence on the chunked PyTorch path, whose
-# Python loop over chunks makes a 2-layer MoM step launch-bound: measured on an H200 at T=256,
-# B=128, d_model=64: MoM 1.2 s/step, single-memory GDN 0.4 s/step, attention 9 ms/step, i.e.
-# about 5 h for the full grid. The ~10 min estimate assumes the Triton kernels (<= ~30 ms/step
-# for MoM at this size; not measured here).
+# Cost. Measured on an H200 with the Triton kernels in fp32: 36-57 ms per step (B=128, T=256) for the
+# recurrent arms, 11-12 ms for attention, i.e. 55-85 s per run and ~24 min for the 24 runs of one learning
+# rate one after another. These 2-layer models' kernels are small, so the host's launches set much of
+# the pace: `--jobs` trains several runs side by side on one GPU (measured: 12 workers gave ~1.9x the
+# throughput of one, so the GPU work itself is ~half of a step), `--compile-mode reduce-overhead`
+# replays each compiled block as CUDA graphs (not yet measured), `--amp bfloat16` runs the kernels in bf16.
 from momtitan.eval.mqar import ARM_LABELS, ARMS, MQARTask, TrainConfig, build_model_args, generate_mqar, train_mqar  # noqa: E402
 
 # Full grid: Zoology's T=256 setting at three recall loads, two widths (Zoology Fig. 2 / GDN sweep
 # widths), vocab 8192; 1500 steps of batch 128 over 24K examples (8 epochs).
-FULL = dict(vocab_size=8192, seq_len=256, kv_pairs=[16, 32, 64], d_models=[64, 128], lrs=[3e-3], steps=1500,
+FULL = dict(vocab_size=8192, seq_len=256, kv_pairs=[16, 32, 64], d_models=[64, 128], lrs=[1e-3, 3e-3], steps=1500,
             batch_size=128, num_train=24_000, num_test=1_000, num_heads=2)
 # Quick: a CPU-sized case of the same pipeline (two kv loads, one width).
 QUICK = dict(vocab_size=64, seq_len=32, kv_pairs=[2, 4], d_models=[32], lrs=[1e-2], steps=150, batch_size=16,
@@ -75,17 +79,24 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each block with inductor (default: on for CUDA, off on CPU)")
+    p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune",
+                                                             "max-autotune-no-cudagraphs"],
+                   help="inductor's mode for the compiled blocks (reduce-overhead: CUDA graphs; needs --compile)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="run the I-th of N interleaved parts of the grid and write only its JSON")
     p.add_argument("--merge", default=None, metavar="A.json,B.json",
                    help="train nothing: write the markdown and plot of the shards' JSONs")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes training runs side by side on the device (default 1)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=str(ROOT / "docs" / "mqar.png"))
     p.add_argument("--markdown", default=str(ROOT / "docs" / "quality.md"))
     p.add_argument("--no-write", action="store_true", help="print only; write no markdown or plot")
     a = p.parse_args(argv)
     a.shard_index, a.num_shards = _shard(a.shard)
+    if a.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {a.jobs}")
     return a
 
 
@@ -121,42 +132,76 @@ def grid_from_args(a) -> dict:
     return g
 
 
+def grid_runs(g: dict, shard: tuple[int, int] = (0, 1)) -> list[tuple[int, int, str, float]]:
+    """The `(kv, d_model, arm, lr)` runs of the grid, or of the shard's part of it: the runs at grid indices
+    (i, j, a) go to shard (i + j + a) % N, which spreads each arm's costly cells over the shards. Costliest
+    first (recurrent arms, wide, many pairs), so that a pool of workers ends together."""
+    runs = [(kv, d, arm, lr)
+            for i, kv in enumerate(g["kv_pairs"]) for j, d in enumerate(g["d_models"]) for a, arm in enumerate(g["arms"])
+            if (i + j + a) % shard[1] == shard[0] for lr in g["lrs"]]
+    return sorted(runs, key=lambda r: (r[2] == "attention", -r[1], -r[0]))
+
+
+@functools.lru_cache(maxsize=2)
+def _data(task: MQARTask, num_train: int, num_test: int, seed: int):
+    t = time.perf_counter()
+    data = (*generate_mqar(task, num_train, seed=seed), *generate_mqar(task, num_test, seed=seed + 1))
+    print(f"[data] T={task.seq_len} kv={task.num_kv_pairs} vocab={task.vocab_size}: {num_train} train / {num_test} "
+          f"test in {time.perf_counter() - t:.1f}s", flush=True)
+    return data
+
+
+def train_run(g: dict, device: str, amp: str | None, seed: int, compile_blocks: bool, compile_mode: str | None,
+              run: tuple[int, int, str, float]) -> dict:
+    """Train one `(kv, d_model, arm, lr)` of the grid; the result row of the JSON."""
+    kv, d, arm, lr = run
+    task = MQARTask(vocab_size=g["vocab_size"], seq_len=g["seq_len"], num_kv_pairs=kv)
+    args = build_model_args(arm, d, vocab_size=task.vocab_size, seq_len=task.seq_len, num_heads=g["num_heads"],
+                            num_memories=g["num_memories"], topk=g["topk"])
+    cfg = TrainConfig(steps=g["steps"], batch_size=g["batch_size"], lr=lr, num_train=g["num_train"],
+                      num_test=g["num_test"], seed=seed, device=device, amp_dtype=amp,
+                      compile_backend="inductor" if compile_blocks else None, compile_mode=compile_mode)
+    r = train_mqar(args, task, cfg, data=_data(task, g["num_train"], g["num_test"], seed))
+    r.update(arm=arm, d_model=d, num_kv_pairs=kv, seq_len=task.seq_len, lr=lr,
+             heads=args.num_heads, head_dim=args.head_dim, head_v_dim=args.head_v_dim,
+             streams_total=args.num_memories + int(args.shared_mem) if not args.attn_layers else 0,
+             streams_active=args.topk + int(args.shared_mem) if not args.attn_layers else 0)
+    r.pop("model_args")
+    return r
+
+
+def _worker_init(device: str) -> None:
+    torch.set_num_threads(1)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+
 def run_grid(g: dict, device: str, amp: str | None, seed: int, compile_blocks: bool,
-             shard: tuple[int, int] = (0, 1), on_run=None) -> list[dict]:
-    """Train every (kv, d_model, arm, lr) of the grid, or the shard's part of it: the run at grid indices
-    (i, j, a) goes to shard (i + j + a) % N, which spreads each arm's costly cells over the shards."""
+             shard: tuple[int, int] = (0, 1), on_run=None, jobs: int = 1, compile_mode: str | None = None) -> list[dict]:
+    """Train the shard's runs of the grid (`grid_runs`), one after another, or with `jobs > 1` in that
+    many worker processes sharing the device (a tiny model's step leaves a GPU mostly idle)."""
+    todo = grid_runs(g, shard)
+    work = functools.partial(train_run, g, device, amp, seed, compile_blocks, compile_mode)
+    pool = None
+    if jobs > 1:
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # the workers compile side by side
+        pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(todo)), _worker_init, (device,))
+        results = pool.imap_unordered(work, todo)
+    else:
+        results = map(work, todo)
     runs = []
-    for i, kv in enumerate(g["kv_pairs"]):
-        if all((i + j + a) % shard[1] != shard[0] for j in range(len(g["d_models"])) for a in range(len(g["arms"]))):
-            continue
-        task = MQARTask(vocab_size=g["vocab_size"], seq_len=g["seq_len"], num_kv_pairs=kv)
-        t = time.perf_counter()
-        data = (*generate_mqar(task, g["num_train"], seed=seed), *generate_mqar(task, g["num_test"], seed=seed + 1))
-        print(f"[data] T={task.seq_len} kv={kv} vocab={task.vocab_size}: {g['num_train']} train / {g['num_test']} "
-              f"test in {time.perf_counter() - t:.1f}s", flush=True)
-        for j, d in enumerate(g["d_models"]):
-            for a, arm in enumerate(g["arms"]):
-                if (i + j + a) % shard[1] != shard[0]:
-                    continue
-                args = build_model_args(arm, d, vocab_size=task.vocab_size, seq_len=task.seq_len, num_heads=g["num_heads"],
-                                        num_memories=g["num_memories"], topk=g["topk"])
-                for lr in g["lrs"]:
-                    cfg = TrainConfig(steps=g["steps"], batch_size=g["batch_size"], lr=lr, num_train=g["num_train"],
-                                      num_test=g["num_test"], seed=seed, device=device, amp_dtype=amp,
-                                      compile_backend="inductor" if compile_blocks else None)
-                    r = train_mqar(args, task, cfg, data=data)
-                    r.update(arm=arm, d_model=d, num_kv_pairs=kv, seq_len=task.seq_len, lr=lr,
-                             heads=args.num_heads, head_dim=args.head_dim, head_v_dim=args.head_v_dim,
-                             streams_total=args.num_memories + int(args.shared_mem) if not args.attn_layers else 0,
-                             streams_active=args.topk + int(args.shared_mem) if not args.attn_layers else 0)
-                    r.pop("model_args")
-                    runs.append(r)
-                    print(f"  kv={kv:3d} d={d:4d} {arm:10s} lr={lr:.0e}  acc={r['accuracy']:.3f}  "
-                          f"loss={r['final_train_loss']:.3f}  state={r['state_total']:>8d} (active {r['state_active']:>8d})  "
-                          f"params={r['num_params']:>8d}  train {r['train_seconds']:.1f}s "
-                          f"({1e3 * r['train_seconds'] / cfg.steps:.1f} ms/step)", flush=True)
-                    if on_run is not None:
-                        on_run(runs)
+    try:
+        for r in results:
+            runs.append(r)
+            print(f"  kv={r['num_kv_pairs']:3d} d={r['d_model']:4d} {r['arm']:10s} lr={r['lr']:.0e}  "
+                  f"acc={r['accuracy']:.3f}  loss={r['final_train_loss']:.3f}  state={r['state_total']:>8d} "
+                  f"(active {r['state_active']:>8d})  params={r['num_params']:>8d}  train {r['train_seconds']:.1f}s "
+                  f"({1e3 * r['train_seconds'] / g['steps']:.1f} ms/step)  [{len(runs)}/{len(todo)}]", flush=True)
+            if on_run is not None:
+                on_run(runs)
+    finally:
+        if pool is not None:
+            pool.terminate()
     return runs
 
 
@@ -200,7 +245,8 @@ def markdown(g: dict, runs: list[dict], meta: dict, plot: str | None, quick: boo
         f"Task: vocab {g['vocab_size']}, T = {g['seq_len']}, power_a 0.01, random filler; {g['num_train']} train / "
         f"{g['num_test']} test examples (test seed = train seed + 1). Training: {g['steps']} steps × batch "
         f"{g['batch_size']}, AdamW (β 0.9/0.98, wd 0.1), warmup 10 % then cosine, lr ∈ {g['lrs']} "
-        f"(best per cell reported), fp32{'' if not meta.get('amp') else ' + autocast ' + meta['amp']}. "
+        f"(best per cell reported), fp32{'' if not meta.get('amp') else ' + autocast ' + meta['amp']}"
+        f"{'' if not meta.get('compile') else ', blocks compiled (inductor, mode ' + (meta.get('compile_mode') or 'default') + ')'}. "
         f"Models: 2 layers, SwiGLU 2·d, tied embeddings; recurrent arms use the gated delta rule with short conv 4, "
         f"heads of d_k = d_v = d_model / {g['num_heads']}.",
         "",
@@ -322,7 +368,7 @@ def merge(a) -> list[dict]:
     parts = [json.loads(Path(f).read_text()) for f in a.merge.split(",") if f.strip()]
     if not parts:
         raise ValueError(f"--merge needs JSON files, got {a.merge!r}")
-    grids = [{k: v for k, v in part["grid"].items()} for part in parts]
+    grids = [part["grid"] for part in parts]
     if any(grid != grids[0] for grid in grids):
         raise ValueError(f"--merge: the JSONs {a.merge!r} come from different grids")
     g, runs = grids[0], [r for part in parts for r in part["runs"]]
@@ -371,9 +417,11 @@ def main(argv=None):
           f"{g['d_models']}, arms {g['arms']}, lrs {g['lrs']}, T={g['seq_len']}, vocab={g['vocab_size']}, "
           f"{g['steps']} steps × batch {g['batch_size']}", flush=True)
     compile_blocks = device.startswith("cuda") if a.compile is None else a.compile
+    if a.compile_mode is not None and not compile_blocks:
+        raise ValueError(f"--compile-mode {a.compile_mode} needs compiled blocks (--compile, the default on CUDA)")
     dev_name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     meta = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), device=dev_name, host=platform.node(),
-                torch=torch.__version__, wall_s=0.0, amp=a.amp, compile=compile_blocks,
+                torch=torch.__version__, wall_s=0.0, amp=a.amp, compile=compile_blocks, compile_mode=a.compile_mode,
                 command="python scripts/mqar.py " + " ".join(sys.argv[1:] if argv is None else argv))
     part = f"_shard{a.shard_index}of{a.num_shards}" if a.num_shards > 1 else ""
     json_path = Path(a.json or ROOT / "outputs" / "mqar" / f"mqar_{'quick' if a.quick else 'full'}{part}.json")
@@ -384,7 +432,8 @@ def main(argv=None):
         meta["wall_s"] = time.perf_counter() - t0
         json_path.write_text(json.dumps(dict(meta=meta, grid=g, runs=runs), indent=1))
 
-    runs = run_grid(g, device, a.amp, a.seed, compile_blocks, (a.shard_index, a.num_shards), on_run=save)
+    runs = run_grid(g, device, a.amp, a.seed, compile_blocks, (a.shard_index, a.num_shards), on_run=save, jobs=a.jobs,
+                    compile_mode=a.compile_mode)
     save(runs)
     print(f"done: {len(runs)} runs in {meta['wall_s']:.0f}s", flush=True)
     print(f"wrote {json_path}")

@@ -189,14 +189,21 @@ def test_tiny_mom_learns_easy_mqar():
     assert result["accuracy"] > 0.5, result
 
 
-def test_mqar_script_runs_a_tiny_grid_end_to_end(tmp_path):
-    """The CLI path CI can afford: two arms, one cell, a few steps; JSON, markdown table and plot written."""
+def _cli():
+    """scripts/mqar.py as a module."""
     import importlib.util
-    import json
 
     spec = importlib.util.spec_from_file_location("mqar_cli", Path(__file__).resolve().parents[1] / "scripts" / "mqar.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
+    return cli
+
+
+def test_mqar_script_runs_a_tiny_grid_end_to_end(tmp_path):
+    """The CLI path CI can afford: two arms, one cell, a few steps; JSON, markdown table and plot written."""
+    import json
+
+    cli = _cli()
     out = tmp_path / "q.md"
     out.write_text("# Quality\n")
     runs = cli.main(["--device", "cpu", "--arms", "mom,attention", "--kv-pairs", "2", "--d-models", "16",
@@ -212,13 +219,10 @@ def test_mqar_script_runs_a_tiny_grid_end_to_end(tmp_path):
 
 def test_mqar_shards_split_the_grid_and_merge(tmp_path):
     """Two shards train disjoint halves of the grid; --merge writes one table of both."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("mqar_cli", Path(__file__).resolve().parents[1] / "scripts" / "mqar.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = _cli()
     common = ["--device", "cpu", "--arms", "mom,attention", "--kv-pairs", "2", "--d-models", "16", "--seq-len", "16",
-              "--vocab-size", "32", "--steps", "2", "--batch-size", "4", "--num-train", "16", "--num-test", "8"]
+              "--vocab-size", "32", "--steps", "2", "--batch-size", "4", "--num-train", "16", "--num-test", "8",
+              "--lrs", "0.003"]
     shards = [cli.main(common + ["--shard", f"{i}/2", "--json", str(tmp_path / f"s{i}.json")]) for i in range(2)]
     assert [[r["arm"] for r in runs] for runs in shards] == [["mom"], ["attention"]]
     out = tmp_path / "q.md"
@@ -228,6 +232,37 @@ def test_mqar_shards_split_the_grid_and_merge(tmp_path):
     assert "| 2 | 16 | mom |" in out.read_text() and "| 2 | 16 | attention |" in out.read_text()
     with pytest.raises(ValueError, match="--shard"):
         cli.main(common + ["--shard", "2/2"])
+
+
+def test_mqar_jobs_train_the_grid_in_worker_processes(tmp_path):
+    """`--jobs 2`: the runs are trained by two spawned workers and all reach the JSON; bad --jobs raises."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "scripts" / "mqar.py"), "--device", "cpu", "--arms", "mom,attention",
+           "--kv-pairs", "2", "--d-models", "16", "--seq-len", "16", "--vocab-size", "32", "--steps", "2",
+           "--batch-size", "4", "--num-train", "16", "--num-test", "8", "--lrs", "0.001,0.003", "--no-write",
+           "--json", str(tmp_path / "r.json")]
+    done = subprocess.run(cmd + ["--jobs", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = json.loads((tmp_path / "r.json").read_text())["runs"]
+    assert sorted((r["arm"], r["lr"]) for r in runs) == [("attention", 0.001), ("attention", 0.003),
+                                                         ("mom", 0.001), ("mom", 0.003)]
+    bad = subprocess.run(cmd + ["--jobs", "0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--jobs must be >= 1, got 0" in bad.stderr
+
+
+def test_compile_mode_needs_inductor_and_a_known_mode():
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        TrainConfig(compile_mode="reduce-overhead")  # no compile backend
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        TrainConfig(compile_backend="inductor", compile_mode="fastest")
+    assert TrainConfig(compile_backend="inductor", compile_mode="reduce-overhead").cuda_graphs
+    assert not TrainConfig(compile_backend="inductor", compile_mode="default").cuda_graphs
+    with pytest.raises(ValueError, match="--compile-mode reduce-overhead needs compiled blocks"):
+        _cli().main(["--device", "cpu", "--quick", "--compile-mode", "reduce-overhead", "--no-write"])
 
 
 def test_compiled_blocks_train_like_eager():

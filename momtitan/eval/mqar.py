@@ -223,6 +223,9 @@ def state_size(args: MoMModelArgs, seq_len: int | None = None) -> StateSize:
 # ---------------------------------------------------------------------------------------------
 # training and evaluation
 # ---------------------------------------------------------------------------------------------
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
@@ -238,6 +241,7 @@ class TrainConfig:
     device: str = "cpu"
     amp_dtype: str | None = None  # "bfloat16" for autocast on CUDA; None trains in fp32
     compile_backend: str | None = None  # torch.compile each block (fullgraph) with this backend; None: eager
+    compile_mode: str | None = None  # inductor's mode; "reduce-overhead" replays each block as CUDA graphs
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "num_train", "num_test", "eval_batch_size"):
@@ -248,6 +252,13 @@ class TrainConfig:
             raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac!r}")
         if self.amp_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"amp_dtype must be None, 'bfloat16' or 'float16', got {self.amp_dtype!r}")
+        if self.compile_mode is not None and (self.compile_backend != "inductor" or self.compile_mode not in COMPILE_MODES):
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES} with compile_backend 'inductor', got "
+                             f"compile_mode={self.compile_mode!r}, compile_backend={self.compile_backend!r}")
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.compile_mode in ("reduce-overhead", "max-autotune")
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -265,8 +276,9 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 @torch.no_grad()
 def evaluate(model: MoMTransformer, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
-             amp: contextlib.AbstractContextManager | None = None) -> float:
-    """Share of answer positions (labels != -100) whose argmax logit is the label."""
+             amp: contextlib.AbstractContextManager | None = None, cuda_graphs: bool = False) -> float:
+    """Share of answer positions (labels != -100) whose argmax logit is the label. `cuda_graphs`: the
+    model's blocks replay CUDA graphs, so each batch starts a new step of them."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -274,6 +286,8 @@ def evaluate(model: MoMTransformer, inputs: torch.Tensor, labels: torch.Tensor, 
     for start in range(0, inputs.shape[0], batch_size):
         x = inputs[start : start + batch_size].to(device)
         y = labels[start : start + batch_size].to(device)
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with amp or contextlib.nullcontext():
             logits = model(x).logits
         mask = y != IGNORE_INDEX
@@ -313,7 +327,7 @@ def train_mqar(args: MoMModelArgs, task: MQARTask, cfg: TrainConfig, *, log_ever
     if cfg.compile_backend is not None:  # tiny models are launch-bound: fused blocks run much faster
         from momtitan.parallel.parallelize import apply_compile
 
-        apply_compile(model, backend=cfg.compile_backend, fullgraph=True)
+        apply_compile(model, backend=cfg.compile_backend, fullgraph=True, mode=cfg.compile_mode)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embeddings" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embeddings" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -322,16 +336,20 @@ def train_mqar(args: MoMModelArgs, task: MQARTask, cfg: TrainConfig, *, log_ever
     warmup = max(1, int(cfg.warmup_frac * cfg.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, warmup))
     order_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    order = torch.randperm(train_x.shape[0], generator=order_gen)
+    # each epoch's order goes to the device once: a per-step host-to-device copy of the batch indices
+    # would wait for the GPU every step, and the host could not queue the next step ahead of it
+    order = torch.randperm(train_x.shape[0], generator=order_gen).to(device)
     cursor = 0
     amp = _autocast(cfg, device)
     model.train()
     losses = []
     t0 = time.perf_counter()
     for step in range(cfg.steps):
+        if cfg.cuda_graphs:  # the graphs' outputs of the last step may be overwritten from here on
+            torch.compiler.cudagraph_mark_step_begin()
         if cursor + cfg.batch_size > order.numel():
-            order, cursor = torch.randperm(train_x.shape[0], generator=order_gen), 0
-        idx = order[cursor : cursor + cfg.batch_size].to(device)
+            order, cursor = torch.randperm(train_x.shape[0], generator=order_gen).to(device), 0
+        idx = order[cursor : cursor + cfg.batch_size]
         cursor += cfg.batch_size
         x, y = train_x[idx], train_y[idx]
         with _autocast(cfg, device):
@@ -352,7 +370,7 @@ def train_mqar(args: MoMModelArgs, task: MQARTask, cfg: TrainConfig, *, log_ever
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    acc = evaluate(model, test_x, test_y, cfg.eval_batch_size, amp)
+    acc = evaluate(model, test_x, test_y, cfg.eval_batch_size, amp, cuda_graphs=cfg.cuda_graphs)
     eval_s = time.perf_counter() - t1
     sizes = state_size(args, task.seq_len)
     return {

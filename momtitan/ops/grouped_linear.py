@@ -5,8 +5,8 @@ Rows `[group_ends[g-1], group_ends[g])` are multiplied by `weight[g]`. On CUDA w
 group's product for all rows and selects (G times the FLOPs, fixed shapes: fine for CPU runs).
 
 `align > 1` first spreads the rows so that every group starts at a multiple of `align` (zero rows
-in between, in a buffer of static size `R + G * (align - 1)`). torchao's float8 grouped GEMM
-(`quantize.grouped_mm.float8`) needs groups of multiples of 16 rows.
+in between, in a buffer of static size `R + G * (align - 1)` rounded up to a multiple of `align`).
+torchao's float8 grouped GEMM (`quantize.grouped_mm.float8`) needs groups of multiples of 16 rows.
 """
 
 from __future__ import annotations
@@ -24,14 +24,17 @@ def naive_grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: torc
 
 def aligned_rows(group_ends: torch.Tensor, rows: int, align: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """`(dest [rows], padded_ends [G], capacity)`: row r goes to `dest[r]` when each group is padded to
-    a multiple of `align` rows; `padded_ends` are the padded groups' ends; `capacity` the static size."""
+    a multiple of `align` rows; `padded_ends` are the padded groups' ends; `capacity` the static size,
+    itself a multiple of `align` (the float8 backward multiplies the transposed buffer, whose row
+    stride is the capacity: 16-byte strides need it)."""
     ends = group_ends.long()
     counts = torch.diff(ends, prepend=ends.new_zeros(1))
     padded = (counts + align - 1) // align * align
     padded_ends = torch.cumsum(padded, 0)
     group = bucket_of_index(ends, rows)
     dest = (padded_ends - padded)[group] + torch.arange(rows, device=ends.device) - (ends - counts)[group]
-    return dest, padded_ends, rows + ends.numel() * (align - 1)
+    capacity = -(-(rows + ends.numel() * (align - 1)) // align) * align
+    return dest, padded_ends, capacity
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor, align: int = 1) -> torch.Tensor:

@@ -54,11 +54,12 @@ def _check_supported(parallel_dims) -> None:
             raise ValueError(f"parallelism.{name} > 1 is not supported for the MoM model; use FSDP/HSDP/DDP")
 
 
-def apply_compile(model: nn.Module, backend: str, fullgraph: bool = True) -> None:
-    """Compile each block on its own: the blocks are alike, so one compilation serves them all."""
+def apply_compile(model: nn.Module, backend: str, fullgraph: bool = True, mode: str | None = None) -> None:
+    """Compile each block on its own: the blocks are alike, so one compilation serves them all.
+    `mode` is inductor's (e.g. "reduce-overhead": each block's graphs replayed as CUDA graphs)."""
     for layer_id, block in model.layers.named_children():
-        model.layers.register_module(layer_id, torch.compile(block, backend=backend, fullgraph=fullgraph))
-    logger.info(f"Compiled each MoM block with torch.compile (backend {backend}, fullgraph={fullgraph})")
+        model.layers.register_module(layer_id, torch.compile(block, backend=backend, fullgraph=fullgraph, mode=mode))
+    logger.info(f"Compiled each MoM block with torch.compile (backend {backend}, fullgraph={fullgraph}, mode {mode})")
 
 
 def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,

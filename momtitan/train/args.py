@@ -48,7 +48,7 @@ class MoMTitanArgs(BaseModelArgs):
 
         base = get_flavor(self.flavor)
         if job_config.training.dataset == "mqar":  # token ids are the task's own, not the tokenizer's
-            vocab = getattr(job_config, "mqar").vocab_size
+            vocab = job_config.mqar.vocab_size
         else:
             vocab = tokenizer_vocab_size(job_config)
         if "vocab_size" in overrides:

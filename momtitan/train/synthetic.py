@@ -94,7 +94,7 @@ class SyntheticCorpus:
         values = {k: rng.choice(THINGS) for k in keys}
         facts = [f"The {('secret', 'favourite', 'lucky')[i % 3]} word of {k} is {values[k]}." for i, k in enumerate(keys)]
         questions = []
-        for i, k in enumerate(rng.sample(keys, len(keys))):
+        for k in rng.sample(keys, len(keys)):
             kind = ("secret", "favourite", "lucky")[keys.index(k) % 3]
             questions.append(f"What is the {kind} word of {k}? It is {values[k]}.")
         return " ".join(facts) + " " + " ".join(questions)

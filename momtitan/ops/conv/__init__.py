@@ -1,7 +1,8 @@
 """`short_conv`: the depthwise causal convolution (kernel W, SiLU) along segmented token streams.
 
 `naive.py` is the token-by-token specification, `segmented.py` the PyTorch implementation,
-`step.py` the single-token update used for decoding.
+`step.py` the single-token update used for decoding. CUDA tensors take the Triton kernels of
+`momtitan.ops.triton` (`conv_kernels.py`) for both, unless `MOMTITAN_TRITON=0`.
 """
 
 from __future__ import annotations
@@ -54,5 +55,14 @@ def short_conv(
 
 
 def _short_conv(x, weight, **kwargs):
-    """Dispatch without the host-side value checks; for callers that build `cu_seqlens` themselves."""
+    """Dispatch without the host-side value checks; for callers that build `cu_seqlens` themselves.
+
+    CUDA inputs in fp32/bf16/fp16 go to the Triton kernels (`momtitan.ops.triton`, imported lazily)
+    unless `MOMTITAN_TRITON=0`; everything else to the PyTorch path, which stays the reference.
+    """
+    if x.is_cuda:
+        from momtitan.ops.triton import supports_conv, triton_short_conv
+
+        if supports_conv(x, weight, kwargs.get("initial_state")):
+            return triton_short_conv(x, weight, **kwargs)
     return segmented_short_conv(x, weight, **kwargs)

@@ -6,13 +6,16 @@ Per chunk (start state S0, end state S1, carry c, end weights e, decay D, P = (q
     o  = s (c q) S0 + s P u
     S1 = c_end S0 + (e k)^T u
 
-1. `state_bwd_kernel` per (segment, head, V-block), chunks in reverse: stores dS1 per chunk (dh),
+1. `local_du_kernel` per (chunk, head, V-block): the state-independent part s P^T dO of du,
+   chunk-parallel (it used to sit inside the sequential loop, repeated per V-block).
+2. `state_bwd_kernel` per (segment, head, V-block), chunks in reverse: stores dS1 per chunk (dh),
    du = s P^T dO + (e k) dS1, and carries dS0 = c_end dS1 + s (c q)^T dO - W^T du back; at the
    segment start that is the initial state's gradient. For the plain rules du is dv.
-2. `grads_kernel` per (chunk, head, K-block): everything else, with dbv = T^T du, dA = -dbv u^T
-   (strictly lower), d(beta c k) = -dbv S0^T. Gradients of gamma (cumulative log-decay) are turned
-   into gradients of g by a reverse cumsum in the chunk. Partial sums over K-blocks of dg and dbeta
-   are stored per K-block and summed on the host side (a tensor sum, no sync).
+3. `grads_kernel` per (chunk, head): everything else, with dbv = T^T du, dA = -dbv u^T (strictly
+   lower), d(beta c k) = -dbv S0^T. A first pass over V forms the C x C products that do not depend
+   on the K-block (dO u^T, dbv u^T and their transposes, dv) once; a second pass per K-block forms
+   the terms through the states and writes that block of dq and dk. Gradients of gamma (cumulative
+   log-decay) are turned into gradients of g by a reverse cumsum in the chunk.
 Gradients w.r.t. the L2-normalised q, k come out in fp32; the norm's backward is applied outside.
 """
 
@@ -27,14 +30,49 @@ from momtitan.ops.triton.common import (
 
 
 @triton.jit
+def local_du_kernel(
+    q_ptr, k_ptr, g_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr, do_ptr, dul_ptr,
+    scale, H, K, V,
+    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DOT_MODE: tl.constexpr,
+):
+    """Per (chunk, head, V-block): the part of du that does not depend on the carried state,
+    `scale * P^T dO` with `P = (q k^T) * D`, into the padded layout (fp32)."""
+    c = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    vb = tl.program_id(2)
+    tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
+    vv = vb * BV + tl.arange(0, BV)
+    vm = vv < V
+    gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
+    rq = row_scales(rq_ptr, tok, valid, h, H, L2)
+    rk = row_scales(rk_ptr, tok, valid, h, H, L2)
+    # P^T = (k q^T) * D^T, built directly: never tl.trans a dot result (Hopper miscompile)
+    KQ = tl.zeros([C, C], dtype=tl.float32)
+    for kb in tl.static_range(NKB):
+        k2 = kb * BK + tl.arange(0, BK)
+        m2 = valid[:, None] & (k2 < K)[None, :]
+        q2 = tl.load(q_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
+        kt2 = tl.load(k_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
+        KQ += mdot(kt2, tl.trans(q2), DOT_MODE)
+    PT = KQ * (rk[:, None] * rq[None, :]) * decay_matrix_t(gamma, run, C)
+    dO = tl.load(do_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=valid[:, None] & vm[None, :], other=0.0)
+    tl.store(dul_ptr + (prow[:, None] * H + h) * V + vv[None, :], scale * mdot(PT, dO.to(tl.float32), DOT_MODE),
+             mask=vm[None, :])
+
+
+@triton.jit
 def state_bwd_kernel(
-    q_ptr, k_ptr, g_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr, seg_ptr, w_ptr, do_ptr, dht_ptr,
+    q_ptr, k_ptr, g_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr, seg_ptr, w_ptr, do_ptr, dht_ptr, dul_ptr,
     dh_ptr, du_ptr, dh0_ptr,
     scale, H, K, V,
-    C: tl.constexpr, BKF: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    C: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DELTA: tl.constexpr,
     HAS_DHT: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
+    """The reverse sequential pass: per (segment, head, V-block), chunk by chunk from the end,
+    stores each chunk's end-state gradient dh, the full du (the chunk-local part from
+    `local_du_kernel` plus the state part) and dh0."""
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     vb = tl.program_id(2)
@@ -57,19 +95,11 @@ def state_bwd_kernel(
         carry, e, c_end = chunk_weights(gamma, run, C)
         rq = row_scales(rq_ptr, tok, valid, h, H, L2)
         rk = row_scales(rk_ptr, tok, valid, h, H, L2)
-        # P^T = (k q^T) * D^T, built directly: never tl.trans a dot result (Hopper miscompile)
-        KQ = tl.zeros([C, C], dtype=tl.float32)
-        for kb in tl.static_range(BKF // BK):  # in K-blocks: smaller dot operands
-            k2 = kb * BK + tl.arange(0, BK)
-            m2 = valid[:, None] & (k2 < K)[None, :]
-            q2 = tl.load(q_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
-            kt2 = tl.load(k_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
-            KQ += mdot(kt2, tl.trans(q2), DOT_MODE)
-        PT = KQ * (rk[:, None] * rq[None, :]) * decay_matrix_t(gamma, run, C)
         qt = tl.load(q_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)
         kt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)
         dO = tl.load(do_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=valid[:, None] & vm[None, :], other=0.0).to(tl.float32)
-        du = scale * mdot(PT, dO, DOT_MODE) + mdot(kt.to(tl.float32) * (rk * e)[:, None], dS, DOT_MODE)
+        du_local = tl.load(dul_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=vm[None, :], other=0.0)
+        du = du_local + mdot(kt.to(tl.float32) * (rk * e)[:, None], dS, DOT_MODE)
         dS_new = c_end * dS + scale * mdot(tl.trans(qt.to(tl.float32) * (rq * carry)[:, None]), dO, DOT_MODE)
         if DELTA:
             tl.store(du_ptr + (prow[:, None] * H + h) * V + vv[None, :], du, mask=vm[None, :])
@@ -87,24 +117,22 @@ def grads_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr,
     t_ptr, h_ptr, dh_ptr, u_ptr, du_ptr, do_ptr,
     dq_ptr, dk_ptr, dv_ptr, dg_ptr, db_ptr,
-    scale, H, K, V, total,
+    scale, H, K, V,
     C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DELTA: tl.constexpr,
     DOT_MODE: tl.constexpr,
 ):
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    kb = tl.program_id(2)
     i = tl.arange(0, C)
     tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     live = nvalid > 0
     gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
     carry, e, c_end = chunk_weights(gamma, run, C)
     D = decay_matrix(gamma, run, C)
+    DT = decay_matrix_t(gamma, run, C)
     rq = row_scales(rq_ptr, tok, valid, h, H, L2)
     rk = row_scales(rk_ptr, tok, valid, h, H, L2)
-    kk = kb * BK + tl.arange(0, BK)
-    km = kk < K
     if DELTA:
         b = tl.load(beta_ptr + tok * H + h, mask=valid, other=0.0).to(tl.float32)
         Tm = tl.load(t_ptr + ((c * H + h) * C + i[:, None]) * C + i[None, :], mask=live, other=0.0)
@@ -112,48 +140,36 @@ def grads_kernel(
         b = tl.zeros([C], dtype=tl.float32)
         Tm = tl.zeros([C, C], dtype=tl.float32)
 
-    acc_qs = tl.zeros([C, BK], dtype=tl.float32)  # dO S0^T
-    acc_ek = tl.zeros([C, BK], dtype=tl.float32)  # u dS1^T
-    acc_bk = tl.zeros([C, BK], dtype=tl.float32)  # dbv S0^T
+    # Pass 1, over V: the C x C products, which do not depend on the K-block (and dv).
     dP = tl.zeros([C, C], dtype=tl.float32)  # dO u^T
     dPT = tl.zeros([C, C], dtype=tl.float32)  # u dO^T (its transpose, built directly)
     dA = tl.zeros([C, C], dtype=tl.float32)  # dbv u^T
     dAT = tl.zeros([C, C], dtype=tl.float32)  # u dbv^T
-    dbv_sum = tl.zeros([C], dtype=tl.float32)  # sum_v v * dbv
-    dcC = 0.0
+    dbeta = tl.zeros([C], dtype=tl.float32)  # sum_v v * dbv, then the K-block terms
     for vb in tl.static_range(NVB):
         vv = vb * BV + tl.arange(0, BV)
-        vm = vv < V
-        smask = km[:, None] & vm[None, :] & live
-        S0 = tl.load(h_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], mask=smask, other=0.0)
-        dS1 = tl.load(dh_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], mask=smask, other=0.0)
-        tmask = valid[:, None] & vm[None, :]
+        tmask = valid[:, None] & (vv < V)[None, :]
         dO = tl.load(do_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
         vt = tl.load(v_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
         if DELTA:
             ub = tl.load(u_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0)
         else:
             ub = vt
-        acc_qs += mdot(dO, tl.trans(S0), DOT_MODE)
-        acc_ek += mdot(ub, tl.trans(dS1), DOT_MODE)
         dP += mdot(dO, tl.trans(ub), DOT_MODE)
         dPT += mdot(ub, tl.trans(dO), DOT_MODE)
-        dcC += tl.sum(tl.sum(S0 * dS1, 1), 0)
         if DELTA:
             dub = tl.load(du_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0)
             dbv = mdot(tl.trans(Tm), dub, DOT_MODE)  # T^T du
             dbvT = mdot(tl.trans(dub), Tm, DOT_MODE)  # (T^T du)^T, not tl.trans(dbv)
-            acc_bk += mdot(dbv, tl.trans(S0), DOT_MODE)
             dA += mdot(dbv, tl.trans(ub), DOT_MODE)
             dAT += mdot(ub, dbvT, DOT_MODE)
-            if kb == 0:
-                tl.store(dv_ptr + (tok[:, None] * H + h) * V + vv[None, :], (b[:, None] * dbv).to(dv_ptr.dtype.element_ty), mask=tmask)
-                dbv_sum += tl.sum(vt * dbv, 1)
+            tl.store(dv_ptr + (tok[:, None] * H + h) * V + vv[None, :], (b[:, None] * dbv).to(dv_ptr.dtype.element_ty), mask=tmask)
+            dbeta += tl.sum(vt * dbv, 1)
 
     QK = tl.zeros([C, C], dtype=tl.float32)
     KK = tl.zeros([C, C], dtype=tl.float32)
-    for kb2 in tl.static_range(NKB):
-        k2 = kb2 * BK + tl.arange(0, BK)
+    for kb in tl.static_range(NKB):
+        k2 = kb * BK + tl.arange(0, BK)
         m2 = valid[:, None] & (k2 < K)[None, :]
         q2 = tl.load(q_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
         kt2 = tl.load(k_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
@@ -161,37 +177,66 @@ def grads_kernel(
         KK += mdot(kt2, tl.trans(kt2), DOT_MODE)
     QK = QK * rq[:, None] * rk[None, :]
     KK = KK * rk[:, None] * rk[None, :]
-    m1 = valid[:, None] & km[None, :]
-    qb = tl.load(q_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=m1, other=0.0).to(tl.float32) * rq[:, None]
-    kbt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=m1, other=0.0).to(tl.float32) * rk[:, None]
 
-    DT = decay_matrix_t(gamma, run, C)
-    dPD = dP * D
-    dq = scale * carry[:, None] * acc_qs + scale * mdot(dPD, kbt, DOT_MODE)
-    dk = scale * mdot(dPT * DT, qb, DOT_MODE) + e[:, None] * acc_ek
-    dc = scale * tl.sum(qb * acc_qs, 1)
-    de = tl.sum(kbt * acc_ek, 1)
-    dDD = scale * dP * QK
+    dDD = scale * dP * QK  # d(decay matrix), through P and (delta rules) A
+    dPD = dP * D  # multiplies k for dq
+    dPTD = dPT * DT  # multiplies q for dk
     if DELTA:
         dAm = tl.where(i[:, None] > i[None, :], -dA, 0.0)
-        dKK = dAm * b[:, None] * D
-        dKKT = tl.where(i[:, None] < i[None, :], -dAT, 0.0) * b[None, :] * DT  # dKK^T
-        dbck = -acc_bk
-        dk += mdot(dKK, kbt, DOT_MODE) + mdot(dKKT, kbt, DOT_MODE) + (b * carry)[:, None] * dbck
-        kdb = tl.sum(kbt * dbck, 1)
-        dc += b * kdb
-        dbeta = carry * kdb
-        if kb == 0:
-            dbeta += dbv_sum + tl.sum(dAm * D * KK, 1)
+        dKK = dAm * b[:, None] * D + tl.where(i[:, None] < i[None, :], -dAT, 0.0) * b[None, :] * DT  # dKK + dKK^T
+        dbeta += tl.sum(dAm * D * KK, 1)
         dDD += dAm * b[:, None] * KK
-        tl.store(db_ptr + (kb * total + tok) * H + h, dbeta, mask=valid)
+    else:
+        dKK = tl.zeros([C, C], dtype=tl.float32)
+    dDD = dDD * D
+    dgam_D = tl.sum(dDD, 1) - tl.sum(dDD, 0)  # d(gamma) through the decay matrix
+
+    # Pass 2, per K-block: the terms through the states, and dq, dk.
+    dc = tl.zeros([C], dtype=tl.float32)  # d(carry), summed over K-blocks
+    de = tl.zeros([C], dtype=tl.float32)  # d(end weights)
+    dcC = 0.0  # d(c_end)
+    for kb in tl.static_range(NKB):
+        kk = kb * BK + tl.arange(0, BK)
+        km = kk < K
+        acc_qs = tl.zeros([C, BK], dtype=tl.float32)  # dO S0^T
+        acc_ek = tl.zeros([C, BK], dtype=tl.float32)  # u dS1^T
+        acc_bk = tl.zeros([C, BK], dtype=tl.float32)  # dbv S0^T
+        for vb in tl.static_range(NVB):
+            vv = vb * BV + tl.arange(0, BV)
+            vm = vv < V
+            smask = km[:, None] & vm[None, :] & live
+            S0 = tl.load(h_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], mask=smask, other=0.0)
+            dS1 = tl.load(dh_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], mask=smask, other=0.0)
+            tmask = valid[:, None] & vm[None, :]
+            dO = tl.load(do_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
+            if DELTA:
+                ub = tl.load(u_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0)
+            else:
+                ub = tl.load(v_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
+            acc_qs += mdot(dO, tl.trans(S0), DOT_MODE)
+            acc_ek += mdot(ub, tl.trans(dS1), DOT_MODE)
+            dcC += tl.sum(tl.sum(S0 * dS1, 1), 0)
+            if DELTA:
+                dub = tl.load(du_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0)
+                acc_bk += mdot(mdot(tl.trans(Tm), dub, DOT_MODE), tl.trans(S0), DOT_MODE)
+        m1 = valid[:, None] & km[None, :]
+        qb = tl.load(q_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=m1, other=0.0).to(tl.float32) * rq[:, None]
+        kbt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=m1, other=0.0).to(tl.float32) * rk[:, None]
+        dq = scale * carry[:, None] * acc_qs + scale * mdot(dPD, kbt, DOT_MODE)
+        dk = scale * mdot(dPTD, qb, DOT_MODE) + e[:, None] * acc_ek
+        dc += scale * tl.sum(qb * acc_qs, 1)
+        de += tl.sum(kbt * acc_ek, 1)
+        if DELTA:
+            dk += mdot(dKK, kbt, DOT_MODE) - (b * carry)[:, None] * acc_bk
+            kdb = -tl.sum(kbt * acc_bk, 1)
+            dc += b * kdb
+            dbeta += carry * kdb
+        tl.store(dq_ptr + (tok[:, None] * H + h) * K + kk[None, :], dq, mask=m1)
+        tl.store(dk_ptr + (tok[:, None] * H + h) * K + kk[None, :], dk, mask=m1)
+    if DELTA:
+        tl.store(db_ptr + tok * H + h, dbeta, mask=valid)
     if HAS_G:
-        dDD = dDD * D
-        dgam = dc * carry - de * e
+        dgam = dc * carry - de * e + dgam_D
         dgam += tl.where(i == C - 1, dcC * c_end + tl.sum(de * e, 0), 0.0)
-        if kb == 0:
-            dgam += tl.sum(dDD, 1) - tl.sum(dDD, 0)
         dg = tl.sum(dgam, 0) - tl.cumsum(dgam, 0) + dgam
-        tl.store(dg_ptr + (kb * total + tok) * H + h, dg, mask=valid)
-    tl.store(dq_ptr + (tok[:, None] * H + h) * K + kk[None, :], dq, mask=m1)
-    tl.store(dk_ptr + (tok[:, None] * H + h) * K + kk[None, :], dk, mask=m1)
+        tl.store(dg_ptr + tok * H + h, dg, mask=valid)

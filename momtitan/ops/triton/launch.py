@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from momtitan.ops.triton.bwd_kernels import grads_kernel, state_bwd_kernel
+from momtitan.ops.triton.bwd_kernels import grads_kernel, local_du_kernel, state_bwd_kernel
 from momtitan.ops.triton.common import DOT_MODES, chunk_map, pow2
 from momtitan.ops.triton.fwd_kernels import output_kernel, prepare_kernel, state_kernel
 
@@ -77,9 +77,10 @@ class _Plan:
         return dict(HAS_G=self.g is not None, HAS_RESET=self.reset is not None, L2=self.l2, DOT_MODE=self.dot_mode)
 
 
-def forward(p: _Plan, scale: float, for_backward: bool = False):
-    """Returns `(o [B, T, H, V], final_state [N, H, K, V] fp32, saved)`; `saved` holds the
-    intermediates the backward needs (chunk start states h, u, W, T) when `for_backward`."""
+def states(p: _Plan, for_backward: bool = False) -> dict:
+    """The chunk start states `h`, the final states `ht`, and for the delta rules the corrected values
+    `u` and the WY factor `W` (plus `T = (I + A)^-1` when `for_backward`): all the backward needs, which
+    recomputes them rather than keeping them from the forward."""
     H, K, V, C, NC = p.H, p.K, p.V, p.C, p.NC
     dev = p.q.device
     f32 = torch.float32
@@ -101,14 +102,19 @@ def forward(p: _Plan, scale: float, for_backward: bool = False):
         h, p.ptr(u), ht, H, K, V, C=C, BKF=p.BKF, BV=p.BVS, DELTA=p.delta, HAS_H0=p.h0 is not None,
         num_warps=p.warps_seq, num_stages=1, **p.flags(),
     )
-    o = torch.empty(p.B, p.T, H, V, device=dev, dtype=p.v.dtype)
-    output_kernel[(NC, H, p.NVB)](
-        p.q, p.k, p.v, p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, h, p.ptr(u), o,
-        scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, DELTA=p.delta,
+    return dict(h=h, ht=ht, u=u, W=W, T=T)
+
+
+def forward(p: _Plan, scale: float):
+    """Returns `(o [B, T, H, V], final_state [N, H, K, V] fp32)`."""
+    s = states(p)
+    o = torch.empty(p.B, p.T, p.H, p.V, device=p.q.device, dtype=p.v.dtype)
+    output_kernel[(p.NC, p.H, p.NVB)](
+        p.q, p.k, p.v, p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, s["h"], p.ptr(s["u"]), o,
+        scale, p.H, p.K, p.V, C=p.C, BK=p.BK, NKB=p.NKB, BV=p.BV, DELTA=p.delta,
         num_warps=p.warps_chunk, **p.flags(),
     )
-    saved = dict(h=h, u=u, W=W, T=T) if for_backward else None
-    return o, ht, saved
+    return o, s["ht"]
 
 
 def _l2norm_bwd(x, r, dxn):
@@ -122,26 +128,33 @@ def backward(p: _Plan, scale: float, do, dht):
     H, K, V, C, NC, total = p.H, p.K, p.V, p.C, p.NC, p.total
     dev = p.q.device
     f32 = torch.float32
-    _, _, s = forward(p, scale, for_backward=True)
+    s = states(p, for_backward=True)  # the output itself is not needed
     do = do.reshape(total, H, V).contiguous()
     dht = dht.to(f32).contiguous() if dht is not None else None
     dh = torch.empty(NC, H, K, V, device=dev, dtype=f32)
     dh0 = torch.empty(p.N, H, K, V, device=dev, dtype=f32)
     dv = torch.empty(p.B, p.T, H, V, device=dev, dtype=p.v.dtype)
     du = torch.empty(NC * C, H, V, device=dev, dtype=f32) if p.delta else dv
+    # the state-independent part of du, chunk-parallel, so the sequential pass only carries dS
+    du_local = torch.empty(NC * C, H, V, device=dev, dtype=f32)
+    bwd_flags = {**p.flags(), "DOT_MODE": p.dot_mode_state_bwd}
+    local_du_kernel[(NC, H, p.NVB)](
+        p.q, p.k, p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, do, du_local,
+        scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, num_warps=p.warps_chunk, **bwd_flags,
+    )
     state_bwd_kernel[(p.N, H, p.NVBS)](
         p.q, p.k, p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, p.seg, p.ptr(s["W"]), do,
-        p.ptr(dht), dh, du, dh0, scale, H, K, V, C=C, BKF=p.BKF, BK=p.BK, BV=p.BVS, DELTA=p.delta,
-        HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=1, **{**p.flags(), "DOT_MODE": p.dot_mode_state_bwd},
+        p.ptr(dht), du_local, dh, du, dh0, scale, H, K, V, C=C, BKF=p.BKF, BV=p.BVS, DELTA=p.delta,
+        HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=1, **bwd_flags,
     )
     dq = torch.empty(total, H, K, device=dev, dtype=f32)
     dk = torch.empty(total, H, K, device=dev, dtype=f32)
-    dg = torch.empty(p.NKB, total, H, device=dev, dtype=f32) if p.g is not None else None
-    db = torch.empty(p.NKB, total, H, device=dev, dtype=f32) if p.delta else None
-    grads_kernel[(NC, H, p.NKB)](
+    dg = torch.empty(total, H, device=dev, dtype=f32) if p.g is not None else None
+    db = torch.empty(total, H, device=dev, dtype=f32) if p.delta else None
+    grads_kernel[(NC, H)](
         p.q, p.k, p.v, p.ptr(p.g), p.ptr(p.beta), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info,
         p.ptr(s["T"]), s["h"], dh, p.ptr(s["u"]), p.ptr(du if p.delta else None), do,
-        dq, dk, dv, p.ptr(dg), p.ptr(db), scale, H, K, V, total,
+        dq, dk, dv, p.ptr(dg), p.ptr(db), scale, H, K, V,
         C=C, BK=p.BK, NKB=p.NKB, BV=p.BVG, NVB=p.NVBG, DELTA=p.delta, num_warps=p.warps_grad, **p.flags(),
     )
     if p.l2:
@@ -149,6 +162,6 @@ def backward(p: _Plan, scale: float, do, dht):
         dk = _l2norm_bwd(p.k, p.rk, dk)
     dq = dq.reshape(p.B, p.T, H, K).to(p.q.dtype)
     dk = dk.reshape(p.B, p.T, H, K).to(p.k.dtype)
-    dg = dg.sum(0).reshape(p.B, p.T, H) if dg is not None else None
-    db = db.sum(0).reshape(p.B, p.T, H) if db is not None else None
+    dg = dg.reshape(p.B, p.T, H) if dg is not None else None
+    db = db.reshape(p.B, p.T, H) if db is not None else None
     return dq, dk, dv, dg, db, dh0

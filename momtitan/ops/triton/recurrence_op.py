@@ -27,7 +27,7 @@ def linear_recurrence_fwd(
     scale: float, qk_l2norm: bool, chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     p = _Plan(q, k, v, g, beta, initial_state, cu_seqlens, reset, qk_l2norm, chunk_size)
-    o, ht, _ = forward(p, scale)
+    o, ht = forward(p, scale)
     return o, ht
 
 

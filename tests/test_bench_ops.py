@@ -1,0 +1,35 @@
+"""scripts/bench_ops.py's CPU-checkable parts: the timed fwd+bwd step and the op filter."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("bench_ops_cli", ROOT / "scripts" / "bench_ops.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def test_grad_step_differentiates_the_inputs_and_the_layer_parameters(monkeypatch):
+    """A layer's fwd+bwd must include its weight gradients (they are GEMMs of the same size as the forward's)."""
+    layer = torch.nn.Linear(8, 4)
+    seen = []
+    real_grad = torch.autograd.grad
+
+    def spy(outputs, inputs, *args, **kwargs):
+        seen.append([tuple(t.shape) for t in inputs])
+        return real_grad(outputs, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    step = bench.grad_step(layer, (torch.randn(3, 8),), layer.parameters())
+    step()
+    step()
+    assert seen == [[(3, 8), (4, 8), (4,)]] * 2
+
+
+def test_ops_filter_rejects_an_unknown_name():
+    args = bench.argparse.Namespace(ops="no such op", profile=False, heads="", no_layer=True)
+    with pytest.raises(ValueError, match="--ops 'no such op' matches none of the ops"):
+        bench.run(args, publish=lambda _: None)
