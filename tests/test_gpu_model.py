@@ -120,6 +120,7 @@ def test_float8_grouped_gemm_on_the_memories_tracks_bf16():
     from torchao.quantization.quant_api import quantize_
 
     from momtitan.layers.mom import MemoryProjections, MoMLayer
+    from momtitan.parallel.float8 import FLOAT8_GROUP_ALIGNMENT
 
     args = get_flavor("debug").replace(hidden_size=128, head_dim=32)
     torch.manual_seed(0)
@@ -131,7 +132,7 @@ def test_float8_grouped_gemm_on_the_memories_tracks_bf16():
     quantize_(fp8, config=MoETrainingConfig(), filter_fn=lambda module, fqn: "memories" in fqn)
     for module in fp8.modules():
         if isinstance(module, MemoryProjections):
-            module.group_alignment = 16
+            module.group_alignment = FLOAT8_GROUP_ALIGNMENT
     x = torch.randn(2, 200, args.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     y_ref, y = plain(x)[0], fp8(x)[0]
     assert_close("float8 memories output", y.float(), y_ref.float(), 0.1)

@@ -21,17 +21,11 @@ if __name__ == "__main__":  # the interpreter worker: must be set before triton 
     os.environ["TRITON_INTERPRET"] = "1"
 
 import json
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
-
-def rel_err(a, b):
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    nb = b.norm().item()
-    return (a - b).norm().item() / nb if nb > 0 else (a - b).norm().item()
+from tests.interpreter import rel_err, result, run_worker
 
 
 def make_inputs(spec, device, dtype, seed=0):
@@ -249,47 +243,29 @@ def _worker_compile():
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, __file__, "worker"], capture_output=True, text=True, env=env, timeout=600, cwd=root
-    )
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            r = json.loads(line)
-            results[r["check"]] = r
-    results["_log"] = f"rc={proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
-    return results
-
-
-def _get(results, name):
-    if name not in results:
-        pytest.fail(f"interpreter worker produced no result for {name!r}:\n{results['_log']}")
-    return results[name]
+    return run_worker(__file__, timeout=600)
 
 
 @pytest.mark.parametrize("name", list(CPU_CASES) + ["default_tiles"] + list(CPU_BF16_CASES))
 def test_interpreter_matches_naive_fp64(interpreter_results, name):
-    r = _get(interpreter_results, name)
+    r = result(interpreter_results, name)
     assert r["dtypes_ok"], f"{name}: result dtypes differ from the PyTorch path's"
     _assert_errs(r["errs"], r["finite"], *TOL["bf16" if name in CPU_BF16_CASES else "fp32"], name)
 
 
 @pytest.mark.parametrize("name", [f"step_W{W}_{a}" for W in (2, 4) for a in ("silu", "none")] + ["step_x_fp16_state_fp32"])
 def test_interpreter_step(interpreter_results, name):
-    r = _get(interpreter_results, name)["errs"]
+    r = result(interpreter_results, name)["errs"]
     tol_y = TOL["fp16"][0] if "fp16" in name else CPU_TOL  # y is rounded to x's dtype
     assert r["y"] < tol_y and r["state"] < CPU_TOL and r["untouched_equal"] and r["dtype_ok"], r
 
 
 def test_interpreter_opcheck(interpreter_results):
-    assert _get(interpreter_results, "opcheck")["ok"]
+    assert result(interpreter_results, "opcheck")["ok"]
 
 
 def test_interpreter_compile_fullgraph(interpreter_results):
-    r = _get(interpreter_results, "compile")["errs"]
+    r = result(interpreter_results, "compile")["errs"]
     assert all(v < CPU_TOL for v in r.values()), r
 
 

@@ -18,19 +18,13 @@ if __name__ == "__main__":  # the interpreter worker: must be set before triton 
     os.environ["TRITON_INTERPRET"] = "1"
 
 import json
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.interpreter import rel_err, result, run_worker
+
 RULES = {"linear": (False, False), "gated": (True, False), "delta": (False, True), "gated_delta": (True, True)}
-
-
-def rel_err(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    nb = b.norm().item()
-    return (a - b).norm().item() / nb if nb > 0 else (a - b).norm().item()
 
 
 def make_inputs(spec, device, dtype, seed=0):
@@ -210,30 +204,12 @@ def _worker_compile():
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, __file__, "worker"], capture_output=True, text=True, env=env, timeout=900, cwd=root
-    )
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            r = json.loads(line)
-            results[r["check"]] = r
-    results["_log"] = f"rc={proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
-    return results
-
-
-def _get(results, name):
-    if name not in results:
-        pytest.fail(f"interpreter worker produced no result for {name!r}:\n{results['_log']}")
-    return results[name]
+    return run_worker(__file__, timeout=900)
 
 
 @pytest.mark.parametrize("name", list(CPU_CASES))
 def test_interpreter_matches_naive_fp64(interpreter_results, name):
-    r = _get(interpreter_results, name)
+    r = result(interpreter_results, name)
     assert r["finite"], r
     bad = {k: v for k, v in r["errs"].items() if not v < CPU_TOL}
     assert not bad, f"{name}: relative errors above {CPU_TOL}: {bad} (all: {r['errs']})"
@@ -241,16 +217,16 @@ def test_interpreter_matches_naive_fp64(interpreter_results, name):
 
 @pytest.mark.parametrize("name", [f"step_{r}" for r in RULES] + ["step_linear_no_l2"])
 def test_interpreter_step(interpreter_results, name):
-    r = _get(interpreter_results, name)["errs"]
+    r = result(interpreter_results, name)["errs"]
     assert r["o"] < CPU_TOL and r["state"] < CPU_TOL and r["untouched_equal"], r
 
 
 def test_interpreter_opcheck(interpreter_results):
-    assert _get(interpreter_results, "opcheck")["ok"]
+    assert result(interpreter_results, "opcheck")["ok"]
 
 
 def test_interpreter_compile_fullgraph(interpreter_results):
-    r = _get(interpreter_results, "compile")["errs"]
+    r = result(interpreter_results, "compile")["errs"]
     assert all(v < CPU_TOL for v in r.values()), r
 
 
