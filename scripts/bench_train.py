@@ -4,7 +4,8 @@ Each named case is a `run_train.sh` invocation (GPU count + flags). The script r
 another, parses torchtitan's step lines (loss, tokens/s per GPU, MFU, memory), and writes a table
 with the machine, versions and the exact commands to docs/benchmarks.md under a section title.
 tokens/s, MFU and the all-to-all time are medians over the steps after `--warmup` steps, memory the
-peak; multi-GPU cases get a scaling efficiency against the suite's 1-GPU case of the same variant.
+peak; multi-GPU cases get a scaling efficiency against the suite's 1-GPU (and 2-GPU) case of the same
+model and precision.
 
     python scripts/bench_train.py --suite multi_gpu_debug --steps 30
     python scripts/bench_train.py --suite single_gpu_340m --steps 20
@@ -74,14 +75,14 @@ SUITES = {
         for fp8 in (False, True)
         for n, ep, par in ((1, 1, "FSDP"), (2, 1, "FSDP"), (2, 2, "FSDP+EP2"))
     ] + [("340M 1 GPU FSDP float8 (+ memories)", 1, M340 + ["--training.local_batch_size", "4"] + COMPILE + FLOAT8_ALL)],
-    # the scaling issue: 1.3B, compile on, FSDP x EP (ep = 2 .. n) at 2-8 GPUs against 1 GPU, float8 off and
-    # on; the 1- and 2-GPU cases are ep_2gpu's (same flags: --results reuses them)
+    # the scaling issue: 1.3B, compile on, FSDP alone and FSDP x EP (ep = 2 .. n) at 2-8 GPUs against
+    # 1 GPU, float8 off and on (the 1- and 2-GPU cases share ep_2gpu's flags: --results reuses them)
     "scaling_1p3b": [
         (f"1.3B {n} GPU{'s' if n > 1 else ''} {par}{' float8' if fp8 else ''}", n,
          M1P3 + COMPILE + (FLOAT8 if fp8 else []) + (["--parallelism.expert_parallel_degree", str(ep)] if ep > 1 else []))
         for n in (1, 2, 4, 8)
         for ep, par in ((1, "FSDP"), (2, "FSDP+EP2"), (4, "FSDP+EP4"), (8, "FSDP+EP8"))
-        if (ep == 1 and n == 1) or 1 < ep <= n
+        if ep <= n
         for fp8 in (False, True)
     ],
 }
@@ -107,6 +108,21 @@ def gpu_count() -> int:
 def case_key(ngpu: int, flags: list[str], steps: int, device: str) -> str:
     """What makes two runs the same measurement: machine, GPU count, flags and steps (not the case's name)."""
     return f"{device} | {ngpu} | {steps} | {' '.join(flags)}"
+
+
+def longest_stored(store: dict, ngpu: int, flags: list[str], device: str) -> dict | None:
+    """The successful stored run of this case on `device` with the most steps, or None."""
+    best, best_steps = None, -1
+    for key, result in store.items():
+        k_device, k_ngpu, k_steps, k_flags = key.split(" | ", 3)
+        if (k_device, int(k_ngpu), k_flags) == (device, ngpu, " ".join(flags)) and result["rc"] == 0 \
+                and int(k_steps) > best_steps:
+            best, best_steps = result, int(k_steps)
+    return best
+
+
+def versions() -> str:
+    return ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "triton", "torchtitan", "torchao"))
 
 
 def start_case(name: str, ngpu: int, flags: list[str], steps: int, out_dir: Path, gpus: list[int] | None) -> dict:
@@ -169,12 +185,18 @@ def run_cases(cases: list[tuple[str, int, list[str]]], steps: int, out_dir: Path
                 on_result(i, result)
 
 
-def variant(flags: list[str]) -> tuple[str, str]:
-    """What a case trains apart from its parallelism: (config file, model converters)."""
-    def value(flag: str) -> str:
-        return flags[flags.index(flag) + 1] if flag in flags else ""
+def variant(flags: list[str]) -> tuple[str, str, int]:
+    """What a case trains and how it routes: (config file, model converters, expert-parallel degree)."""
+    def value(flag: str, default: str = "") -> str:
+        return flags[flags.index(flag) + 1] if flag in flags else default
 
-    return value("--job.config_file"), value("--model.converters")
+    return value("--job.config_file"), value("--model.converters"), int(value("--parallelism.expert_parallel_degree", "1"))
+
+
+def baseline_variant(of: tuple[str, str, int], ngpu: int) -> tuple[str, str, int]:
+    """The variant a scaling efficiency compares with on `ngpu` GPUs: same model and precision, the
+    expert-parallel degree capped at `ngpu` (4-GPU EP4 against 2-GPU EP2 and 1-GPU FSDP)."""
+    return of[0], of[1], min(of[2], ngpu)
 
 
 def median_tps(result: dict, warmup: int) -> float | None:
@@ -192,7 +214,7 @@ def summarize(result: dict, warmup: int, one_gpu: dict | None = None, two_gpu: d
     efficiencies, tokens/s per GPU here over tokens/s per GPU there."""
     rows = [r for r in result["rows"] if r[0] > warmup]
     if result["rc"] != 0 or not rows:
-        return f"| {result['name']} | {result['ngpu']} | failed (rc {result['rc']}) | | | | | | | |"
+        return f"| {result['name']} | {result['ngpu']} | | failed (rc {result['rc']}) | | | | | | | |"
     losses = {r[0]: r[1] for r in result["rows"]}
     first, last = min(losses), max(losses)
     tps = median_tps(result, warmup)
@@ -201,7 +223,7 @@ def summarize(result: dict, warmup: int, one_gpu: dict | None = None, two_gpu: d
     a2a = [r[5] for r in rows if r[5] is not None]
     a2a_cell = (f"{statistics.median(ms for ms, _ in a2a):.1f} ({statistics.median(p for _, p in a2a):.1f}%)"
                 if a2a else "-")
-    return (f"| {result['name']} | {result['ngpu']} | {losses[first]:.3f} → {losses[last]:.3f} | {tps:,.0f} | "
+    return (f"| {result['name']} | {result['ngpu']} | {last} | {losses[first]:.3f} → {losses[last]:.3f} | {tps:,.0f} | "
             f"{mfu:.1f} | {mem:.2f} | {a2a_cell} | {efficiency(tps, one_gpu, warmup)} | "
             f"{efficiency(tps, two_gpu, warmup)} | {result['wall']:.0f} |")
 
@@ -213,25 +235,30 @@ def load_results(path: Path | None) -> dict:
 
 
 def section(args, results: list[dict], missing: list[str], device: str, available: int) -> str:
-    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "triton", "torchtitan", "torchao"))
+    stack = "; ".join(sorted({r.get("versions", "versions not recorded") for r in results})) or versions()
     kernels = ("Triton kernels" if available and os.environ.get("MOMTITAN_TRITON") != "0"
                else "PyTorch chunked path" + (" (MOMTITAN_TRITON=0)" if available else ""))
-    packed = (" Cases ran at the same time on disjoint GPUs of the machine (`--pack`)." if args.pack else "")
-    reused = [r["name"] for r in results if r.get("reused")]
-    lines = [f"{time.strftime('%Y-%m-%d')}, {available} × {device}; {versions}; recurrence: {kernels}.",
-             f"{args.steps} steps; tokens/s per GPU, MFU and the all-to-all time (rank 0, expert-parallel runs) "
-             f"are medians after step {args.warmup}; memory is the peak. Scaling efficiency: tokens/s per GPU "
-             f"over that of the 1-GPU (2-GPU) case of the same model and precision.{packed}"
-             + (f" Reused from an earlier run on the same machine kind, same flags: {', '.join(reused)}." if reused else ""),
+    packed = (" Cases narrower than the machine ran at the same time on disjoint GPUs (`--pack`)."
+              if any(r.get("gpus") is not None for r in results) else "")
+    reused = [r["name"] for r in results if r.get("reused")] if args.report is None else []
+    lines = [f"{time.strftime('%Y-%m-%d')}, {available} × {device}; {stack}; recurrence: {kernels}.",
+             f"tokens/s per GPU, MFU and the all-to-all time (rank 0, expert-parallel runs) are medians over the "
+             f"steps after step {args.warmup}; memory is the peak. Scaling efficiency: tokens/s per GPU over that "
+             f"of the 1-GPU (2-GPU) case of the same model and precision, the latter with the same expert-parallel "
+             f"degree, at most 2.{packed}"
+             + (f" Reused from an earlier run on the same machine kind, same flags: {', '.join(reused)}." if reused else "")
+             + (f" Built with `--report` from the runs stored in {args.results} (the longest run of each case)."
+                if args.report is not None else ""),
              "",
-             "| case | GPUs | loss first → last | tokens/s/GPU | MFU % | peak memory GiB | all-to-all ms/step (% of step) "
-             "| efficiency vs 1 GPU | vs 2 GPUs | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| case | GPUs | steps | loss first → last | tokens/s/GPU | MFU % | peak memory GiB "
+             "| all-to-all ms/step (% of step) | efficiency vs 1 GPU | vs 2 GPUs | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     by_gpus = {}
     for r in results:
         by_gpus.setdefault((r["variant"], r["ngpu"]), r)
-    lines += [summarize(r, args.warmup, by_gpus.get((r["variant"], 1)) if r["ngpu"] > 1 else None,
-                        by_gpus.get((r["variant"], 2)) if r["ngpu"] > 2 else None) for r in results]
+    lines += [summarize(r, args.warmup, by_gpus.get((baseline_variant(r["variant"], 1), 1)) if r["ngpu"] > 1 else None,
+                        by_gpus.get((baseline_variant(r["variant"], 2), 2)) if r["ngpu"] > 2 else None)
+              for r in results]
     if missing:
         lines += ["", f"Not (yet) run: {', '.join(missing)}."]
     lines += ["", "Loss per step:", "", "| step | " + " | ".join(r["name"] for r in results) + " |",
@@ -255,10 +282,19 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=None,
                         help="JSON of finished cases: a case measured there on the same GPU with the same flags and "
                              "steps is reused, not rerun; every new result is added")
+    parser.add_argument("--cases", default=None,
+                        help="regular expression: run only the suite's cases whose name it matches (the table keeps "
+                             "every case found in --results)")
+    parser.add_argument("--report", metavar="GPU_NAME", default=None,
+                        help="run nothing: write the table from the runs stored in --results on this GPU (as "
+                             "torch.cuda.get_device_name() names it), the longest run of each case, any step count")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.steps <= args.warmup:
         raise ValueError(f"--steps must exceed --warmup ({args.warmup}), got {args.steps}")
+    if args.report is not None:
+        report(args)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
 
     import torch
@@ -266,6 +302,7 @@ def main() -> None:
     available = gpu_count()
     device = torch.cuda.get_device_name() if available else "CPU"
     store = load_results(args.results)
+    wanted = re.compile(args.cases) if args.cases is not None else None
     cases, done = [], {}
     for name, ngpu, flags in SUITES[args.suite]:
         if ngpu > max(available, 1):
@@ -275,6 +312,8 @@ def main() -> None:
         if key in store and store[key]["rc"] == 0:
             done[len(cases)] = dict(store[key], name=name, variant=variant(flags), reused=True)
             print(f"reuse {name} from {args.results}")
+        elif wanted is not None and not wanted.search(name):
+            continue
         cases.append((name, ngpu, flags))
 
     def write(missing: list[str]) -> str:
@@ -285,7 +324,7 @@ def main() -> None:
 
     def on_result(i: int, result: dict) -> None:
         name, ngpu, flags = todo[i]
-        result["variant"] = variant(flags)
+        result["variant"], result["versions"] = variant(flags), versions()
         done[index[i]] = result
         print(summarize(result, args.warmup), flush=True)
         if result["rc"] != 0:
@@ -301,6 +340,26 @@ def main() -> None:
     todo = [cases[i] for i in index]
     run_cases(todo, args.steps, args.out, args.case_timeout, available, args.pack, on_result)
     print(write([]))
+
+
+def report(args) -> None:
+    """`--report`: the suite's table from stored runs, without running anything."""
+    if args.results is None or not args.results.exists():
+        raise ValueError(f"--report needs --results naming a JSON of stored runs, got {args.results}")
+    store = load_results(args.results)
+    results, missing = [], []
+    for name, ngpu, flags in SUITES[args.suite]:
+        stored = longest_stored(store, ngpu, flags, args.report)
+        if stored is None:
+            missing.append(name)
+        else:
+            results.append(dict(stored, name=name, variant=variant(flags)))
+    if not results:
+        raise ValueError(f"--results {args.results} holds no successful run of suite {args.suite} on {args.report!r}")
+    text = section(args, results, missing, args.report, max(r["ngpu"] for r in results))
+    if not args.no_write:
+        write_section(ROOT / "docs" / "benchmarks.md", text)
+    print(text)
 
 
 if __name__ == "__main__":

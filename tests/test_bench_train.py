@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("bench_train_cli", ROOT / "scripts" / "bench_train.py")
 bench = importlib.util.module_from_spec(spec)
@@ -25,14 +27,17 @@ def test_parse_and_summarize_with_scaling_efficiency():
     one = {"name": "1 GPU", "ngpu": 1, "rc": 0, "rows": bench.parse(log(2000, a2a=False)), "wall": 10.0}
     two = {"name": "2 GPUs EP", "ngpu": 2, "rc": 0, "rows": rows, "wall": 12.0}
     assert bench.summarize(two, warmup=1, one_gpu=one) == (
-        "| 2 GPUs EP | 2 | 7.000 → 5.000 | 1,000 | 0.2 | 2.50 | 3.0 (2.5%) | 50% | - | 12 |")
+        "| 2 GPUs EP | 2 | 3 | 7.000 → 5.000 | 1,000 | 0.2 | 2.50 | 3.0 (2.5%) | 50% | - | 12 |")
     four = {"name": "4 GPUs EP", "ngpu": 4, "rc": 0, "rows": bench.parse(log(800, a2a=True)), "wall": 9.0}
     assert "| 40% | 80% | 9 |" in bench.summarize(four, warmup=1, one_gpu=one, two_gpu=two)
     assert "| - | - | - |" in bench.summarize(one, warmup=1)
     failed = dict(two, rc="timeout 5 s")
     assert "failed (rc timeout 5 s)" in bench.summarize(failed, warmup=1)
-    assert bench.variant(bench.SUITES["ep_2gpu"][0][2]) == ("train_configs/mom_340m.toml", "")
-    assert bench.variant(bench.SUITES["ep_2gpu"][4][2]) == ("train_configs/mom_340m.toml", "quantize.linear.float8")
+    assert bench.versions().startswith("torch ")
+    assert bench.variant(bench.SUITES["ep_2gpu"][0][2]) == ("train_configs/mom_340m.toml", "", 1)
+    assert bench.variant(bench.SUITES["ep_2gpu"][5][2]) == ("train_configs/mom_340m.toml", "quantize.linear.float8", 2)
+    assert bench.baseline_variant(("c", "f8", 4), 2) == ("c", "f8", 2)
+    assert bench.baseline_variant(("c", "f8", 4), 1) == ("c", "f8", 1)
 
 
 def test_pack_runs_cases_side_by_side_on_disjoint_gpus(monkeypatch, tmp_path):
@@ -60,3 +65,32 @@ def test_pack_runs_cases_side_by_side_on_disjoint_gpus(monkeypatch, tmp_path):
     started.clear()
     bench.run_cases(cases, 3, tmp_path, 10, available=3, pack=False, on_result=lambda i, r: None)
     assert started == [(name, None) for name, _, _ in cases]
+
+
+def test_report_takes_the_longest_stored_run_of_each_case(tmp_path, capsys):
+    """--report: the table from stored runs (any step count, the longest per case), nothing run."""
+    name1, n1, flags1 = bench.SUITES["scaling_1p3b"][0]
+    name4, n4, flags4 = next(case for case in bench.SUITES["scaling_1p3b"] if case[1] == 4)
+
+    def stored(tps, steps, ngpu):
+        return {"name": "old name", "ngpu": ngpu, "rc": 0, "rows": bench.parse(log(tps, a2a=ngpu > 1)), "wall": 5.0,
+                "cmd": f"NGPU={ngpu} run", "gpus": None, "versions": "torch 9, triton 9, torchtitan 9, torchao 9"}
+
+    store = {bench.case_key(n1, flags1, 50, "GPU X"): stored(2000, 50, n1),
+             bench.case_key(n1, flags1, 200, "GPU X"): stored(1000, 200, n1),
+             bench.case_key(n1, flags1, 300, "GPU Y"): stored(4000, 300, n1),
+             bench.case_key(n4, flags4, 80, "GPU X"): stored(500, 80, n4)}
+    store[bench.case_key(n4, flags4, 90, "GPU X")] = dict(stored(600, 90, n4), rc=1)  # failed: not taken
+    path = tmp_path / "runs.json"
+    path.write_text(bench.json.dumps(store))
+    assert bench.longest_stored(store, n1, flags1, "GPU X")["rows"][0][3] == 1000.0
+    args = bench.argparse.Namespace(suite="scaling_1p3b", report="GPU X", results=path, warmup=1, no_write=True)
+    bench.report(args)
+    text = capsys.readouterr().out
+    assert "4 × GPU X; torch 9, triton 9, torchtitan 9, torchao 9" in text
+    assert f"| {name1} | 1 | 3 | 7.000 → 5.000 | 1,000 |" in text
+    assert f"| {name4} | 4 |" in text and "| 50% | - |" in text
+    assert "Not (yet) run:" in text and "8 GPUs" in text
+    args.report = "GPU Z"
+    with pytest.raises(ValueError, match="no successful run"):
+        bench.report(args)
