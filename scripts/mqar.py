@@ -12,6 +12,7 @@ Outputs:
     a PNG plot                             --plot  (default docs/mqar.png; needs matplotlib)
 
     python scripts/mqar.py --jobs 12 --amp bfloat16   # full grid on one GPU, 12 runs side by side
+    python scripts/mqar.py --jobs 12 --amp bfloat16 --stop-at 0.99   # runs end once solved; lrs in turn
     python scripts/mqar.py --quick --device cpu  # a CPU-sized smoke run of the same pipeline
 
 On a machine of several GPUs the grid splits into shards, one process per GPU, each writing only
@@ -31,6 +32,7 @@ import json
 import multiprocessing
 import os
 import platform
+import queue
 import re
 import sys
 import time
@@ -46,7 +48,8 @@ sys.path.insert(0, str(ROOT))
 # rate one after another. These 2-layer models' kernels are small, so the host's launches set much of
 # the pace: `--jobs` trains several runs side by side on one GPU (measured: 12 workers gave ~1.9x the
 # throughput of one, so the GPU work itself is ~half of a step), `--compile-mode reduce-overhead`
-# replays each compiled block as CUDA graphs (not yet measured), `--amp bfloat16` runs the kernels in bf16.
+# replays each compiled block as CUDA graphs (not yet measured), `--amp bfloat16` runs the kernels in bf16,
+# and `--stop-at 0.99` ends solved runs early and skips a solved cell's other learning rates (not yet measured).
 from momtitan.eval.mqar import ARM_LABELS, ARMS, MQARTask, TrainConfig, build_model_args, generate_mqar, train_mqar  # noqa: E402
 
 # Full grid: Zoology's T=256 setting at three recall loads, two widths (Zoology Fig. 2 / GDN sweep
@@ -82,6 +85,10 @@ def parse_args(argv=None):
     p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune",
                                                              "max-autotune-no-cudagraphs"],
                    help="inductor's mode for the compiled blocks (reduce-overhead: CUDA graphs; needs --compile)")
+    p.add_argument("--stop-at", type=float, default=None, metavar="ACC",
+                   help="end a run once a training batch answers this share of its queries right (checked every "
+                        "100 steps), and train a cell's next learning rate only if the last one stayed below it on "
+                        "the test set (lrs in the order given)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="run the I-th of N interleaved parts of the grid and write only its JSON")
@@ -129,6 +136,9 @@ def grid_from_args(a) -> dict:
         if arm not in ARMS:
             raise SystemExit(f"unknown arm {arm!r}; choose from {ARMS}")
     g["num_memories"], g["topk"] = a.num_memories, a.topk
+    if a.stop_at is not None and not 0 < a.stop_at <= 1:
+        raise ValueError(f"--stop-at must be in (0, 1], got {a.stop_at}")
+    g["stop_at"] = a.stop_at
     return g
 
 
@@ -152,7 +162,7 @@ def _data(task: MQARTask, num_train: int, num_test: int, seed: int):
 
 
 def train_run(g: dict, device: str, amp: str | None, seed: int, compile_blocks: bool, compile_mode: str | None,
-              run: tuple[int, int, str, float]) -> dict:
+              stop_at: float | None, run: tuple[int, int, str, float]) -> dict:
     """Train one `(kv, d_model, arm, lr)` of the grid; the result row of the JSON."""
     kv, d, arm, lr = run
     task = MQARTask(vocab_size=g["vocab_size"], seq_len=g["seq_len"], num_kv_pairs=kv)
@@ -160,7 +170,8 @@ def train_run(g: dict, device: str, amp: str | None, seed: int, compile_blocks: 
                             num_memories=g["num_memories"], topk=g["topk"])
     cfg = TrainConfig(steps=g["steps"], batch_size=g["batch_size"], lr=lr, num_train=g["num_train"],
                       num_test=g["num_test"], seed=seed, device=device, amp_dtype=amp,
-                      compile_backend="inductor" if compile_blocks else None, compile_mode=compile_mode)
+                      compile_backend="inductor" if compile_blocks else None, compile_mode=compile_mode,
+                      stop_at=stop_at)
     r = train_mqar(args, task, cfg, data=_data(task, g["num_train"], g["num_test"], seed))
     r.update(arm=arm, d_model=d, num_kv_pairs=kv, seq_len=task.seq_len, lr=lr,
              heads=args.num_heads, head_dim=args.head_dim, head_v_dim=args.head_v_dim,
@@ -176,32 +187,74 @@ def _worker_init(device: str) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
 
 
+def lr_schedule(todo: list[tuple[int, int, str, float]], stop_at: float | None):
+    """`(first, later)`: the runs to start with, and per cell `(kv, d_model, arm)` the learning rates
+    that run only if the one before stayed below `stop_at` (every run is a first run without it)."""
+    if stop_at is None:
+        return list(todo), {}
+    first, later = [], {}
+    for run in todo:
+        if run[:3] in later:
+            later[run[:3]].append(run)
+        else:
+            first.append(run)
+            later[run[:3]] = []
+    return first, later
+
+
 def run_grid(g: dict, device: str, amp: str | None, seed: int, compile_blocks: bool,
-             shard: tuple[int, int] = (0, 1), on_run=None, jobs: int = 1, compile_mode: str | None = None) -> list[dict]:
+             shard: tuple[int, int] = (0, 1), on_run=None, jobs: int = 1, compile_mode: str | None = None,
+             stop_at: float | None = None) -> list[dict]:
     """Train the shard's runs of the grid (`grid_runs`), one after another, or with `jobs > 1` in that
-    many worker processes sharing the device (a tiny model's step leaves a GPU mostly idle)."""
+    many worker processes sharing the device (a tiny model's step leaves a GPU mostly idle). With
+    `stop_at`, runs end early once they reach it (`TrainConfig.stop_at`) and a cell's learning rates
+    run in turn, each only if the ones before stayed below it on the test set."""
     todo = grid_runs(g, shard)
-    work = functools.partial(train_run, g, device, amp, seed, compile_blocks, compile_mode)
-    pool = None
-    if jobs > 1:
-        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # the workers compile side by side
-        pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(todo)), _worker_init, (device,))
-        results = pool.imap_unordered(work, todo)
-    else:
-        results = map(work, todo)
+    to_run, later = lr_schedule(todo, stop_at)
+    work = functools.partial(train_run, g, device, amp, seed, compile_blocks, compile_mode, stop_at)
     runs = []
+
+    def finished(r: dict) -> tuple[int, int, str, float] | None:
+        """Record a run; the cell's next run, if it is due."""
+        runs.append(r)
+        print(f"  kv={r['num_kv_pairs']:3d} d={r['d_model']:4d} {r['arm']:10s} lr={r['lr']:.0e}  "
+              f"acc={r['accuracy']:.3f}  loss={r['final_train_loss']:.3f}  state={r['state_total']:>8d} "
+              f"(active {r['state_active']:>8d})  params={r['num_params']:>8d}  train {r['train_seconds']:.1f}s, "
+              f"{r['steps_run']} steps ({1e3 * r['train_seconds'] / r['steps_run']:.1f} ms/step)  "
+              f"[{len(runs)} of at most {len(todo)}]", flush=True)
+        if on_run is not None:
+            on_run(runs)
+        rest = later.get((r["num_kv_pairs"], r["d_model"], r["arm"]))
+        return rest.pop(0) if rest and r["accuracy"] < stop_at else None
+
+    if jobs == 1:
+        while to_run:
+            follow = finished(work(to_run.pop(0)))
+            if follow is not None:
+                to_run.append(follow)
+        return runs
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # the workers compile side by side
+    pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(todo)), _worker_init, (device,))
+    results = queue.SimpleQueue()  # filled by the pool's result thread
+
+    def submit(run):
+        pool.apply_async(work, (run,), callback=results.put, error_callback=results.put)
+
+    for run in to_run:
+        submit(run)
+    outstanding = len(to_run)
     try:
-        for r in results:
-            runs.append(r)
-            print(f"  kv={r['num_kv_pairs']:3d} d={r['d_model']:4d} {r['arm']:10s} lr={r['lr']:.0e}  "
-                  f"acc={r['accuracy']:.3f}  loss={r['final_train_loss']:.3f}  state={r['state_total']:>8d} "
-                  f"(active {r['state_active']:>8d})  params={r['num_params']:>8d}  train {r['train_seconds']:.1f}s "
-                  f"({1e3 * r['train_seconds'] / g['steps']:.1f} ms/step)  [{len(runs)}/{len(todo)}]", flush=True)
-            if on_run is not None:
-                on_run(runs)
+        while outstanding:
+            r = results.get()
+            outstanding -= 1
+            if isinstance(r, BaseException):
+                raise r
+            follow = finished(r)
+            if follow is not None:
+                submit(follow)
+                outstanding += 1
     finally:
-        if pool is not None:
-            pool.terminate()
+        pool.terminate()
     return runs
 
 
@@ -216,6 +269,21 @@ def best_runs(runs: list[dict]) -> list[dict]:
     return sorted(best.values(), key=lambda r: (r["num_kv_pairs"], r["d_model"], order[r["arm"]]))
 
 
+def incomplete_cells(g: dict, runs: list[dict]) -> list[tuple[int, int]]:
+    """The (kv, d_model) cells with an arm still to train: not every learning rate ran, and (with
+    `stop_at`) none of those that ran reached it."""
+    stop_at = g.get("stop_at")
+    missing = set()
+    for kv in g["kv_pairs"]:
+        for d in g["d_models"]:
+            for arm in g["arms"]:
+                mine = [r for r in runs if (r["num_kv_pairs"], r["d_model"], r["arm"]) == (kv, d, arm)]
+                solved = stop_at is not None and any(r["accuracy"] >= stop_at for r in mine)
+                if len({r["lr"] for r in mine}) < len(g["lrs"]) and not solved:
+                    missing.add((kv, d))
+    return sorted(missing)
+
+
 def _shape(r):
     if r["arm"] == "attention":
         return "attention"
@@ -227,14 +295,10 @@ def markdown(g: dict, runs: list[dict], meta: dict, plot: str | None, quick: boo
     best = best_runs(runs)
     title = "### MQAR — CPU quick run (`scripts/mqar.py --quick`), not the full grid" if quick else "### MQAR — full grid"
     lines = [title, ""]
-    expected = len(g["kv_pairs"]) * len(g["d_models"]) * len(g["arms"]) * len(g["lrs"])
-    if len(runs) < expected:
-        missing = sorted({(kv, d) for kv in g["kv_pairs"] for d in g["d_models"]}
-                         - {(r["num_kv_pairs"], r["d_model"]) for r in runs if all(
-                             any(x["num_kv_pairs"] == r["num_kv_pairs"] and x["d_model"] == r["d_model"] and x["arm"] == a
-                                 for x in runs) for a in g["arms"])})
-        lines += [f"**Partial: {len(runs)} of the grid's {expected} runs** (the run was stopped before the rest); "
-                  f"cells not complete (kv, d_model): {', '.join(map(str, missing))}.", ""]
+    missing = incomplete_cells(g, runs)
+    if missing:
+        lines += [f"**Partial: {len(runs)} runs; cells not complete (kv, d_model): {', '.join(map(str, missing))}** "
+                  "(the run was stopped before the rest).", ""]
     if quick:
         lines += ["A smoke-sized run of the pipeline on CPU: tiny vocabulary, short sequences, one width and "
                   "few steps. It shows the harness end to end; it does not rank the architectures.", ""]
@@ -245,7 +309,11 @@ def markdown(g: dict, runs: list[dict], meta: dict, plot: str | None, quick: boo
         f"Task: vocab {g['vocab_size']}, T = {g['seq_len']}, power_a 0.01, random filler; {g['num_train']} train / "
         f"{g['num_test']} test examples (test seed = train seed + 1). Training: {g['steps']} steps × batch "
         f"{g['batch_size']}, AdamW (β 0.9/0.98, wd 0.1), warmup 10 % then cosine, lr ∈ {g['lrs']} "
-        f"(best per cell reported), fp32{'' if not meta.get('amp') else ' + autocast ' + meta['amp']}"
+        f"(best per cell reported"
+        + ("" if not g.get("stop_at") else
+           f"; a run stops once a training batch answers {g['stop_at']} of its queries right, checked every 100 "
+           f"steps, and a cell's next lr runs only if the last stayed below {g['stop_at']} on the test set")
+        + f"), fp32{'' if not meta.get('amp') else ' + autocast ' + meta['amp']}"
         f"{'' if not meta.get('compile') else ', blocks compiled (inductor, mode ' + (meta.get('compile_mode') or 'default') + ')'}. "
         f"Models: 2 layers, SwiGLU 2·d, tied embeddings; recurrent arms use the gated delta rule with short conv 4, "
         f"heads of d_k = d_v = d_model / {g['num_heads']}.",
@@ -259,14 +327,16 @@ def markdown(g: dict, runs: list[dict], meta: dict, plot: str | None, quick: boo
         "Accuracy = share of query positions whose argmax is the right value; chance = 1/#values "
         f"= {1 / (g['vocab_size'] - g['vocab_size'] // 2):.2g}.",
         "",
-        "| kv pairs | d_model | arm | state shape (streams×H×d_k×d_v) | state total | state active | params | lr | accuracy | final loss | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kv pairs | d_model | arm | state shape (streams×H×d_k×d_v) | state total | state active | params | lr | steps "
+        "| accuracy | final loss | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in best:
         state_t = f"{r['state_total']:,}" if r["arm"] != "attention" else f"(KV {r['kv_cache']:,})"
         state_a = f"{r['state_active']:,}" if r["arm"] != "attention" else "—"
         lines.append(f"| {r['num_kv_pairs']} | {r['d_model']} | {r['arm']} | {_shape(r)} | {state_t} | {state_a} | "
-                     f"{r['num_params']:,} | {r['lr']:.0e} | {r['accuracy']:.3f} | {r['final_train_loss']:.3f} | "
+                     f"{r['num_params']:,} | {r['lr']:.0e} | {r.get('steps_run', g['steps'])} | {r['accuracy']:.3f} | "
+                     f"{r['final_train_loss']:.3f} | "
                      f"{r['train_seconds']:.1f} |")
     # compact pivot
     arms = [a for a in ARMS if any(r["arm"] == a for r in best)]
@@ -413,7 +483,8 @@ def main(argv=None):
             print("warning: momtitan's Triton kernels are off (MOMTITAN_TRITON=0); the recurrent arms run on the "
                   "chunked PyTorch path, ~1 s/step for MoM at the full grid's size", flush=True)
     n_runs = len(g["kv_pairs"]) * len(g["d_models"]) * len(g["arms"]) * len(g["lrs"])
-    print(f"MQAR grid ({'quick' if a.quick else 'full'}) on {device}: {n_runs} runs: kv {g['kv_pairs']}, d_model "
+    print(f"MQAR grid ({'quick' if a.quick else 'full'}) on {device}: {'at most ' if a.stop_at else ''}{n_runs} runs: "
+          f"kv {g['kv_pairs']}, d_model "
           f"{g['d_models']}, arms {g['arms']}, lrs {g['lrs']}, T={g['seq_len']}, vocab={g['vocab_size']}, "
           f"{g['steps']} steps × batch {g['batch_size']}", flush=True)
     compile_blocks = device.startswith("cuda") if a.compile is None else a.compile
@@ -433,7 +504,7 @@ def main(argv=None):
         json_path.write_text(json.dumps(dict(meta=meta, grid=g, runs=runs), indent=1))
 
     runs = run_grid(g, device, a.amp, a.seed, compile_blocks, (a.shard_index, a.num_shards), on_run=save, jobs=a.jobs,
-                    compile_mode=a.compile_mode)
+                    compile_mode=a.compile_mode, stop_at=a.stop_at)
     save(runs)
     print(f"done: {len(runs)} runs in {meta['wall_s']:.0f}s", flush=True)
     print(f"wrote {json_path}")

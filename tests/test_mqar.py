@@ -208,13 +208,16 @@ def test_mqar_script_runs_a_tiny_grid_end_to_end(tmp_path):
     out.write_text("# Quality\n")
     runs = cli.main(["--device", "cpu", "--arms", "mom,attention", "--kv-pairs", "2", "--d-models", "16",
                      "--seq-len", "16", "--vocab-size", "32", "--steps", "8", "--batch-size", "8", "--num-train", "64",
-                     "--num-test", "32", "--lrs", "0.003", "--json", str(tmp_path / "r.json"),
+                     "--num-test", "32", "--lrs", "0.003", "--stop-at", "0.99", "--json", str(tmp_path / "r.json"),
                      "--markdown", str(out), "--plot", str(tmp_path / "p.png")])
     assert {r["arm"] for r in runs} == {"mom", "attention"}
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in runs)
     saved = json.loads((tmp_path / "r.json").read_text())
     assert len(saved["runs"]) == 2 and saved["grid"]["kv_pairs"] == [2]
     assert "mom" in out.read_text() and "attention" in out.read_text()
+    assert "a run stops once a training batch answers 0.99 of its queries right" in out.read_text()
+    with pytest.raises(ValueError, match=r"--stop-at must be in \(0, 1\], got 1.5"):
+        cli.main(["--device", "cpu", "--quick", "--stop-at", "1.5", "--no-write"])
 
 
 def test_mqar_shards_split_the_grid_and_merge(tmp_path):
@@ -274,3 +277,42 @@ def test_compiled_blocks_train_like_eager():
                           log_every=1) for c in (None, "aot_eager")]
     eager, compiled = ([loss for _, loss in r["loss_log"]] for r in results)
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_stop_at_ends_a_run_early_and_is_validated():
+    """`stop_at`: training ends at the first check where a training batch reaches it; the result says
+    how many steps ran, and the test accuracy is still measured."""
+    task = MQARTask(vocab_size=32, seq_len=16, num_kv_pairs=2)
+    args = build_model_args("mom", 16, vocab_size=32, seq_len=16)
+    cfg = TrainConfig(steps=60, batch_size=8, num_train=64, num_test=16, stop_at=1e-6, check_every=1)
+    result = train_mqar(args, task, cfg)
+    assert 1 <= result["steps_run"] < 60 and 0 <= result["accuracy"] <= 1, result
+    assert result["epochs"] == result["steps_run"] * 8 / 64
+    assert train_mqar(args, task, TrainConfig(steps=3, batch_size=8, num_train=64, num_test=16))["steps_run"] == 3
+    with pytest.raises(ValueError, match=r"stop_at must be in \(0, 1\] or None, got 0"):
+        TrainConfig(stop_at=0)
+    with pytest.raises(ValueError, match="check_every"):
+        TrainConfig(check_every=0)
+
+
+def test_stop_at_skips_the_next_learning_rate_of_a_solved_cell(monkeypatch):
+    """With `stop_at`, a cell's learning rates run in turn and stop at the first that reaches it on the
+    test set; cells that no learning rate solves run them all, and count as complete in the table."""
+    cli = _cli()
+    accuracy = {("mom", 1e-3): 0.995, ("attention", 1e-3): 0.2, ("attention", 3e-3): 0.4}
+
+    def fake_run(g, device, amp, seed, compile_blocks, compile_mode, stop_at, run):
+        kv, d, arm, lr = run
+        assert stop_at == 0.99
+        return dict(num_kv_pairs=kv, d_model=d, arm=arm, lr=lr, accuracy=accuracy[arm, lr], final_train_loss=0.0,
+                    state_total=1, state_active=1, num_params=1, train_seconds=1.0, steps_run=10)
+
+    monkeypatch.setattr(cli, "train_run", fake_run)
+    g = dict(kv_pairs=[2], d_models=[16], arms=["mom", "attention"], lrs=[1e-3, 3e-3], steps=10, stop_at=0.99)
+    runs = cli.run_grid(g, "cpu", None, 0, False, stop_at=0.99)
+    assert sorted((r["arm"], r["lr"]) for r in runs) == [("attention", 1e-3), ("attention", 3e-3), ("mom", 1e-3)]
+    assert cli.incomplete_cells(g, runs) == []
+    assert cli.incomplete_cells(g, runs[:1]) == [(2, 16)]
+    assert cli.incomplete_cells(dict(g, stop_at=None), runs) == [(2, 16)]  # without stop_at mom lacks lr 3e-3
+    first, later = cli.lr_schedule(cli.grid_runs(g), None)
+    assert len(first) == 4 and later == {}

@@ -242,10 +242,14 @@ class TrainConfig:
     amp_dtype: str | None = None  # "bfloat16" for autocast on CUDA; None trains in fp32
     compile_backend: str | None = None  # torch.compile each block (fullgraph) with this backend; None: eager
     compile_mode: str | None = None  # inductor's mode; "reduce-overhead" replays each block as CUDA graphs
+    stop_at: float | None = None  # stop once a training batch's answer accuracy reaches this (None: run all steps)
+    check_every: int = 100  # steps between those checks (each reads one number from the device)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "num_train", "num_test", "eval_batch_size"):
+        for name in ("steps", "batch_size", "num_train", "num_test", "eval_batch_size", "check_every"):
             require_positive_int(name, getattr(self, name))
+        if self.stop_at is not None and not 0 < self.stop_at <= 1:
+            raise ValueError(f"stop_at must be in (0, 1] or None, got {self.stop_at!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if not 0 <= self.warmup_frac < 1:
@@ -308,7 +312,9 @@ def train_mqar(args: MoMModelArgs, task: MQARTask, cfg: TrainConfig, *, log_ever
                data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Train a fresh model on `cfg.num_train` MQAR examples (seed `cfg.seed`) for `cfg.steps` steps
     of AdamW (linear warmup, cosine decay) and return test accuracy on `cfg.num_test` held-out
-    examples (seed `cfg.seed + 1`), with the loss, timings and state sizes.
+    examples (seed `cfg.seed + 1`), with the loss, timings and state sizes. With `cfg.stop_at`,
+    training ends early once a training batch answers that share of its queries right (checked
+    every `cfg.check_every` steps); `steps_run` says where it stopped.
 
     `data` may pass pre-generated `(train_x, train_y, test_x, test_y)` to share them across arms.
     """
@@ -343,6 +349,7 @@ def train_mqar(args: MoMModelArgs, task: MQARTask, cfg: TrainConfig, *, log_ever
     amp = _autocast(cfg, device)
     model.train()
     losses = []
+    steps_run = cfg.steps
     t0 = time.perf_counter()
     for step in range(cfg.steps):
         if cfg.cuda_graphs:  # the graphs' outputs of the last step may be overwritten from here on
@@ -365,6 +372,11 @@ def train_mqar(args: MoMModelArgs, task: MQARTask, cfg: TrainConfig, *, log_ever
         if log_every and (step % log_every == 0 or step == cfg.steps - 1):
             losses.append((step, loss.item()))
             print(f"  step {step:5d}  loss {loss.item():.4f}", flush=True)
+        if cfg.stop_at is not None and (step + 1) % cfg.check_every == 0 and step + 1 < cfg.steps:
+            answered = y != IGNORE_INDEX
+            if (out.logits.argmax(-1)[answered] == y[answered]).float().mean().item() >= cfg.stop_at:
+                steps_run = step + 1
+                break
     final_loss = loss.item()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -378,7 +390,8 @@ def train_mqar(args: MoMModelArgs, task: MQARTask, cfg: TrainConfig, *, log_ever
         "final_train_loss": final_loss,
         "train_seconds": train_s,
         "eval_seconds": eval_s,
-        "epochs": cfg.steps * cfg.batch_size / train_x.shape[0],
+        "steps_run": steps_run,
+        "epochs": steps_run * cfg.batch_size / train_x.shape[0],
         "state_total": sizes.total,
         "state_active": sizes.active,
         "kv_cache": sizes.kv_cache,
