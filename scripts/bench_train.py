@@ -323,7 +323,7 @@ def main() -> None:
         return text
 
     def on_result(i: int, result: dict) -> None:
-        name, ngpu, flags = todo[i]
+        _, ngpu, flags = todo[i]
         result["variant"], result["versions"] = variant(flags), versions()
         done[index[i]] = result
         print(summarize(result, args.warmup), flush=True)
