@@ -48,16 +48,20 @@ def test_bad_degrees_are_rejected_with_their_values():
     check_expert_parallel_degree(4, 2, world_size=4)
 
 
-@pytest.mark.parametrize("compile_flags", [[], ["--compile.enable", "--compile.backend", "aot_eager"]],
-                         ids=["eager", "compiled"])
-def test_run_train_with_expert_parallel_on_two_cpu_ranks(tmp_path, compile_flags):
-    """The torchtitan path: ep=2 over 2 gloo ranks trains, and the loss falls. Compiled (FSDP units,
-    the exchanges' graph breaks, a new routing every step), no code object reaches dynamo's
-    recompile limit (past it, dynamo would quietly run that code eagerly)."""
+SAC_OP = ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"]
+COMPILE_AOT = ["--compile.enable", "--compile.backend", "aot_eager"]
+
+
+@pytest.mark.parametrize("extra_flags", [[], SAC_OP, COMPILE_AOT + SAC_OP], ids=["eager", "eager_sac_op", "compiled_sac_op"])
+def test_run_train_with_expert_parallel_on_two_cpu_ranks(tmp_path, extra_flags):
+    """The torchtitan path: ep=2 over 2 gloo ranks trains, and the loss falls; also with the 340M and
+    1.3B recipes' per-op selective AC (the memories' FSDP unit sits inside each checkpointed block)
+    and compiled. Compiled (FSDP units, the exchanges' graph breaks, a new routing every step), no
+    code object reaches dynamo's recompile limit (past it, dynamo would quietly run that code eagerly)."""
     env = dict(os.environ, NGPU="2", PYTHON=sys.executable, LOG_RANK="0,1")  # both ranks in the log
     cmd = ["./run_train.sh", "--job.config_file", "train_configs/mom_debug.toml",
            "--parallelism.expert_parallel_degree", "2", "--training.steps", "12", "--training.local_batch_size", "4",
-           "--checkpoint.no-enable", "--job.dump_folder", str(tmp_path), "--metrics.log_freq", "1", *compile_flags]
+           "--checkpoint.no-enable", "--job.dump_folder", str(tmp_path), "--metrics.log_freq", "1", *extra_flags]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed.activation_checkpoint import apply_ac
@@ -42,6 +43,22 @@ SAC_SAVE_OPS = {
     torch.ops._c10d_functional.reduce_scatter_tensor.default,
     torch.ops.aten.max.default,  # float8 scales come from abs-max
 }
+
+
+def sac_skips_profiler_ranges() -> None:
+    """Leave profiler ranges out of per-op selective checkpointing's replay.
+
+    SAC replays the forward's ops in the recompute and checks each op's count against the forward's.
+    FSDP's hooks open `record_function` ranges, and an FSDP unit inside a checkpointed block (expert
+    parallelism gives the memories their own unit) opens a different number of them in the recompute,
+    so the first backward fails ("profiler._record_function_enter_new.default invocation index ...
+    not found in storage"; torchtitan#3427, fixed upstream the same way in pytorch#196862). The
+    ranges compute nothing, so SAC may skip them (a torch without `SAC_IGNORED_OPS` is left as it is).
+    """
+    ignored = getattr(torch.utils.checkpoint, "SAC_IGNORED_OPS", None)
+    if ignored is not None:
+        ignored.update({torch.ops.profiler._record_function_enter_new.default,
+                        torch.ops.profiler._record_function_exit._RecordFunction})
 
 
 def _check_supported(parallel_dims) -> None:
@@ -131,6 +148,8 @@ def parallelize_mom(model: nn.Module, parallel_dims, job_config) -> nn.Module:
         raise ValueError(
             f"activation_checkpoint.selective_ac_option must be 'op' or a layer frequency, got {ac.selective_ac_option!r}"
         )
+    if ac.mode == "selective" and ac.selective_ac_option == "op":
+        sac_skips_profiler_ranges()
     if ac.mode != "none":
         apply_ac(model, ac, model_compile_enabled=compile_model, op_sac_save_list=SAC_SAVE_OPS,
                  base_folder=job_config.job.dump_folder)
