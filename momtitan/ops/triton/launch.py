@@ -13,6 +13,10 @@ from momtitan.ops.triton.fwd_kernels import output_kernel, prepare_kernel, state
 
 DEFAULT_CHUNK = 64
 MAX_HEAD_DIM = 256
+# Tile and launch choices that `OVERRIDES` may set for every plan made while it holds them (for
+# tuning experiments: scripts/tune_kernels.py). Empty in normal use.
+TUNABLE = ("BV", "BVG", "BVS", "warps_seq", "warps_chunk", "warps_grad", "stages_seq")
+OVERRIDES: dict[str, int] = {}
 
 
 class _Plan:
@@ -54,12 +58,9 @@ class _Plan:
         self.NKB = self.BKF // self.BK
         self.BVF = pow2(V)
         self.BV = min(self.BVF, 64)  # V tile of the per-chunk forward kernels
-        self.NVB = self.BVF // self.BV
         self.BVG = min(self.BVF, 32)  # V tile of the gradient kernel (many live [C, BV] tiles)
-        self.NVBG = self.BVF // self.BVG
         # V tile of the sequential passes; never 16 at 8 warps (16-wide tiles at 8 warps miscompiled)
         self.BVS = min(self.BVF, 32)
-        self.NVBS = self.BVF // self.BVS
         # warps: chosen from ptxas register/spill reports for sm_90 (C = 64; fewer warps spill more).
         # Small heads get 4: with 8 warps and 16-wide tiles (head dim 16) Triton 3.6 miscompiled the
         # output and gradient kernels on an H200 (wrong outputs, then an illegal memory access). The
@@ -68,7 +69,24 @@ class _Plan:
         self.warps_seq = 4 if small else 8
         self.warps_chunk = 4 if small else 8
         self.warps_grad = 4 if small else 8
+        # the sequential passes' loads wait for the previous chunk's dots: no software pipelining yet
+        self.stages_seq = 1
+        self._apply_overrides()
+        self.NVB = self.BVF // self.BV
+        self.NVBG = self.BVF // self.BVG
+        self.NVBS = self.BVF // self.BVS
         self.dummy = torch.empty(1, device=dev, dtype=torch.float32)
+
+    def _apply_overrides(self) -> None:
+        for name, value in OVERRIDES.items():
+            if name not in TUNABLE:
+                raise ValueError(f"OVERRIDES may set {TUNABLE}, got {name!r}")
+            if name.startswith("BV") and not (isinstance(value, int) and 16 <= value <= self.BVF
+                                              and value & (value - 1) == 0):
+                raise ValueError(f"OVERRIDES[{name!r}] must be a power of two in [16, {self.BVF}], got {value!r}")
+            if not name.startswith("BV") and value not in ((1, 2, 4, 8, 16) if name.startswith("warps") else (1, 2, 3, 4)):
+                raise ValueError(f"OVERRIDES[{name!r}] got {value!r}: warps are 1-16 (a power of two), stages 1-4")
+            setattr(self, name, value)
 
     def ptr(self, x):
         return self.dummy if x is None else x
@@ -100,7 +118,7 @@ def states(p: _Plan, for_backward: bool = False) -> dict:
     state_kernel[(p.N, H, p.NVBS)](
         p.k, p.v, p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rk), p.info, p.seg, p.ptr(W), p.ptr(U), p.ptr(p.h0),
         h, p.ptr(u), ht, H, K, V, C=C, BKF=p.BKF, BV=p.BVS, DELTA=p.delta, HAS_H0=p.h0 is not None,
-        num_warps=p.warps_seq, num_stages=1, **p.flags(),
+        num_warps=p.warps_seq, num_stages=p.stages_seq, **p.flags(),
     )
     return dict(h=h, ht=ht, u=u, W=W, T=T)
 
@@ -145,7 +163,7 @@ def backward(p: _Plan, scale: float, do, dht):
     state_bwd_kernel[(p.N, H, p.NVBS)](
         p.q, p.k, p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, p.seg, p.ptr(s["W"]), do,
         p.ptr(dht), du_local, dh, du, dh0, scale, H, K, V, C=C, BKF=p.BKF, BV=p.BVS, DELTA=p.delta,
-        HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=1, **bwd_flags,
+        HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=p.stages_seq, **bwd_flags,
     )
     dq = torch.empty(total, H, K, device=dev, dtype=f32)
     dk = torch.empty(total, H, K, device=dev, dtype=f32)

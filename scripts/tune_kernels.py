@@ -1,0 +1,245 @@
+"""Tile and launch choices of the Triton recurrence, measured one group at a time.
+
+For one shape and rule, every candidate sets `momtitan.ops.triton.launch.OVERRIDES` for one group of
+choices and leaves the others at their defaults:
+
+    seq    the sequential state passes (state_kernel, state_bwd_kernel): BVS, warps_seq, stages_seq
+    chunk  the per-chunk forward kernels (prepare, output, local du): BV, warps_chunk
+    grad   the gradient kernel: BVG, warps_grad
+
+Each candidate runs in its own process (a miscompiled choice may fault or hang the process) and
+reports forward and forward+backward time (median of `--reps`, CUDA events on a GPU) and the
+largest relative difference of the output, the final state and every gradient from the default
+choices' results. A candidate whose results differ by more than `--tolerance` is marked, not
+ranked. The table goes to docs/benchmarks.md ("Kernel tuning: ...") and stdout.
+
+    python scripts/tune_kernels.py --heads 32x128 --seq-len 4096 --batch 8 --rule gated_delta
+    python scripts/tune_kernels.py --groups seq --heads 4x256 ...
+
+On CPU (tests) the kernels run under TRITON_INTERPRET=1 at tiny shapes: the timings then mean nothing,
+the agreement checks still hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from momtitan.ops.triton.launch import TUNABLE  # noqa: E402
+
+RULES = {"linear": (False, False), "gated": (True, False), "delta": (False, True), "gated_delta": (True, True)}
+
+
+def candidates(groups: list[str], head_v: int) -> list[dict]:
+    """The overrides to try, group by group; tiles no wider than the padded head dim, and never a
+    16-wide tile at 8 warps (that pattern miscompiled on Triton 3.6, `launch.py`)."""
+    full = max(16, 1 << (head_v - 1).bit_length())
+    tiles = [t for t in (16, 32, 64, 128) if t <= full]
+    out = []
+    for group in groups:
+        if group == "seq":
+            grid = [dict(BVS=t, warps_seq=w, stages_seq=s) for t, w, s in itertools.product(tiles, (4, 8), (1, 2, 3))]
+        elif group == "chunk":
+            grid = [dict(BV=t, warps_chunk=w) for t, w in itertools.product([t for t in tiles if t >= 32], (4, 8))]
+        elif group == "grad":
+            grid = [dict(BVG=t, warps_grad=w) for t, w in itertools.product([t for t in tiles if t <= 64], (4, 8))]
+        else:
+            raise ValueError(f"--groups takes seq, chunk and grad, got {group!r}")
+        out += [dict(c, group=group) for c in grid if not _narrow_at_8_warps(c)]
+    return out
+
+
+def _narrow_at_8_warps(choice: dict) -> bool:
+    return (any(k.startswith("BV") and v == 16 for k, v in choice.items())
+            and any(k.startswith("warps") and v == 8 for k, v in choice.items()))
+
+
+def make_inputs(a, device):
+    import torch
+
+    torch.manual_seed(a.seed)
+    H, d = a.H, a.d
+    dtype = getattr(torch, a.dtype)
+    shape = (a.batch, a.seq_len, H)
+    use_g, use_beta = RULES[a.rule]
+    leaves = dict(q=torch.randn(*shape, d, device=device, dtype=dtype),
+                  k=torch.randn(*shape, d, device=device, dtype=dtype),
+                  v=torch.randn(*shape, d, device=device, dtype=dtype),
+                  g=torch.nn.functional.logsigmoid(torch.randn(*shape, device=device)).to(dtype) if use_g else None,
+                  beta=torch.rand(*shape, device=device).to(dtype) if use_beta else None,
+                  initial_state=torch.randn(a.batch, H, d, d, device=device, dtype=torch.float32))
+    leaves = {k: (v.requires_grad_() if v is not None else None) for k, v in leaves.items()}
+    do = torch.randn(*shape, d, device=device, dtype=dtype)
+    dht = torch.randn(a.batch, H, d, d, device=device, dtype=torch.float32)
+    return leaves, do, dht
+
+
+def worker(a, overrides: dict) -> dict:
+    """Time and run one candidate; returns its timings and its results' differences from the reference
+    file (or writes that file when there is none yet: the default choices run first)."""
+    import torch
+
+    from momtitan.ops.triton import launch, triton_linear_recurrence
+
+    launch.OVERRIDES.update({k: v for k, v in overrides.items() if k != "group"})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    leaves, do, dht = make_inputs(a, device)
+
+    def forward():
+        return triton_linear_recurrence(**leaves, output_final_state=True, qk_l2norm=True)
+
+    def forward_backward():
+        o, ht = forward()
+        return torch.autograd.grad((o, ht), [t for t in leaves.values() if t is not None], (do, dht))
+
+    def timed(fn) -> float:
+        for _ in range(a.warmup):
+            fn()
+        times = []
+        for _ in range(a.reps):
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
+
+    fwd_ms = timed(lambda: forward())
+    fwd_bwd_ms = timed(forward_backward)
+    o, ht = forward()
+    grads = forward_backward()
+    results = {"o": o, "ht": ht, **{f"d{name}": g for name, g in zip([k for k, v in leaves.items() if v is not None], grads)}}
+    results = {k: v.detach().float().cpu() for k, v in results.items()}
+    ref_path = Path(a.workdir) / "reference.pt"
+    if not ref_path.exists():
+        torch.save(results, ref_path)
+    reference = torch.load(ref_path)
+    diffs = {k: ((results[k] - reference[k]).norm() / reference[k].norm().clamp_min(1e-30)).item() for k in reference}
+    worst = max(diffs, key=lambda k: diffs[k] if diffs[k] == diffs[k] else float("inf"))
+    return dict(overrides, fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, max_rel_diff=diffs[worst], worst=worst)
+
+
+def run_candidate(a, overrides: dict) -> dict:
+    """One candidate in its own process; a crash or a hang is its result."""
+    cmd = [sys.executable, __file__, "--worker", json.dumps(overrides), *a.shape_args, "--workdir", a.workdir]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return dict(overrides, status=f"timeout {a.timeout} s")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return dict(overrides, status=f"failed (rc {proc.returncode}): {tail[:120]}")
+    r = json.loads(lines[-1])
+    diff = r["max_rel_diff"]
+    r["status"] = "ok" if diff <= a.tolerance else f"differs ({r['worst']})"
+    return r
+
+
+def table(a, rows: list[dict], device: str, versions: str) -> str:
+    default = rows[0]
+    lines = [f"## Kernel tuning: {a.rule}, {a.heads}, B {a.batch} x T {a.seq_len}, {a.dtype}, {'+'.join(a.groups)}", "",
+             f"{time.strftime('%Y-%m-%d')}, {device}; {versions}; q/k L2 norm on, initial and final states. "
+             "`python scripts/tune_kernels.py " + " ".join(a.shape_args) + f" --groups {','.join(a.groups)}"
+             + (f" --limit {a.limit}" if a.limit is not None else "") + "`. "
+             f"Median of {a.reps} runs after "
+             f"{a.warmup} warm-ups, each candidate in its own process; the difference is the largest relative "
+             f"difference of the output, final state and gradients from the default choices' (ok: at most "
+             f"{a.tolerance:g}). Speed-up: the default's forward+backward time over the candidate's.", "",
+             "| group | choices | fwd ms | fwd+bwd ms | speed-up | max rel diff | status |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        choices = ", ".join(f"{k}={v}" for k, v in r.items() if k in TUNABLE) or "defaults"
+        if "fwd_ms" in r:
+            speed = default.get("fwd_bwd_ms", 0) / r["fwd_bwd_ms"] if "fwd_bwd_ms" in default else float("nan")
+            lines.append(f"| {r['group']} | {choices} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {speed:.2f}x | "
+                         f"{r['max_rel_diff']:.1e} | {r['status']} |")
+        else:
+            lines.append(f"| {r['group']} | {choices} | | | | | {r['status']} |")
+    best = min((r for r in rows if r.get("status") == "ok"), key=lambda r: r["fwd_bwd_ms"], default=None)
+    if best is not None:
+        lines += ["", f"Fastest agreeing candidate: {', '.join(f'{k}={v}' for k, v in best.items() if k in TUNABLE) or 'the defaults'} "
+                  f"({best['fwd_bwd_ms']:.2f} ms forward+backward)."]
+    return "\n".join(lines)
+
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rule", choices=sorted(RULES), default="gated_delta")
+    p.add_argument("--heads", default="32x128", help="H x head dim, e.g. 32x128")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--groups", default="seq,chunk,grad", help="comma list of seq, chunk, grad")
+    p.add_argument("--limit", type=int, default=None, help="try only the first N candidates of each group")
+    p.add_argument("--tolerance", type=float, default=2e-2)
+    p.add_argument("--timeout", type=int, default=180, help="seconds per candidate")
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    try:
+        a.H, a.d = (int(x) for x in a.heads.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--heads must be H x d such as 32x128, got {a.heads!r}") from None
+    for name in ("seq_len", "batch", "reps", "H", "d"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    a.groups = [g for g in a.groups.split(",") if g]
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.worker is not None:
+        print(json.dumps(worker(a, json.loads(a.worker))), flush=True)
+        return None
+    import importlib.metadata
+
+    import torch
+
+    todo = [dict(group="default")] + [c for group in a.groups for c in candidates([group], a.d)[: a.limit]]
+    a.shape_args = ["--rule", a.rule, "--heads", a.heads, "--seq-len", str(a.seq_len), "--batch", str(a.batch),
+                    "--dtype", a.dtype, "--seed", str(a.seed), "--warmup", str(a.warmup), "--reps", str(a.reps)]
+    with tempfile.TemporaryDirectory() as a.workdir:
+        rows = []
+        for overrides in todo:
+            rows.append(run_candidate(a, overrides))
+            print(json.dumps(rows[-1]), flush=True)
+    if "fwd_ms" not in rows[0]:
+        raise RuntimeError(f"the default choices did not run: {rows[0]['status']}")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (Triton interpreter)"
+    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "triton"))
+    text = table(a, rows, device, versions)
+    if not a.no_write:
+        from doc_sections import write_section
+
+        write_section(ROOT / "docs" / "benchmarks.md", text)
+    print(text)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""scripts/tune_kernels.py and the tile overrides it sets (`launch.OVERRIDES`), on CPU: the kernels
+run under the Triton interpreter in a subprocess, at a tiny shape."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("tune_kernels_cli", ROOT / "scripts" / "tune_kernels.py")
+tune = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tune)
+
+
+def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps():
+    seq = tune.candidates(["seq"], head_v=64)
+    assert {c["BVS"] for c in seq} == {16, 32, 64} and {c["stages_seq"] for c in seq} == {1, 2, 3}
+    assert not any(c["BVS"] == 16 and c["warps_seq"] == 8 for c in seq)
+    assert len(seq) == 3 * 2 * 3 - 3
+    assert {c["BV"] for c in tune.candidates(["chunk"], head_v=256)} == {32, 64, 128}
+    assert {c["BVG"] for c in tune.candidates(["grad"], head_v=256)} == {16, 32, 64}
+    with pytest.raises(ValueError, match="--groups takes seq, chunk and grad, got 'tiles'"):
+        tune.candidates(["tiles"], head_v=64)
+    with pytest.raises(ValueError, match="--heads must be H x d"):
+        tune.parse_args(["--heads", "32"])
+
+
+def test_overrides_reach_the_plan_and_bad_ones_raise(monkeypatch):
+    from momtitan.ops.triton import launch
+
+    q = torch.randn(1, 40, 2, 64)
+    v = torch.randn(1, 40, 2, 64)
+
+    def plan():
+        return launch._Plan(q, q, v, None, None, None, None, None, False, 64)
+
+    monkeypatch.setattr(launch, "OVERRIDES", {"BVS": 64, "stages_seq": 3})
+    p = plan()
+    assert (p.BVS, p.NVBS, p.stages_seq) == (64, 1, 3)
+    monkeypatch.setattr(launch, "OVERRIDES", {"tile": 32})
+    with pytest.raises(ValueError, match="OVERRIDES may set .* got 'tile'"):
+        plan()
+    monkeypatch.setattr(launch, "OVERRIDES", {"BV": 128})
+    with pytest.raises(ValueError, match=r"OVERRIDES\['BV'\] must be a power of two in \[16, 64\], got 128"):
+        plan()
+    monkeypatch.setattr(launch, "OVERRIDES", {"stages_seq": 0})
+    with pytest.raises(ValueError, match=r"OVERRIDES\['stages_seq'\] got 0"):
+        plan()
+    monkeypatch.setattr(launch, "OVERRIDES", {})
+    assert plan().stages_seq == 1
+
+
+def test_tuning_run_on_the_interpreter_agrees_with_the_defaults(tmp_path):
+    """Two sequential-pass candidates and two gradient-kernel ones, each in its own process: every one
+    runs and matches the default choices' output, final state and gradients."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / "scripts" / "tune_kernels.py"), "--heads", "1x32", "--seq-len", "40",
+           "--batch", "2", "--dtype", "float32", "--warmup", "0", "--reps", "1", "--groups", "seq,grad",
+           "--limit", "2", "--no-write"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "defaults" not in line
+            and not line.startswith("| group")]
+    assert [row.split("|")[1].strip() for row in rows] == ["seq", "seq", "grad", "grad"], done.stdout
+    assert all(row.rstrip().endswith("| ok |") for row in rows), done.stdout
+    assert "| default | defaults |" in done.stdout and "Fastest agreeing candidate" in done.stdout
