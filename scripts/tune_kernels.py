@@ -42,22 +42,37 @@ from momtitan.ops.triton.launch import TUNABLE  # noqa: E402
 RULES = {"linear": (False, False), "gated": (True, False), "delta": (False, True), "gated_delta": (True, True)}
 
 
-def candidates(groups: list[str], head_v: int) -> list[dict]:
-    """The overrides to try, group by group; tiles no wider than the padded head dim, and never a
-    16-wide tile at 8 warps (that pattern miscompiled on Triton 3.6, `launch.py`)."""
-    full = max(16, 1 << (head_v - 1).bit_length())
-    tiles = [t for t in (16, 32, 64, 128) if t <= full]
+def default_choices(head_dim: int) -> dict:
+    """The plan's own choices for this head dim (a CPU plan of one token: they depend on shapes only)."""
+    import torch
+
+    from momtitan.ops.triton import launch
+
+    x = torch.zeros(1, 1, 1, head_dim)
+    plan = launch._Plan(x, x, x, None, None, None, None, None, False, launch.DEFAULT_CHUNK)
+    return {name: getattr(plan, name) for name in TUNABLE}
+
+
+def candidates(groups: list[str], head_dim: int) -> list[dict]:
+    """The overrides to try, group by group, nearest the defaults first (one choice changed, then two,
+    ...: `--limit` keeps the nearest); tiles no wider than the padded head dim, and never a 16-wide
+    tile at 8 warps (that pattern miscompiled on Triton 3.6, `launch.py`)."""
+    defaults = default_choices(head_dim)
+    tiles = [t for t in (16, 32, 64, 128) if t <= max(16, 1 << (head_dim - 1).bit_length())]
     out = []
     for group in groups:
         if group == "seq":
-            grid = [dict(BVS=t, warps_seq=w, stages_seq=s) for t, w, s in itertools.product(tiles, (4, 8), (1, 2, 3))]
+            grid = [dict(BVS=t, warps_seq=w, stages_seq=s)
+                    for t, w, s in itertools.product(tiles, (2, 4, 8), (1, 2, 3))]
         elif group == "chunk":
             grid = [dict(BV=t, warps_chunk=w) for t, w in itertools.product([t for t in tiles if t >= 32], (4, 8))]
         elif group == "grad":
             grid = [dict(BVG=t, warps_grad=w) for t, w in itertools.product([t for t in tiles if t <= 64], (4, 8))]
         else:
             raise ValueError(f"--groups takes seq, chunk and grad, got {group!r}")
-        out += [dict(c, group=group) for c in grid if not _narrow_at_8_warps(c)]
+        changed = {id(c): sum(c[k] != defaults[k] for k in c) for c in grid}
+        grid = sorted((c for c in grid if changed[id(c)] and not _narrow_at_8_warps(c)), key=lambda c: changed[id(c)])
+        out += [dict(c, group=group) for c in grid]
     return out
 
 

@@ -17,14 +17,18 @@ spec.loader.exec_module(tune)
 
 
 def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps():
-    seq = tune.candidates(["seq"], head_v=64)
-    assert {c["BVS"] for c in seq} == {16, 32, 64} and {c["stages_seq"] for c in seq} == {1, 2, 3}
+    assert tune.default_choices(128) == dict(BV=64, BVG=32, BVS=32, warps_seq=8, warps_chunk=8, warps_grad=8,
+                                             stages_seq=1)
+    seq = tune.candidates(["seq"], head_dim=128)
+    assert {c["BVS"] for c in seq} == {16, 32, 64, 128} and {c["stages_seq"] for c in seq} == {1, 2, 3}
     assert not any(c["BVS"] == 16 and c["warps_seq"] == 8 for c in seq)
-    assert len(seq) == 3 * 2 * 3 - 3
-    assert {c["BV"] for c in tune.candidates(["chunk"], head_v=256)} == {32, 64, 128}
-    assert {c["BVG"] for c in tune.candidates(["grad"], head_v=256)} == {16, 32, 64}
+    assert len(seq) == 4 * 3 * 3 - 3 - 1  # no 16-wide tile at 8 warps, and not the defaults themselves
+    # nearest the defaults (BVS 32, 8 warps, 1 stage) first: one choice changed in each of the first six
+    assert all(sum(c[k] != v for k, v in (("BVS", 32), ("warps_seq", 8), ("stages_seq", 1))) == 1 for c in seq[:6])
+    assert {c["BV"] for c in tune.candidates(["chunk"], head_dim=256)} == {32, 64, 128}
+    assert {c["BVG"] for c in tune.candidates(["grad"], head_dim=256)} == {16, 32, 64}
     with pytest.raises(ValueError, match="--groups takes seq, chunk and grad, got 'tiles'"):
-        tune.candidates(["tiles"], head_v=64)
+        tune.candidates(["tiles"], head_dim=64)
     with pytest.raises(ValueError, match="--heads must be H x d"):
         tune.parse_args(["--heads", "32"])
 
