@@ -6,6 +6,7 @@ choices and leaves the others at their defaults:
     seq    the sequential state passes (state_kernel, state_bwd_kernel): BVS, warps_seq, stages_seq
     chunk  the per-chunk forward kernels (prepare, output, local du): BV, warps_chunk
     grad   the gradient kernel: BVG, warps_grad
+    storage  the per-chunk states h and dh in the inputs' dtype instead of fp32
 
 Each candidate runs in its own process (a miscompiled choice may fault or hang the process) and
 reports forward and forward+backward time (median of `--reps`, CUDA events on a GPU) and the
@@ -68,8 +69,10 @@ def candidates(groups: list[str], head_dim: int) -> list[dict]:
             grid = [dict(BV=t, warps_chunk=w) for t, w in itertools.product([t for t in tiles if t >= 32], (4, 8))]
         elif group == "grad":
             grid = [dict(BVG=t, warps_grad=w) for t, w in itertools.product([t for t in tiles if t <= 64], (4, 8))]
+        elif group == "storage":
+            grid = [dict(chunk_states_in_input_dtype=1)]
         else:
-            raise ValueError(f"--groups takes seq, chunk and grad, got {group!r}")
+            raise ValueError(f"--groups takes seq, chunk, grad and storage, got {group!r}")
         changed = {id(c): sum(c[k] != defaults[k] for k in c) for c in grid}
         grid = sorted((c for c in grid if changed[id(c)] and not _narrow_at_8_warps(c)), key=lambda c: changed[id(c)])
         out += [dict(c, group=group) for c in grid]
@@ -207,7 +210,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--groups", default="seq,chunk,grad", help="comma list of seq, chunk, grad")
+    p.add_argument("--groups", default="seq,chunk,grad,storage", help="comma list of seq, chunk, grad, storage")
     p.add_argument("--limit", type=int, default=None, help="try only the first N candidates of each group")
     p.add_argument("--tolerance", type=float, default=2e-2)
     p.add_argument("--timeout", type=int, default=180, help="seconds per candidate")

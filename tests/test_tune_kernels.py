@@ -18,7 +18,8 @@ spec.loader.exec_module(tune)
 
 def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps():
     assert tune.default_choices(128) == dict(BV=64, BVG=32, BVS=32, warps_seq=8, warps_chunk=8, warps_grad=8,
-                                             stages_seq=1)
+                                             stages_seq=1, chunk_states_in_input_dtype=0)
+    assert tune.candidates(["storage"], head_dim=128) == [dict(chunk_states_in_input_dtype=1, group="storage")]
     seq = tune.candidates(["seq"], head_dim=128)
     assert {c["BVS"] for c in seq} == {16, 32, 64, 128} and {c["stages_seq"] for c in seq} == {1, 2, 3}
     assert not any(c["BVS"] == 16 and c["warps_seq"] == 8 for c in seq)
@@ -27,7 +28,7 @@ def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps
     assert all(sum(c[k] != v for k, v in (("BVS", 32), ("warps_seq", 8), ("stages_seq", 1))) == 1 for c in seq[:6])
     assert {c["BV"] for c in tune.candidates(["chunk"], head_dim=256)} == {32, 64, 128}
     assert {c["BVG"] for c in tune.candidates(["grad"], head_dim=256)} == {16, 32, 64}
-    with pytest.raises(ValueError, match="--groups takes seq, chunk and grad, got 'tiles'"):
+    with pytest.raises(ValueError, match="--groups takes seq, chunk, grad and storage, got 'tiles'"):
         tune.candidates(["tiles"], head_dim=64)
     with pytest.raises(ValueError, match="--heads must be H x d"):
         tune.parse_args(["--heads", "32"])
@@ -52,23 +53,27 @@ def test_overrides_reach_the_plan_and_bad_ones_raise(monkeypatch):
     with pytest.raises(ValueError, match=r"OVERRIDES\['BV'\] must be a power of two in \[16, 64\], got 128"):
         plan()
     monkeypatch.setattr(launch, "OVERRIDES", {"stages_seq": 0})
-    with pytest.raises(ValueError, match=r"OVERRIDES\['stages_seq'\] got 0"):
+    with pytest.raises(ValueError, match=r"OVERRIDES\['stages_seq'\] must be one of \(1, 2, 3, 4\), got 0"):
         plan()
+    monkeypatch.setattr(launch, "OVERRIDES", {"chunk_states_in_input_dtype": 1})
+    assert plan().chunk_state_dtype == torch.float32  # fp32 inputs
+    q16, v16 = q.bfloat16(), v.bfloat16()
+    assert launch._Plan(q16, q16, v16, None, None, None, None, None, False, 64).chunk_state_dtype == torch.bfloat16
     monkeypatch.setattr(launch, "OVERRIDES", {})
-    assert plan().stages_seq == 1
+    assert plan().stages_seq == 1 and plan().chunk_state_dtype == torch.float32
 
 
 def test_tuning_run_on_the_interpreter_agrees_with_the_defaults(tmp_path):
-    """Two sequential-pass candidates and two gradient-kernel ones, each in its own process: every one
-    runs and matches the default choices' output, final state and gradients."""
+    """Two sequential-pass candidates, two gradient-kernel ones and the storage one, each in its own
+    process: every one runs and matches the default choices' output, final state and gradients."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, str(ROOT / "scripts" / "tune_kernels.py"), "--heads", "1x32", "--seq-len", "40",
-           "--batch", "2", "--dtype", "float32", "--warmup", "0", "--reps", "1", "--groups", "seq,grad",
+           "--batch", "2", "--dtype", "float32", "--warmup", "0", "--reps", "1", "--groups", "seq,grad,storage",
            "--limit", "2", "--no-write"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "defaults" not in line
             and not line.startswith("| group")]
-    assert [row.split("|")[1].strip() for row in rows] == ["seq", "seq", "grad", "grad"], done.stdout
+    assert [row.split("|")[1].strip() for row in rows] == ["seq", "seq", "grad", "grad", "storage"], done.stdout
     assert all(row.rstrip().endswith("| ok |") for row in rows), done.stdout
     assert "| default | defaults |" in done.stdout and "Fastest agreeing candidate" in done.stdout

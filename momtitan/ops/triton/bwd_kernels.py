@@ -89,7 +89,7 @@ def state_bwd_kernel(
         dS = tl.zeros([BKF, BV], dtype=tl.float32)
     for cc in range(c_start, c_stop):
         c = c_start + c_stop - 1 - cc  # int64 bounds
-        tl.store(dh_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], dS, mask=smask)
+        tl.store(dh_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], dS.to(dh_ptr.dtype.element_ty), mask=smask)
         tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
         gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
         carry, e, c_end = chunk_weights(gamma, run, C)
@@ -205,8 +205,8 @@ def grads_kernel(
             vv = vb * BV + tl.arange(0, BV)
             vm = vv < V
             smask = km[:, None] & vm[None, :] & live
-            S0 = tl.load(h_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], mask=smask, other=0.0)
-            dS1 = tl.load(dh_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], mask=smask, other=0.0)
+            S0 = tl.load(h_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], mask=smask, other=0.0).to(tl.float32)
+            dS1 = tl.load(dh_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], mask=smask, other=0.0).to(tl.float32)
             tmask = valid[:, None] & vm[None, :]
             dO = tl.load(do_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
             if DELTA:

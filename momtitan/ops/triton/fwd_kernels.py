@@ -87,7 +87,7 @@ def state_kernel(
         S = tl.zeros([BKF, BV], dtype=tl.float32)
     for cc in range(c_start, c_end_):
         c = cc  # int64: the bounds are int64
-        tl.store(h_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], S, mask=smask)
+        tl.store(h_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], S.to(h_ptr.dtype.element_ty), mask=smask)
         tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
         gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
         carry, e, c_end = chunk_weights(gamma, run, C)

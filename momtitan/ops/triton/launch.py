@@ -15,7 +15,7 @@ DEFAULT_CHUNK = 64
 MAX_HEAD_DIM = 256
 # Tile and launch choices that `OVERRIDES` may set for every plan made while it holds them (for
 # tuning experiments: scripts/tune_kernels.py). Empty in normal use.
-TUNABLE = ("BV", "BVG", "BVS", "warps_seq", "warps_chunk", "warps_grad", "stages_seq")
+TUNABLE = ("BV", "BVG", "BVS", "warps_seq", "warps_chunk", "warps_grad", "stages_seq", "chunk_states_in_input_dtype")
 OVERRIDES: dict[str, int] = {}
 
 
@@ -71,7 +71,11 @@ class _Plan:
         self.warps_grad = 4 if small else 8
         # the sequential passes' loads wait for the previous chunk's dots: no software pipelining yet
         self.stages_seq = 1
+        # 1: the per-chunk start states h and their gradients dh (the largest intermediates, [NC, H, K, V])
+        # are stored in the inputs' dtype (accumulated in fp32 in registers either way); 0: in fp32
+        self.chunk_states_in_input_dtype = 0
         self._apply_overrides()
+        self.chunk_state_dtype = q.dtype if self.chunk_states_in_input_dtype else torch.float32
         self.NVB = self.BVF // self.BV
         self.NVBG = self.BVF // self.BVG
         self.NVBS = self.BVF // self.BVS
@@ -84,8 +88,10 @@ class _Plan:
             if name.startswith("BV") and not (isinstance(value, int) and 16 <= value <= self.BVF
                                               and value & (value - 1) == 0):
                 raise ValueError(f"OVERRIDES[{name!r}] must be a power of two in [16, {self.BVF}], got {value!r}")
-            if not name.startswith("BV") and value not in ((1, 2, 4, 8, 16) if name.startswith("warps") else (1, 2, 3, 4)):
-                raise ValueError(f"OVERRIDES[{name!r}] got {value!r}: warps are 1-16 (a power of two), stages 1-4")
+            allowed = {"warps": (1, 2, 4, 8, 16), "stages": (1, 2, 3, 4), "chunk": (0, 1)}[name.split("_")[0]] \
+                if not name.startswith("BV") else None
+            if allowed is not None and value not in allowed:
+                raise ValueError(f"OVERRIDES[{name!r}] must be one of {allowed}, got {value!r}")
             setattr(self, name, value)
 
     def ptr(self, x):
@@ -113,7 +119,7 @@ def states(p: _Plan, for_backward: bool = False) -> dict:
             num_warps=p.warps_chunk, **p.flags(),
         )
         u = torch.empty(NC * C, H, V, device=dev, dtype=f32)
-    h = torch.empty(NC, H, K, V, device=dev, dtype=f32)
+    h = torch.empty(NC, H, K, V, device=dev, dtype=p.chunk_state_dtype)
     ht = torch.empty(p.N, H, K, V, device=dev, dtype=f32)
     state_kernel[(p.N, H, p.NVBS)](
         p.k, p.v, p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rk), p.info, p.seg, p.ptr(W), p.ptr(U), p.ptr(p.h0),
@@ -149,7 +155,7 @@ def backward(p: _Plan, scale: float, do, dht):
     s = states(p, for_backward=True)  # the output itself is not needed
     do = do.reshape(total, H, V).contiguous()
     dht = dht.to(f32).contiguous() if dht is not None else None
-    dh = torch.empty(NC, H, K, V, device=dev, dtype=f32)
+    dh = torch.empty(NC, H, K, V, device=dev, dtype=p.chunk_state_dtype)
     dh0 = torch.empty(p.N, H, K, V, device=dev, dtype=f32)
     dv = torch.empty(p.B, p.T, H, V, device=dev, dtype=p.v.dtype)
     du = torch.empty(NC * C, H, V, device=dev, dtype=f32) if p.delta else dv
