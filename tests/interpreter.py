@@ -1,4 +1,4 @@
-"""The harness shared by the Triton kernel tests that run on CPU under the Triton interpreter.
+"""The harness shared by the Triton kernel tests (most of them run on CPU under the Triton interpreter).
 
 Such a test file doubles as a script: `python tests/test_x.py worker` sets `TRITON_INTERPRET=1` before
 any kernel is defined, runs every check and prints one JSON line per check (`{"check": name, ...}`).
@@ -17,6 +17,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# the dtypes the GPU matrices cover (tests marked `gpu` are skipped without CUDA: conftest.py)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -45,3 +47,15 @@ def result(results: dict, name: str) -> dict:
     if name not in results:
         pytest.fail(f"interpreter worker produced no result for {name!r}:\n{results['_log']}")
     return results[name]
+
+
+def assert_compiled_matches_eager(f, leaves: dict, tol: float = 1e-5) -> None:
+    """`torch.compile(f, fullgraph=True)` gives eager `f`'s value and gradients (w.r.t. `leaves`)."""
+    eager = f(**leaves)
+    expected = torch.autograd.grad(eager, list(leaves.values()))
+    torch._dynamo.reset()
+    value = torch.compile(f, fullgraph=True)(**leaves)
+    grads = torch.autograd.grad(value, list(leaves.values()))
+    assert rel_err(value, eager) < tol
+    for got, want in zip(grads, expected):
+        assert rel_err(got, want) < tol

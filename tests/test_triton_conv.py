@@ -25,7 +25,7 @@ import json
 import pytest
 import torch
 
-from tests.interpreter import rel_err, result, run_worker
+from tests.interpreter import DTYPES, assert_compiled_matches_eager, rel_err, result, run_worker
 
 
 def make_inputs(spec, device, dtype, seed=0):
@@ -271,12 +271,9 @@ def test_interpreter_compile_fullgraph(interpreter_results):
 
 # ---------------------------------------------------------------- GPU
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("W", [2, 4])
 @pytest.mark.parametrize("act", ["silu", None])
@@ -291,7 +288,6 @@ def test_gpu_matrix(dtype, W, act):
 
 
 @pytest.mark.gpu
-@gpu
 def test_gpu_mixed_dtypes_match_pytorch_path():
     """bf16 x with an fp32 weight and cache (bf16 autocast): y and the final state come out bf16 and
     the weight's and cache's gradients fp32, as in PyTorch."""
@@ -302,7 +298,6 @@ def test_gpu_mixed_dtypes_match_pytorch_path():
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_gpu_long_many_segments(dtype):
     """A long stream of many short and empty segments (the backward's loop over T blocks)."""
@@ -324,7 +319,6 @@ def test_triton_switch_follows_env():
 
 
 @pytest.mark.gpu
-@gpu
 def test_gpu_dispatch_and_compile_fullgraph(monkeypatch):
     import momtitan.ops.triton as tri
     from momtitan.ops.conv import segmented_short_conv, short_conv
@@ -347,19 +341,10 @@ def test_gpu_dispatch_and_compile_fullgraph(monkeypatch):
         y, final = short_conv(x, weight, initial_state=initial_state, **extra)
         return y.float().square().sum() + final.float().sum()
 
-    eager = f(**leaves)
-    ge = torch.autograd.grad(eager, list(leaves.values()))
-    torch._dynamo.reset()
-    cf = torch.compile(f, fullgraph=True)
-    val = cf(**leaves)
-    gc = torch.autograd.grad(val, list(leaves.values()))
-    assert rel_err(val, eager) < 1e-5
-    for a, b in zip(gc, ge):
-        assert rel_err(a, b) < 1e-5
+    assert_compiled_matches_eager(f, leaves)
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("W", [2, 4])
 def test_gpu_step(dtype, W):
@@ -370,7 +355,6 @@ def test_gpu_step(dtype, W):
 
 
 @pytest.mark.gpu
-@gpu
 def test_gpu_step_compiled_and_dispatch(monkeypatch):
     import momtitan.ops.triton as tri
     from momtitan.ops.conv import short_conv_step

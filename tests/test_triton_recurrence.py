@@ -22,7 +22,7 @@ import json
 import pytest
 import torch
 
-from tests.interpreter import rel_err, result, run_worker
+from tests.interpreter import DTYPES, assert_compiled_matches_eager, rel_err, result, run_worker
 
 RULES = {"linear": (False, False), "gated": (True, False), "delta": (False, True), "gated_delta": (True, True)}
 
@@ -232,8 +232,6 @@ def test_interpreter_compile_fullgraph(interpreter_results):
 
 # ---------------------------------------------------------------- GPU
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # relative-error bounds against fp64 (outputs and final states, gradients)
 GPU_TOL = {"fp32": (1e-4, 1e-4), "fp16": (5e-3, 1e-2), "bf16": (2e-2, 4e-2)}
 
@@ -245,7 +243,6 @@ def _assert_errs(errs, finite, tol_o, tol_g, what):
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("rule", list(RULES))
@@ -259,7 +256,6 @@ def test_gpu_matrix(rule, d, dtype):
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("rule", list(RULES))
 def test_gpu_no_l2norm_small_dims(rule):
     spec = dict(rule=rule, shape=(1, 90, 3, 32, 48), cu=[0, 33, 33, 90], l2=False, reset=0.05)
@@ -268,7 +264,6 @@ def test_gpu_no_l2norm_small_dims(rule):
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_gpu_long_sequences_vs_chunk_fp64(dtype):
     """Many chunks per segment: compare with the chunked PyTorch path in fp64."""
@@ -298,7 +293,6 @@ def test_triton_switch_follows_env():
 
 
 @pytest.mark.gpu
-@gpu
 def test_gpu_dispatch_and_compile_fullgraph(monkeypatch):
     import momtitan.ops.triton as tri
     from momtitan.ops.recurrence import linear_recurrence
@@ -317,19 +311,10 @@ def test_gpu_dispatch_and_compile_fullgraph(monkeypatch):
         o, ht = linear_recurrence(q, k, v, g, beta, initial_state=initial_state, **extra)
         return o.float().square().sum() + ht.sum()
 
-    eager = f(**leaves)
-    ge = torch.autograd.grad(eager, list(leaves.values()))
-    torch._dynamo.reset()
-    cf = torch.compile(f, fullgraph=True)
-    val = cf(**leaves)
-    gc = torch.autograd.grad(val, list(leaves.values()))
-    assert rel_err(val, eager) < 1e-5
-    for a, b in zip(gc, ge):
-        assert rel_err(a, b) < 1e-5
+    assert_compiled_matches_eager(f, leaves)
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("rule", list(RULES))
 def test_gpu_step(rule, dtype):
@@ -341,7 +326,6 @@ def test_gpu_step(rule, dtype):
 
 
 @pytest.mark.gpu
-@gpu
 def test_gpu_step_compiled_and_dispatch():
     from momtitan.ops.recurrence.step import linear_recurrence_step
 

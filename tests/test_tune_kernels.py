@@ -50,7 +50,7 @@ def test_overrides_reach_the_plan_and_bad_ones_raise(monkeypatch):
     with pytest.raises(ValueError, match="OVERRIDES may set .* got 'tile'"):
         plan()
     monkeypatch.setattr(launch, "OVERRIDES", {"BV": 128})
-    with pytest.raises(ValueError, match=r"OVERRIDES\['BV'\] must be a power of two in \[16, 64\], got 128"):
+    with pytest.raises(ValueError, match=r"OVERRIDES\['BV'\] must be one of \(16, 32, 64\), got 128"):
         plan()
     monkeypatch.setattr(launch, "OVERRIDES", {"stages_seq": 0})
     with pytest.raises(ValueError, match=r"OVERRIDES\['stages_seq'\] must be one of \(1, 2, 3, 4\), got 0"):

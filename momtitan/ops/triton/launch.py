@@ -14,8 +14,11 @@ from momtitan.ops.triton.fwd_kernels import output_kernel, prepare_kernel, state
 DEFAULT_CHUNK = 64
 MAX_HEAD_DIM = 256
 # Tile and launch choices that `OVERRIDES` may set for every plan made while it holds them (for
-# tuning experiments: scripts/tune_kernels.py). Empty in normal use.
-TUNABLE = ("BV", "BVG", "BVS", "warps_seq", "warps_chunk", "warps_grad", "stages_seq", "chunk_states_in_input_dtype")
+# tuning experiments: scripts/tune_kernels.py), with the values each may take (None: a V tile, a
+# power of two from 16 to the padded head dim). Empty in normal use.
+_WARPS, _STAGES = (1, 2, 4, 8, 16), (1, 2, 3, 4)
+TUNABLE = {"BV": None, "BVG": None, "BVS": None, "warps_seq": _WARPS, "warps_chunk": _WARPS, "warps_grad": _WARPS,
+           "stages_seq": _STAGES, "chunk_states_in_input_dtype": (0, 1)}
 OVERRIDES: dict[str, int] = {}
 
 
@@ -84,13 +87,9 @@ class _Plan:
     def _apply_overrides(self) -> None:
         for name, value in OVERRIDES.items():
             if name not in TUNABLE:
-                raise ValueError(f"OVERRIDES may set {TUNABLE}, got {name!r}")
-            if name.startswith("BV") and not (isinstance(value, int) and 16 <= value <= self.BVF
-                                              and value & (value - 1) == 0):
-                raise ValueError(f"OVERRIDES[{name!r}] must be a power of two in [16, {self.BVF}], got {value!r}")
-            allowed = {"warps": (1, 2, 4, 8, 16), "stages": (1, 2, 3, 4), "chunk": (0, 1)}[name.split("_")[0]] \
-                if not name.startswith("BV") else None
-            if allowed is not None and value not in allowed:
+                raise ValueError(f"OVERRIDES may set {tuple(TUNABLE)}, got {name!r}")
+            allowed = TUNABLE[name] or tuple(1 << i for i in range(4, self.BVF.bit_length()))
+            if value not in allowed:
                 raise ValueError(f"OVERRIDES[{name!r}] must be one of {allowed}, got {value!r}")
             setattr(self, name, value)
 
