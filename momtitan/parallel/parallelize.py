@@ -10,8 +10,8 @@ The same recipe as torchtitan's llama3, applied to `MoMTransformer`'s blocks, in
 Expert parallelism (`parallelism.expert_parallel_degree = ep`, borrowed from dp_shard) comes first:
 each MoM layer's memories are sharded over the `ep` mesh and its routed rows travel by all-to-all
 (`momtitan.parallel.expert_parallel`); FSDP then shards the memories over the `efsdp` mesh (the
-rest of dp_shard) and everything else over the full `fsdp` mesh. Under EP the all-to-all's split
-sizes make one graph break per MoM layer, so blocks compile with `fullgraph=False`.
+rest of dp_shard) and everything else over the full `fsdp` mesh. Under EP the all-to-alls (their
+split sizes are data) make three graph breaks per MoM layer, so blocks compile with `fullgraph=False`.
 Tensor, context and pipeline parallelism are not implemented for MoM and are refused with a
 ValueError.
 
