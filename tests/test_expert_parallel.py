@@ -22,18 +22,25 @@ def run_ep_equivalence(*flags: str) -> str:
     return result.stdout
 
 
-def test_ep2_matches_ep1_logits_and_gradients():
-    out = run_ep_equivalence()
-    # the two ranks' lines may interleave; each rank reports its logits and its gradient check once
+@pytest.mark.parametrize("flags", [[], ["--sac-op"]], ids=["no_ac", "sac_op"])
+def test_ep2_matches_ep1_logits_and_gradients(flags):
+    """Also counts the all-to-alls (ep_equivalence fails on a wrong count): 5 per layer and step, none
+    of them in per-op SAC's recompute, which replays the exchanges' saved outputs."""
+    out = run_ep_equivalence(*flags)
+    # each rank reports its logits, its gradient check and its all-to-all count once
     assert len(re.findall(r"rank \d logits rel err", out)) == 2, out
     assert len(re.findall(r"gradients checked: \d+, mismatches: none", out)) == 2, out
+    assert len(re.findall(r"all-to-alls in the step: 10, expected 10", out)) == 2, out
 
 
-def test_compiled_ep_blocks_match_and_compile_the_routed_rows():
+@pytest.mark.parametrize("flags", [[], ["--sac-op"]], ids=["no_ac", "sac_op"])
+def test_compiled_ep_blocks_match_and_compile_the_routed_rows(flags):
     """Blocks compiled as under EP training: three steps on new routings equal the eager model without
     EP, the exchange's graphs compile at most twice (static, then a dynamic row count), and the routed
-    rows' projections and recurrence run inside a compiled graph, not eagerly around it."""
-    out = run_ep_equivalence("--compile", "aot_eager")
+    rows' projections and recurrence run inside a compiled graph, not eagerly around it; also when
+    the blocks are checkpointed per op (a checkpoint traced around the exchanges' graph breaks would
+    leave the whole block eager)."""
+    out = run_ep_equivalence("--compile", "aot_eager", *flags)
     assert len(re.findall(r"gradients checked: \d+, mismatches: none", out)) == 6, out
     assert len(re.findall(r"compiled graphs: \d+, routed rows compiled: True", out)) == 2, out
 

@@ -21,7 +21,9 @@ routing, the shared memory, the reorder and the routed rows' projections, conv a
 compile, with the received row count as the one dynamic size (off the Triton kernels, the
 recurrence's PyTorch path runs between graphs: its loop over chunks would recompile for every
 chunk count). The split sizes travel between the exchanges inside an object the graphs never read,
-so a new routing recompiles nothing.
+so a new routing recompiles nothing. The exchanges are custom ops (`exchange_ops`): per-op selective
+activation checkpointing keeps their outputs, so the backward's recompute of a layer repeats neither
+the all-to-alls nor the host sync.
 
 Weights: `MemoryProjections` parameters become DTensors sharded on dim 0 over the ep mesh, so DCP
 saves and loads them whole. Everything else is replicated across ep (FSDP shards it as usual).
@@ -35,29 +37,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from momtitan.layers.mom import MoMLayer
-from momtitan.parallel.comm_timer import ALL_TO_ALL
-
-
-class _AllToAll(torch.autograd.Function):
-    """Differentiable all-to-all of rows: forward sends `in_sizes` rows to each rank and receives
-    `out_sizes`; backward sends the gradients back the same way. Plain blocking c10d calls (the
-    exchange runs outside compiled graphs anyway), so nothing is left in flight at shutdown. Both
-    directions count towards `comm_timer.ALL_TO_ALL`."""
-
-    @staticmethod
-    def forward(ctx, rows, out_sizes, in_sizes, group):
-        ctx.out_sizes, ctx.in_sizes, ctx.group = out_sizes, in_sizes, group
-        out = rows.new_empty(sum(out_sizes), *rows.shape[1:])
-        with ALL_TO_ALL.measure(rows.device):
-            torch.distributed.all_to_all_single(out, rows.contiguous(), out_sizes, in_sizes, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        back = grad.new_empty(sum(ctx.in_sizes), *grad.shape[1:])
-        with ALL_TO_ALL.measure(grad.device):
-            torch.distributed.all_to_all_single(back, grad.contiguous(), ctx.in_sizes, ctx.out_sizes, group=ctx.group)
-        return back, None, None, None
+from momtitan.parallel.exchange_ops import host_split_sizes
 
 
 class MemoryExchange:
@@ -66,7 +46,7 @@ class MemoryExchange:
 
     def __init__(self, mesh: DeviceMesh, num_memories: int):
         self.mesh = mesh
-        self.group = mesh.get_group()
+        self.group_name = mesh.get_group().group_name
         self.ep = mesh.size()
         self.rank = mesh.get_local_rank()
         self.local_memories = num_memories // self.ep
@@ -80,7 +60,7 @@ class MemoryExchange:
         shared = layer.shared_mem
         # 1-2. counts: send[dst] = my counts for dst's memories [El, B]; recv[src] = src's counts for mine
         send_counts = plan.counts.view(ep, El * B).contiguous()
-        recv_counts, sizes = _exchange_counts(send_counts, self.group)
+        recv_counts, sizes = _exchange_counts(send_counts, self.group_name)
         # the shared memory needs nothing from the exchange: queue it before the host waits for the
         # sizes (the one host sync per layer), so the GPU has work meanwhile
         o_shared = None
@@ -93,7 +73,7 @@ class MemoryExchange:
         # 3. rows out: x | q | reset
         flag = (reset[:R] if reset is not None else flat.new_zeros(R, dtype=torch.bool)).to(flat.dtype)
         rows = torch.cat([flat[plan.token_of_row], q_tok[plan.token_of_row], flag[:, None]], dim=1)
-        got = _exchange_rows(rows, sizes, self.group, home=False)
+        got = _exchange_rows(rows, sizes, self.group_name, home=False)
 
         # 4. reorder (source, memory, batch) -> (memory, source, batch) and run the local memories
         counts = recv_counts.view(ep, El, B)
@@ -113,51 +93,38 @@ class MemoryExchange:
 
         # 5. routed outputs back to their source, in the source's row order
         back = torch.empty_like(routed).index_copy(0, order, routed)
-        routed_home = _exchange_rows(back, sizes, self.group, home=True)
+        routed_home = _exchange_rows(back, sizes, self.group_name, home=True)
         return torch.cat([routed_home, o_shared]) if shared else routed_home
 
 
 class SplitSizes:
-    """The rows this rank sends to and receives from each rank of the group, read on the host at the
-    first `lists()`. On CUDA the counts are copied into pinned memory behind an event, so `lists()`
-    waits for that copy, not for the work queued after it. The compiled graphs only pass this
-    object between the exchange steps (which are compiler-disabled), so new sizes never recompile."""
+    """The rows this rank sends to and receives from each rank, read on the host at the first
+    `lists()` (`exchange_ops.host_split_sizes`). The compiled graphs only pass this object between
+    the exchange steps (which are compiler-disabled), so new sizes never recompile."""
 
-    def __init__(self, send_counts: torch.Tensor, recv_counts: torch.Tensor):
-        sizes = torch.stack([send_counts.sum(1), recv_counts.sum(1)])
-        self._copied = None
-        if sizes.is_cuda:
-            self._host = torch.empty(sizes.shape, dtype=sizes.dtype, pin_memory=True)
-            self._host.copy_(sizes, non_blocking=True)
-            self._copied = torch.cuda.Event()
-            self._copied.record()
-        else:
-            self._host = sizes
+    def __init__(self, host_totals: torch.Tensor):
+        self._host = host_totals
         self._lists = None
 
     def lists(self) -> tuple[list[int], list[int]]:
-        """`(send, recv)` row counts per rank; the host sync, once."""
         if self._lists is None:
-            if self._copied is not None:
-                self._copied.synchronize()
-            self._lists = (self._host[0].tolist(), self._host[1].tolist())
+            self._lists = host_split_sizes(self._host)
         return self._lists
 
 
 @torch.compiler.disable  # a collective and its sizes: run as is, between compiled graphs
-def _exchange_counts(send_counts: torch.Tensor, group) -> tuple[torch.Tensor, SplitSizes]:
+def _exchange_counts(send_counts: torch.Tensor, group_name: str) -> tuple[torch.Tensor, SplitSizes]:
     """All-to-all of the per-(memory, batch) row counts; starts their copy to the host."""
-    recv_counts = torch.empty_like(send_counts)
-    with ALL_TO_ALL.measure(send_counts.device):
-        torch.distributed.all_to_all_single(recv_counts, send_counts, group=group)
-    return recv_counts, SplitSizes(send_counts, recv_counts)
+    recv_counts, host_totals = torch.ops.momtitan.ep_exchange_counts(send_counts, group_name)
+    return recv_counts, SplitSizes(host_totals)
 
 
 @torch.compiler.disable  # data-dependent output size
-def _exchange_rows(rows: torch.Tensor, sizes: SplitSizes, group, home: bool) -> torch.Tensor:
+def _exchange_rows(rows: torch.Tensor, sizes: SplitSizes, group_name: str, home: bool) -> torch.Tensor:
     """Routed rows to their memories' owners, or (`home`) their outputs back to the sources."""
     send, recv = sizes.lists()
-    return _AllToAll.apply(rows, send, recv, group) if home else _AllToAll.apply(rows, recv, send, group)
+    out_sizes, in_sizes = (send, recv) if home else (recv, send)
+    return torch.ops.momtitan.ep_all_to_all_rows(rows, out_sizes, in_sizes, group_name)
 
 
 def check_expert_parallel_degree(num_memories: int, ep: int, world_size: int) -> None:

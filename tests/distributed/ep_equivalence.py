@@ -3,10 +3,17 @@ the same model run without it on the union of the two ranks' batches. Prints one
 and exits non-zero on a mismatch.
 
 `--compile BACKEND`: the EP model's blocks compiled as training compiles them under EP
-(`fullgraph=False`), three steps on new data each, against the eager model without EP; the
+(`parallelize.apply_ac_and_compile`: `fullgraph=False`), three steps on new data each, against the eager model without EP; the
 exchange's graph pieces may compile twice (static, then with the routed row count dynamic) and no
 more (`recompile_limit` 2, failing past it), and the routed rows' projections and recurrence must
 run inside a compiled graph (one with a dynamic row count and matrix products).
+
+`--sac-op`: the EP model's blocks checkpointed per op as well, as the 340M and 1.3B recipes train
+(with `--compile`, checkpointed around the compiled blocks, which must still compile).
+
+Every step also counts the all-to-alls: three per MoM layer forward (counts, rows out, outputs
+back) and two backward (the gradients of both row exchanges), none in a checkpoint's recompute
+(per-op SAC replays the exchange ops' saved outputs).
 """
 
 import argparse
@@ -18,14 +25,35 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
+from torchtitan.config.job_config import ActivationCheckpoint
 
 from momtitan.config import get_flavor
 from momtitan.model import MoMTransformer
 from momtitan.parallel.expert_parallel import apply_expert_parallel
+from momtitan.parallel.parallelize import apply_ac_and_compile
+
+
+def say(line: str) -> None:
+    """One write per line, flushed: the two ranks share stdout, and their lines must not interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+EXCHANGES = [0]  # all-to-alls so far on this rank
+
+
+def count_exchanges() -> None:
+    send = dist.all_to_all_single
+
+    def counted(*args, **kwargs):
+        EXCHANGES[0] += 1
+        return send(*args, **kwargs)
+
+    dist.all_to_all_single = counted
 
 
 def check_step(model, reference, rank, world, generator, tol) -> list[str]:
@@ -40,12 +68,17 @@ def check_step(model, reference, rank, world, generator, tol) -> list[str]:
     ref_out = reference(tokens, doc_starts=doc_starts)
     F.cross_entropy(ref_out.logits.flatten(0, 1), labels.flatten(), reduction="sum").div(n_tokens).backward()
     mine = slice(rank * 2, rank * 2 + 2)
+    before = EXCHANGES[0]
     out = model(tokens[mine], doc_starts=doc_starts[mine])
     F.cross_entropy(out.logits.flatten(0, 1), labels[mine].flatten(), reduction="sum").div(n_tokens).backward()
 
     failures = []
+    exchanges, expected = EXCHANGES[0] - before, 5 * len(model.layers)
+    say(f"rank {rank} all-to-alls in the step: {exchanges}, expected {expected}")
+    if exchanges != expected:
+        failures.append(f"{exchanges} all-to-alls, expected {expected}")
     err = rel(out.logits.detach(), ref_out.logits[mine].detach())
-    print(f"rank {rank} logits rel err {err:.2e}")
+    say(f"rank {rank} logits rel err {err:.2e}")
     if err > tol:
         failures.append(f"logits: {err:.2e}")
     for (name, p), (_, p_ref) in zip(model.named_parameters(), reference.named_parameters()):
@@ -58,7 +91,7 @@ def check_step(model, reference, rank, world, generator, tol) -> list[str]:
         err = rel(grad, p_ref.grad)
         if err > tol:
             failures.append(f"{name}: {err:.2e}")
-    print(f"rank {rank} gradients checked: {len(list(model.parameters()))}, mismatches: {failures or 'none'}")
+    say(f"rank {rank} gradients checked: {len(list(model.parameters()))}, mismatches: {failures or 'none'}")
     return failures
 
 
@@ -88,6 +121,7 @@ def routed_rows_compiled(graphs: list) -> bool:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--compile", metavar="BACKEND", default=None)
+    parser.add_argument("--sac-op", action="store_true", help="per-op selective activation checkpointing")
     cli = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -99,21 +133,23 @@ def main():
     apply_expert_parallel(model, init_device_mesh("cpu", (world,), mesh_dim_names=("ep",)))
     memories = model.layers["0"].mixer.memories
     assert memories.k_proj.to_local().shape[0] == args.num_memories // world, memories.k_proj.to_local().shape
+    graphs = []
+    # one callable for all blocks, as a backend name gives
+    backend = recording(cli.compile, graphs) if cli.compile else None
+    ac = ActivationCheckpoint(mode="selective", selective_ac_option="op") if cli.sac_op else ActivationCheckpoint(mode="none")
+    apply_ac_and_compile(model, ac, compile_backend=backend, expert_parallel=True)
+    count_exchanges()
     generator = torch.Generator().manual_seed(1)
     if cli.compile is None:
         failures = check_step(model, reference, rank, world, generator, tol=1e-5)
     else:
         torch._dynamo.config.recompile_limit = 2
         torch._dynamo.config.fail_on_recompile_limit_hit = True
-        graphs = []
-        backend = recording(cli.compile, graphs)  # one callable for all blocks, as a backend name gives
-        for layer_id, block in model.layers.named_children():
-            model.layers.register_module(layer_id, torch.compile(block, backend=backend))
         failures = []
         for _ in range(3):
             failures += check_step(model, reference, rank, world, generator, tol=1e-4)
         compiled = routed_rows_compiled(graphs)
-        print(f"rank {rank} compiled graphs: {len(graphs)}, routed rows compiled: {compiled}")
+        say(f"rank {rank} compiled graphs: {len(graphs)}, routed rows compiled: {compiled}")
         if not compiled:
             failures.append("the routed rows ran outside every compiled graph")
     dist.destroy_process_group()
