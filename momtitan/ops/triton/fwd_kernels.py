@@ -54,12 +54,12 @@ def prepare_kernel(
         kk = kb * BK + tl.arange(0, BK)
         kt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & (kk < K)[None, :], other=0.0)
         W = mdot(T, kt.to(tl.float32) * wk[:, None], DOT_MODE)
-        tl.store(w_ptr + (prow[:, None] * H + h) * K + kk[None, :], W, mask=(kk < K)[None, :])
+        tl.store(w_ptr + (prow[:, None] * H + h) * K + kk[None, :], W.to(w_ptr.dtype.element_ty), mask=(kk < K)[None, :])
     for vb in tl.static_range(NVB):
         vv = vb * BV + tl.arange(0, BV)
         vt = tl.load(v_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=valid[:, None] & (vv < V)[None, :], other=0.0)
         U = mdot(T, vt.to(tl.float32) * b[:, None], DOT_MODE)
-        tl.store(u_ptr + (prow[:, None] * H + h) * V + vv[None, :], U, mask=(vv < V)[None, :])
+        tl.store(u_ptr + (prow[:, None] * H + h) * V + vv[None, :], U.to(u_ptr.dtype.element_ty), mask=(vv < V)[None, :])
 
 
 @triton.jit
@@ -95,9 +95,9 @@ def state_kernel(
         kt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)
         if DELTA:
             Wt = tl.load(w_ptr + (prow[:, None] * H + h) * K + kk[None, :], mask=km[None, :], other=0.0)
-            Ut = tl.load(uin_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=vm[None, :], other=0.0)
+            Ut = tl.load(uin_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=vm[None, :], other=0.0).to(tl.float32)
             u = Ut - mdot(Wt, S, DOT_MODE)
-            tl.store(unew_ptr + (prow[:, None] * H + h) * V + vv[None, :], u, mask=vm[None, :])
+            tl.store(unew_ptr + (prow[:, None] * H + h) * V + vv[None, :], u.to(unew_ptr.dtype.element_ty), mask=vm[None, :])
         else:
             u = tl.load(v_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=valid[:, None] & vm[None, :], other=0.0).to(tl.float32)
         S = c_end * S + mdot(tl.trans(kt.to(tl.float32) * e[:, None]), u, DOT_MODE)
