@@ -6,7 +6,8 @@ choices and leaves the others at their defaults:
     seq    the sequential state passes (state_kernel, state_bwd_kernel): BVS, warps_seq, stages_seq
     chunk  the per-chunk forward kernels (prepare, output, local du): BV, warps_chunk
     grad   the gradient kernel: BVG, warps_grad
-    storage  the per-chunk states h and dh in the inputs' dtype instead of fp32
+    storage  the per-chunk states h and dh, the WY factors W, U and the values u in the inputs' dtype
+             instead of fp32 (each, then both)
 
 Each candidate runs in its own process (a miscompiled choice may fault or hang the process) and
 reports forward and forward+backward time (median of `--reps`, CUDA events on a GPU) and the
@@ -70,7 +71,8 @@ def candidates(groups: list[str], head_dim: int) -> list[dict]:
         elif group == "grad":
             grid = [dict(BVG=t, warps_grad=w) for t, w in itertools.product([t for t in tiles if t <= 64], (4, 8))]
         elif group == "storage":
-            grid = [dict(chunk_states_in_input_dtype=1)]
+            grid = [dict(chunk_states_in_input_dtype=1), dict(wy_in_input_dtype=1),
+                    dict(chunk_states_in_input_dtype=1, wy_in_input_dtype=1)]
         else:
             raise ValueError(f"--groups takes seq, chunk, grad and storage, got {group!r}")
         changed = {id(c): sum(c[k] != defaults[k] for k in c) for c in grid}

@@ -1,3 +1,4 @@
+import os
 import zlib
 
 import pytest
@@ -23,6 +24,14 @@ def _seed(request):
     # Fresh random inputs per test, reproducible per test name (crc32: stable across processes,
     # unlike hash(), which Python salts per process).
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def pytest_configure(config):
+    # Under pytest-xdist (`pytest -n N -m gpu`), worker gwI runs on GPU I mod the GPU count, so the
+    # GPU matrix spreads over every visible GPU.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and torch.cuda.is_available():
+        torch.cuda.set_device(int(worker[2:]) % torch.cuda.device_count())
 
 
 def pytest_collection_modifyitems(config, items):

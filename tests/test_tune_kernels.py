@@ -18,8 +18,10 @@ spec.loader.exec_module(tune)
 
 def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps():
     assert tune.default_choices(128) == dict(BV=64, BVG=32, BVS=32, warps_seq=8, warps_chunk=8, warps_grad=8,
-                                             stages_seq=1, chunk_states_in_input_dtype=0)
-    assert tune.candidates(["storage"], head_dim=128) == [dict(chunk_states_in_input_dtype=1, group="storage")]
+                                             stages_seq=1, chunk_states_in_input_dtype=0, wy_in_input_dtype=0)
+    assert tune.candidates(["storage"], head_dim=128) == [
+        dict(chunk_states_in_input_dtype=1, group="storage"), dict(wy_in_input_dtype=1, group="storage"),
+        dict(chunk_states_in_input_dtype=1, wy_in_input_dtype=1, group="storage")]
     seq = tune.candidates(["seq"], head_dim=128)
     assert {c["BVS"] for c in seq} == {16, 32, 64, 128} and {c["stages_seq"] for c in seq} == {1, 2, 3}
     assert not any(c["BVS"] == 16 and c["warps_seq"] == 8 for c in seq)
@@ -55,17 +57,19 @@ def test_overrides_reach_the_plan_and_bad_ones_raise(monkeypatch):
     monkeypatch.setattr(launch, "OVERRIDES", {"stages_seq": 0})
     with pytest.raises(ValueError, match=r"OVERRIDES\['stages_seq'\] must be one of \(1, 2, 3, 4\), got 0"):
         plan()
-    monkeypatch.setattr(launch, "OVERRIDES", {"chunk_states_in_input_dtype": 1})
-    assert plan().chunk_state_dtype == torch.float32  # fp32 inputs
+    monkeypatch.setattr(launch, "OVERRIDES", {"chunk_states_in_input_dtype": 1, "wy_in_input_dtype": 1})
+    assert plan().chunk_state_dtype == plan().wy_dtype == torch.float32  # fp32 inputs
     q16, v16 = q.bfloat16(), v.bfloat16()
-    assert launch._Plan(q16, q16, v16, None, None, None, None, None, False, 64).chunk_state_dtype == torch.bfloat16
+    plan16 = launch._Plan(q16, q16, v16, None, None, None, None, None, False, 64)
+    assert plan16.chunk_state_dtype == plan16.wy_dtype == torch.bfloat16
     monkeypatch.setattr(launch, "OVERRIDES", {})
-    assert plan().stages_seq == 1 and plan().chunk_state_dtype == torch.float32
+    assert plan().stages_seq == 1 and plan().chunk_state_dtype == plan().wy_dtype == torch.float32
 
 
 def test_tuning_run_on_the_interpreter_agrees_with_the_defaults(tmp_path):
-    """Two sequential-pass candidates, two gradient-kernel ones and the storage one, each in its own
-    process: every one runs and matches the default choices' output, final state and gradients."""
+    """Two candidates of each group (for fp32 inputs the storage ones change nothing but the code
+    path), each in its own process: every one runs and matches the default choices' output, final
+    state and gradients."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, str(ROOT / "scripts" / "tune_kernels.py"), "--heads", "1x32", "--seq-len", "40",
            "--batch", "2", "--dtype", "float32", "--warmup", "0", "--reps", "1", "--groups", "seq,grad,storage",
@@ -74,6 +78,6 @@ def test_tuning_run_on_the_interpreter_agrees_with_the_defaults(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "defaults" not in line
             and not line.startswith("| group")]
-    assert [row.split("|")[1].strip() for row in rows] == ["seq", "seq", "grad", "grad", "storage"], done.stdout
+    assert [row.split("|")[1].strip() for row in rows] == ["seq", "seq", "grad", "grad", "storage", "storage"], done.stdout
     assert all(row.rstrip().endswith("| ok |") for row in rows), done.stdout
     assert "| default | defaults |" in done.stdout and "Fastest agreeing candidate" in done.stdout

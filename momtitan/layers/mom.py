@@ -191,21 +191,28 @@ class MoMLayer(nn.Module):
         aux, load = load_balance_loss(routing, self.num_memories, valid)
         return self._output(out, x), aux, load
 
-    def run_stream(self, routed_x, routed_q, shared_x, shared_q, cu_seqlens, memory_offsets, reset=None, state=None):
+    def run_stream(self, routed_x, routed_q, shared_x, shared_q, cu_seqlens, memory_offsets, reset=None, state=None,
+                   varying_rows=False):
         """Projections, short conv and recurrence of one stream of rows.
 
-        The stream is the routed rows, grouped by memory (`memory_offsets`: group ends over the
-        stacked per-memory weights), followed by the shared-memory rows if `shared_x` is given;
+        The stream is the routed rows (if `routed_x` is given), grouped by memory (`memory_offsets`:
+        group ends over the stacked per-memory weights), followed by the shared-memory rows (if
+        `shared_x` is given);
         `cu_seqlens` and `reset` describe its segments. `q` comes in precomputed (it is one shared
         projection). Returns `(o [rows, value_dim], final_state, final_conv_state)`, the last two
-        None unless `state` gives the initial ones.
+        None unless `state` gives the initial ones. `varying_rows`: the row count differs from call
+        to call (the rows expert parallelism received; see `_linear_recurrence`).
         """
         H, K, V = self.num_heads, self.head_k, self.head_v
-        proj = self.memories(routed_x, memory_offsets)
-        q = routed_q
-        if shared_x is not None:
-            proj = torch.cat([proj, F.linear(shared_x, self.shared_weight())])
-            q = torch.cat([q, shared_q])
+        # Its own statement: under EP the memories are an FSDP unit whose call breaks the graph, and
+        # the code after a break must resume with nothing but this tensor on the stack (a bound method
+        # of a fresh list there would make every call recompile).
+        routed = None if routed_x is None else self.memories(routed_x, memory_offsets)
+        shared = None if shared_x is None else F.linear(shared_x, self.shared_weight())
+        if routed is None or shared is None:
+            proj, q = (shared, shared_q) if routed is None else (routed, routed_q)
+        else:
+            proj, q = torch.cat([routed, shared]), torch.cat([routed_q, shared_q])
         rows = q.shape[0]
         k, v, extra = proj.split([self.key_dim, self.value_dim, proj.shape[-1] - self.key_dim - self.value_dim], dim=-1)
         reset = None if reset is None else reset[None]
@@ -220,6 +227,7 @@ class MoMLayer(nn.Module):
             None if g is None else g.view(1, rows, H), None if beta is None else beta.view(1, rows, H),
             scale=None, initial_state=None if state is None else state.recurrent,
             output_final_state=state is not None, cu_seqlens=cu_seqlens, reset=reset, qk_l2norm=self.qk_l2norm,
+            varying_rows=varying_rows,
         )
         return o.view(rows, self.value_dim), final, conv_final
 

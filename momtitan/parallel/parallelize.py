@@ -10,8 +10,9 @@ The same recipe as torchtitan's llama3, applied to `MoMTransformer`'s blocks, in
 Expert parallelism (`parallelism.expert_parallel_degree = ep`, borrowed from dp_shard) comes first:
 each MoM layer's memories are sharded over the `ep` mesh and its routed rows travel by all-to-all
 (`momtitan.parallel.expert_parallel`); FSDP then shards the memories over the `efsdp` mesh (the
-rest of dp_shard) and everything else over the full `fsdp` mesh. Under EP the all-to-all's split
-sizes make one graph break per MoM layer, so blocks compile with `fullgraph=False`.
+rest of dp_shard) and everything else over the full `fsdp` mesh. Under EP the all-to-alls (their
+split sizes are data) make three graph breaks per MoM layer, so blocks compile with `fullgraph=False`,
+and steps 1 and 2 swap (`apply_ac_and_compile` says why).
 Tensor, context and pipeline parallelism are not implemented for MoM and are refused with a
 ValueError.
 
@@ -30,6 +31,7 @@ from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.tools.logging import logger
 
+import momtitan.parallel.exchange_ops  # noqa: F401  (registers the exchange ops named in SAC_SAVE_OPS)
 from momtitan.parallel.float8 import align_memory_groups
 
 # Ops whose outputs selective (per-op) activation checkpointing keeps instead of recomputing.
@@ -42,6 +44,10 @@ SAC_SAVE_OPS = {
     torch.ops.aten._scaled_dot_product_attention_math.default,
     torch.ops._c10d_functional.reduce_scatter_tensor.default,
     torch.ops.aten.max.default,  # float8 scales come from abs-max
+    # expert parallelism's exchanges: the recompute replays them instead of communicating (and
+    # waiting for the host) again
+    torch.ops.momtitan.ep_exchange_counts.default,
+    torch.ops.momtitan.ep_all_to_all_rows.default,
 }
 
 
@@ -77,6 +83,44 @@ def apply_compile(model: nn.Module, backend: str, fullgraph: bool = True, mode: 
     for layer_id, block in model.layers.named_children():
         model.layers.register_module(layer_id, torch.compile(block, backend=backend, fullgraph=fullgraph, mode=mode))
     logger.info(f"Compiled each MoM block with torch.compile (backend {backend}, fullgraph={fullgraph}, mode {mode})")
+
+
+def apply_ac_and_compile(model: nn.Module, ac, *, compile_backend=None, expert_parallel: bool = False,
+                         base_folder: str = "") -> None:
+    """Activation checkpointing (`ac`, torchtitan's config; mode "none" skips it) and per-block
+    compile (`compile_backend`, a name or a callable; None skips it), in the order that keeps the
+    blocks compiled.
+
+    Without expert parallelism a block is one graph: it is checkpointed first, then compiled with
+    `fullgraph=True`, and the compiler applies the checkpoint policy inside the graph. Under EP the
+    exchanges break each block's graph, and dynamo cannot trace a checkpoint whose body breaks: it
+    falls back to running the whole checkpointed block eagerly, compiling nothing.
+    So under EP each block is compiled first (`fullgraph=False`) and the compiled block is
+    checkpointed: per-op SAC then sees the ops that reach the dispatcher, the exchanges among them
+    (replayed from the forward: `SAC_SAVE_OPS`), and recomputes the compiled pieces.
+    """
+    if ac.mode not in ("none", "full", "selective", "memory_budget"):
+        raise ValueError(f"activation_checkpoint.mode must be none/full/selective/memory_budget, got {ac.mode!r}")
+    if ac.mode == "memory_budget" and compile_backend is None:
+        raise ValueError("activation_checkpoint.mode 'memory_budget' needs --compile.enable")
+    if ac.mode == "selective" and not (ac.selective_ac_option == "op" or ac.selective_ac_option.isdigit()):
+        raise ValueError(
+            f"activation_checkpoint.selective_ac_option must be 'op' or a layer frequency, got {ac.selective_ac_option!r}"
+        )
+    if ac.mode == "selective" and ac.selective_ac_option == "op":
+        sac_skips_profiler_ranges()
+
+    def checkpoint():
+        if ac.mode != "none":
+            apply_ac(model, ac, model_compile_enabled=compile_backend is not None, op_sac_save_list=SAC_SAVE_OPS,
+                     base_folder=base_folder)
+
+    if not expert_parallel:
+        checkpoint()
+    if compile_backend is not None:
+        apply_compile(model, compile_backend, fullgraph=not expert_parallel)
+    if expert_parallel:
+        checkpoint()
 
 
 def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
@@ -139,23 +183,11 @@ def parallelize_mom(model: nn.Module, parallel_dims, job_config) -> nn.Module:
     if alignment > 1:
         logger.info(f"float8 grouped GEMMs on the memories: each memory's rows padded to a multiple of {alignment}")
 
-    ac = job_config.activation_checkpoint
-    if ac.mode not in ("none", "full", "selective", "memory_budget"):
-        raise ValueError(f"activation_checkpoint.mode must be none/full/selective/memory_budget, got {ac.mode!r}")
-    if ac.mode == "memory_budget" and not compile_model:
-        raise ValueError("activation_checkpoint.mode 'memory_budget' needs --compile.enable")
-    if ac.mode == "selective" and not (ac.selective_ac_option == "op" or ac.selective_ac_option.isdigit()):
-        raise ValueError(
-            f"activation_checkpoint.selective_ac_option must be 'op' or a layer frequency, got {ac.selective_ac_option!r}"
-        )
-    if ac.mode == "selective" and ac.selective_ac_option == "op":
-        sac_skips_profiler_ranges()
-    if ac.mode != "none":
-        apply_ac(model, ac, model_compile_enabled=compile_model, op_sac_save_list=SAC_SAVE_OPS,
-                 base_folder=job_config.job.dump_folder)
-
-    if compile_model:
-        apply_compile(model, job_config.compile.backend, fullgraph=not parallel_dims.ep_enabled)
+    apply_ac_and_compile(
+        model, job_config.activation_checkpoint,
+        compile_backend=job_config.compile.backend if compile_model else None,
+        expert_parallel=parallel_dims.ep_enabled, base_folder=job_config.job.dump_folder,
+    )
 
     training = job_config.training
     if parallel_dims.fsdp_enabled:

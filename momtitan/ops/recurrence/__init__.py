@@ -116,15 +116,24 @@ def linear_recurrence(
     )
 
 
-def _linear_recurrence(q, k, v, g, beta, **kwargs):
+def _linear_recurrence(q, k, v, g, beta, *, varying_rows: bool = False, **kwargs):
     """Dispatch without the host-side value checks; for callers that build `cu_seqlens` themselves.
 
     CUDA inputs of a supported dtype and head size go to the Triton kernels (`momtitan.ops.triton`,
-    imported lazily), everything else to the chunked PyTorch path.
+    imported lazily), everything else to the chunked PyTorch path. `varying_rows`: the row count
+    changes from call to call (expert parallelism's received rows), a dynamic size under
+    torch.compile. The Triton ops take it as it comes; the chunked path carries the state in a
+    Python loop over chunks, which would recompile for every chunk count, so it then runs between
+    compiled graphs instead.
     """
     if q.is_cuda:
         from momtitan.ops.triton import supports, triton_linear_recurrence
 
         if supports(q, v):
             return triton_linear_recurrence(q, k, v, g, beta, **kwargs)
+    if varying_rows:
+        return _chunked_between_graphs(q, k, v, g, beta, **kwargs)
     return chunk_linear_recurrence(q, k, v, g, beta, **kwargs)
+
+
+_chunked_between_graphs = torch.compiler.disable(chunk_linear_recurrence)

@@ -150,7 +150,7 @@ def grads_kernel(
         dO = tl.load(do_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
         vt = tl.load(v_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
         if DELTA:
-            ub = tl.load(u_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0)
+            ub = tl.load(u_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
         else:
             ub = vt
         dP += mdot(dO, tl.trans(ub), DOT_MODE)
@@ -208,7 +208,7 @@ def grads_kernel(
             tmask = valid[:, None] & vm[None, :]
             dO = tl.load(do_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
             if DELTA:
-                ub = tl.load(u_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0)
+                ub = tl.load(u_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
             else:
                 ub = tl.load(v_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
             acc_qs += mdot(dO, tl.trans(S0), DOT_MODE)

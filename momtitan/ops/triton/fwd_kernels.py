@@ -46,7 +46,7 @@ def _a_block(KK, g_r, g_c, run_r, run_c, s_r, s_c, DIAG: tl.constexpr, BS: tl.co
 def _store_rows(ptr, c, h, H, D, dd, x, r: tl.constexpr, C: tl.constexpr, BS: tl.constexpr):
     """Store `x [BS, len(dd)]` as rows `[r*BS, (r+1)*BS)` of padded chunk `c` of `[NC*C, H, D]`."""
     j = c * C + r * BS + tl.arange(0, BS)
-    tl.store(ptr + (j[:, None] * H + h) * D + dd[None, :], x, mask=(dd < D)[None, :])
+    tl.store(ptr + (j[:, None] * H + h) * D + dd[None, :], x.to(ptr.dtype.element_ty), mask=(dd < D)[None, :])
 
 
 @triton.jit
@@ -219,9 +219,9 @@ def state_kernel(
         kt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)
         if DELTA:
             Wt = tl.load(w_ptr + (prow[:, None] * H + h) * K + kk[None, :], mask=km[None, :], other=0.0)
-            Ut = tl.load(uin_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=vm[None, :], other=0.0)
+            Ut = tl.load(uin_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=vm[None, :], other=0.0).to(tl.float32)
             u = Ut - mdot(Wt, S, DOT_MODE)
-            tl.store(unew_ptr + (prow[:, None] * H + h) * V + vv[None, :], u, mask=vm[None, :])
+            tl.store(unew_ptr + (prow[:, None] * H + h) * V + vv[None, :], u.to(unew_ptr.dtype.element_ty), mask=vm[None, :])
         else:
             u = tl.load(v_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=valid[:, None] & vm[None, :], other=0.0).to(tl.float32)
         S = c_end * S + mdot(tl.trans(kt.to(tl.float32) * e[:, None]), u, DOT_MODE)

@@ -19,7 +19,7 @@ MAX_HEAD_DIM = 256
 # power of two from 16 to the padded head dim). Empty in normal use.
 _WARPS, _STAGES = (1, 2, 4, 8, 16), (1, 2, 3, 4)
 TUNABLE = {"BV": None, "BVG": None, "BVS": None, "warps_seq": _WARPS, "warps_chunk": _WARPS, "warps_grad": _WARPS,
-           "stages_seq": _STAGES, "chunk_states_in_input_dtype": (0, 1)}
+           "stages_seq": _STAGES, "chunk_states_in_input_dtype": (0, 1), "wy_in_input_dtype": (0, 1)}
 OVERRIDES: dict[str, int] = {}
 
 
@@ -78,8 +78,12 @@ class _Plan:
         # 1: the per-chunk start states h and their gradients dh (the largest intermediates, [NC, H, K, V])
         # are stored in the inputs' dtype (accumulated in fp32 in registers either way); 0: in fp32
         self.chunk_states_in_input_dtype = 0
+        # 1: the delta rules' WY factors W, U and corrected values u ([NC*C, H, K or V]) are stored in
+        # the inputs' dtype, as fla stores them; 0: in fp32
+        self.wy_in_input_dtype = 0
         self._apply_overrides()
         self.chunk_state_dtype = q.dtype if self.chunk_states_in_input_dtype else torch.float32
+        self.wy_dtype = q.dtype if self.wy_in_input_dtype else torch.float32
         self.NVB = self.BVF // self.BV
         self.NVBG = self.BVF // self.BVG
         self.NVBS = self.BVF // self.BVS
@@ -110,15 +114,15 @@ def states(p: _Plan, for_backward: bool = False) -> dict:
     f32 = torch.float32
     W = U = T = u = None
     if p.delta:
-        W = torch.empty(NC * C, H, K, device=dev, dtype=f32)
-        U = torch.empty(NC * C, H, V, device=dev, dtype=f32)
+        W = torch.empty(NC * C, H, K, device=dev, dtype=p.wy_dtype)
+        U = torch.empty(NC * C, H, V, device=dev, dtype=p.wy_dtype)
         T = torch.empty(NC, H, C, C, device=dev, dtype=f32) if for_backward else None
         prepare_kernel[(NC, H)](
             p.k, p.v, p.ptr(p.g), p.beta, p.ptr(p.reset), p.ptr(p.rk), p.info, W, U, p.ptr(T),
             H, K, V, C=C, BS=16, BK=p.BK, NKB=p.NKB, BV=p.BV, NVB=p.NVB, STORE_T=for_backward,
             num_warps=4, **p.flags(),  # 16-row dots: never at 8 warps (see _Plan)
         )
-        u = torch.empty(NC * C, H, V, device=dev, dtype=f32)
+        u = torch.empty(NC * C, H, V, device=dev, dtype=p.wy_dtype)
     ke = torch.empty(NC * C, H, device=dev, dtype=f32)
     qc = torch.empty(NC * C, H, device=dev, dtype=f32)
     cend = torch.empty(NC, H, device=dev, dtype=f32)
