@@ -45,10 +45,8 @@ class MemoryExchange:
     `apply_expert_parallel` as `MoMLayer.expert_parallel`)."""
 
     def __init__(self, mesh: DeviceMesh, num_memories: int):
-        self.mesh = mesh
         self.group_name = mesh.get_group().group_name
         self.ep = mesh.size()
-        self.rank = mesh.get_local_rank()
         self.local_memories = num_memories // self.ep
 
     def __call__(self, layer: MoMLayer, flat, q_tok, plan, reset) -> torch.Tensor:
