@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from momtitan.parallel.exchange_ops import host_split_sizes
+from momtitan.parallel.exchange_ops import SplitSizes
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def test_counts_exchange_and_its_host_totals(group_name):
     send = torch.tensor([[3, 0, 2, 5]])
     recv, host = torch.ops.momtitan.ep_exchange_counts(send, group_name)
     assert torch.equal(recv, send) and host.device.type == "cpu"
-    assert host_split_sizes(host) == ([10], [10])
+    assert SplitSizes(host).lists() == ([10], [10])
     torch.library.opcheck(torch.ops.momtitan.ep_exchange_counts.default, (send, group_name))
 
 
