@@ -110,14 +110,22 @@ def case_key(ngpu: int, flags: list[str], steps: int, device: str) -> str:
     return f"{device} | {ngpu} | {steps} | {' '.join(flags)}"
 
 
+def usable(result: dict) -> bool:
+    """A run whose steps can be reported: it finished, or was cut off by its time limit after logging steps."""
+    return result["rc"] == 0 or (result.get("cut_off", False) and bool(result["rows"]))
+
+
 def longest_stored(store: dict, ngpu: int, flags: list[str], device: str) -> dict | None:
-    """The successful stored run of this case on `device` with the most steps, or None."""
-    best, best_steps = None, -1
+    """The stored run of this case on `device` with the most steps (a finished run before any cut-off
+    one), or None."""
+    best, best_rank = None, None
     for key, result in store.items():
         k_device, k_ngpu, k_steps, k_flags = key.split(" | ", 3)
-        if (k_device, int(k_ngpu), k_flags) == (device, ngpu, " ".join(flags)) and result["rc"] == 0 \
-                and int(k_steps) > best_steps:
-            best, best_steps = result, int(k_steps)
+        if (k_device, int(k_ngpu), k_flags) == (device, ngpu, " ".join(flags)) and usable(result):
+            finished = result["rc"] == 0
+            rank = (finished, int(k_steps) if finished else max(r[0] for r in result["rows"]))
+            if best_rank is None or rank > best_rank:
+                best, best_rank = result, rank
     return best
 
 
@@ -137,34 +145,41 @@ def start_case(name: str, ngpu: int, flags: list[str], steps: int, out_dir: Path
     log_path = out_dir / (dump.name + ".log")
     log_file = open(log_path, "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    return {"name": name, "ngpu": ngpu, "cmd": f"NGPU={ngpu} " + " ".join(cmd), "proc": proc, "log_file": log_file,
-            "log_path": log_path, "start": time.time(), "gpus": gpus}
+    return {"name": name, "ngpu": ngpu, "steps": steps, "cmd": f"NGPU={ngpu} " + " ".join(cmd), "proc": proc,
+            "log_file": log_file, "log_path": log_path, "start": time.time(), "gpus": gpus}
 
 
 def finish_case(case: dict, timeout: float) -> dict | None:
-    """The case's result once it has ended (killing it past `timeout` seconds), else None."""
+    """The case's result once it has ended (killing it past `timeout` seconds: `cut_off`, its logged
+    steps kept), else None."""
     proc, elapsed = case["proc"], time.time() - case["start"]
     rc = proc.poll()
     if rc is None and elapsed < timeout:
         return None
-    if rc is None:
+    cut_off = rc is None
+    if cut_off:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         rc = f"timeout {timeout:.0f} s"
     case["log_file"].close()
     log = case["log_path"].read_text()
-    return {"name": case["name"], "ngpu": case["ngpu"], "cmd": case["cmd"], "rc": rc, "rows": parse(log),
-            "wall": elapsed, "tail": log[-2000:], "gpus": case["gpus"]}
+    return {"name": case["name"], "ngpu": case["ngpu"], "cmd": case["cmd"], "rc": rc, "cut_off": cut_off,
+            "steps": case["steps"], "rows": parse(log), "wall": elapsed, "tail": log[-2000:], "gpus": case["gpus"]}
 
 
 def run_cases(cases: list[tuple[str, int, list[str]]], steps: int, out_dir: Path, timeout: float, available: int,
-              pack: bool, on_result) -> None:
+              pack: bool, on_result, deadline: float | None = None) -> None:
     """Run the cases one after another, or with `pack` at the same time on disjoint GPUs (the widest
-    first, each on the lowest free devices). `on_result(case_index, result)` is called as each ends."""
+    first, each on the lowest free devices). `on_result(case_index, result)` is called as each ends.
+    `deadline` (a `time.time()`): no case starts after it, and a running one is cut off at it."""
     free = list(range(available)) if pack and available else None
     pending = sorted(range(len(cases)), key=lambda i: -cases[i][1]) if pack else list(range(len(cases)))
     running: dict[int, dict] = {}
+    limits: dict[int, float] = {}
     while pending or running:
+        if deadline is not None and time.time() >= deadline and pending:
+            print("not started (deadline): " + ", ".join(cases[i][0] for i in pending), flush=True)
+            pending = []
         for i in list(pending):
             name, ngpu, flags = cases[i]
             if free is None and running:
@@ -173,11 +188,12 @@ def run_cases(cases: list[tuple[str, int, list[str]]], steps: int, out_dir: Path
                 continue
             gpus = None if free is None else [free.pop(0) for _ in range(ngpu)]
             print(f"start {name}" + (f" on GPUs {gpus}" if gpus else ""), flush=True)
+            limits[i] = timeout if deadline is None else min(timeout, deadline - time.time())
             running[i] = start_case(name, ngpu, flags, steps, out_dir, gpus)
             pending.remove(i)
         time.sleep(1)
         for i, case in list(running.items()):
-            result = finish_case(case, timeout)
+            result = finish_case(case, limits[i])
             if result is not None:
                 del running[i]
                 if free is not None:
@@ -201,7 +217,7 @@ def baseline_variant(of: tuple[str, str, int], ngpu: int) -> tuple[str, str, int
 
 def median_tps(result: dict, warmup: int) -> float | None:
     rows = [r for r in result["rows"] if r[0] > warmup]
-    return statistics.median(r[3] for r in rows) if result["rc"] == 0 and rows else None
+    return statistics.median(r[3] for r in rows) if usable(result) and rows else None
 
 
 def efficiency(tps: float, result: dict | None, warmup: int) -> str:
@@ -213,7 +229,7 @@ def summarize(result: dict, warmup: int, one_gpu: dict | None = None, two_gpu: d
     """One table row; `one_gpu` / `two_gpu` (results of the same variant on 1 and 2 GPUs) give the scaling
     efficiencies, tokens/s per GPU here over tokens/s per GPU there."""
     rows = [r for r in result["rows"] if r[0] > warmup]
-    if result["rc"] != 0 or not rows:
+    if not usable(result) or not rows:
         return f"| {result['name']} | {result['ngpu']} | | failed (rc {result['rc']}) | | | | | | | |"
     losses = {r[0]: r[1] for r in result["rows"]}
     first, last = min(losses), max(losses)
@@ -223,7 +239,8 @@ def summarize(result: dict, warmup: int, one_gpu: dict | None = None, two_gpu: d
     a2a = [r[5] for r in rows if r[5] is not None]
     a2a_cell = (f"{statistics.median(ms for ms, _ in a2a):.1f} ({statistics.median(p for _, p in a2a):.1f}%)"
                 if a2a else "-")
-    return (f"| {result['name']} | {result['ngpu']} | {last} | {losses[first]:.3f} → {losses[last]:.3f} | {tps:,.0f} | "
+    steps = f"{last} of {result['steps']} (cut off)" if result["rc"] != 0 else f"{last}"
+    return (f"| {result['name']} | {result['ngpu']} | {steps} | {losses[first]:.3f} → {losses[last]:.3f} | {tps:,.0f} | "
             f"{mfu:.1f} | {mem:.2f} | {a2a_cell} | {efficiency(tps, one_gpu, warmup)} | "
             f"{efficiency(tps, two_gpu, warmup)} | {result['wall']:.0f} |")
 
@@ -241,11 +258,13 @@ def section(args, results: list[dict], missing: list[str], device: str, availabl
     packed = (" Cases narrower than the machine ran at the same time on disjoint GPUs (`--pack`)."
               if any(r.get("gpus") is not None for r in results) else "")
     reused = [r["name"] for r in results if r.get("reused")] if args.report is None else []
+    cut = (" A case cut off by its time limit (`--case-timeout`, `--deadline`) shows the steps it logged "
+           "(\"166 of 200 (cut off)\") and its medians over them." if any(r.get("cut_off") for r in results) else "")
     lines = [f"{time.strftime('%Y-%m-%d')}, {available} × {device}; {stack}; recurrence: {kernels}.",
              f"tokens/s per GPU, MFU and the all-to-all time (rank 0, expert-parallel runs) are medians over the "
              f"steps after step {args.warmup}; memory is the peak. Scaling efficiency: tokens/s per GPU over that "
              f"of the 1-GPU (2-GPU) case of the same model and precision, the latter with the same expert-parallel "
-             f"degree, at most 2.{packed}"
+             f"degree, at most 2.{packed}{cut}"
              + (f" Reused from an earlier run on the same machine kind, same flags: {', '.join(reused)}." if reused else "")
              + (f" Built with `--report` from the runs stored in {args.results} (the longest run of each case)."
                 if args.report is not None else ""),
@@ -279,6 +298,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")) / "bench_train")
     parser.add_argument("--case-timeout", type=float, default=600, help="seconds before a case is killed")
     parser.add_argument("--pack", action="store_true", help="run cases at the same time on disjoint GPUs")
+    parser.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                        help="from now: start no case after it, and cut a running case off at it (its logged steps "
+                             "are kept and reported as cut off); for a machine lent for a fixed time")
     parser.add_argument("--results", type=Path, default=None,
                         help="JSON of finished cases: a case measured there on the same GPU with the same flags and "
                              "steps is reused, not rerun; every new result is added")
@@ -290,6 +312,7 @@ def main() -> None:
                              "torch.cuda.get_device_name() names it), the longest run of each case, any step count")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    deadline = None if args.deadline is None else time.time() + args.deadline
     if args.steps <= args.warmup:
         raise ValueError(f"--steps must exceed --warmup ({args.warmup}), got {args.steps}")
     if args.report is not None:
@@ -338,7 +361,7 @@ def main() -> None:
 
     index = [i for i in range(len(cases)) if i not in done]
     todo = [cases[i] for i in index]
-    run_cases(todo, args.steps, args.out, args.case_timeout, available, args.pack, on_result)
+    run_cases(todo, args.steps, args.out, args.case_timeout, available, args.pack, on_result, deadline)
     print(write([]))
 
 

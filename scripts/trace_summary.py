@@ -4,7 +4,7 @@
     python scripts/trace_summary.py outputs/profile_traces/iteration_10/rank0_trace.json
 
 Prints, for the last profiled step: its wall time, the time some GPU kernel ran (compute and NCCL
-apart), the idle gaps, the host calls that overlapped the idle gaps (a host sync shows up here as
+apart), the idle gaps, the host's synchronize calls, the host calls that overlapped the idle gaps (a host sync shows up here as
 `cudaStreamSynchronize`, `aten::item` or `aten::_local_scalar_dense`), and the kernels that took the
 most time.
 """
@@ -63,6 +63,8 @@ def summarize(events: list[dict], top: int = 15, min_gap_us: float = 200.0) -> s
         for g in gaps:
             during_gaps[f"{e['cat']}: {e['name']}"] += overlap(span, g)
 
+    syncs = [e for e in host if e.get("cat") == "cuda_runtime" and "Synchronize" in e["name"]]
+
     by_kernel: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for e, (s, t) in zip(kernels, spans):
         entry = by_kernel[e["name"][:90]]
@@ -77,6 +79,7 @@ def summarize(events: list[dict], top: int = 15, min_gap_us: float = 200.0) -> s
         f"  compute kernels: {covered([s for s, n in zip(spans, is_nccl) if not n]) * ms:.1f} ms, "
         f"NCCL kernels: {covered([s for s, n in zip(spans, is_nccl) if n]) * ms:.1f} ms",
         f"  idle gaps >= {min_gap_us:.0f} us: {len(gaps)}, {sum(b - a for a, b in gaps) * ms:.1f} ms in all",
+        f"  host syncs (cuda*Synchronize calls): {len(syncs)}, {sum(e['dur'] for e in syncs) * ms:.1f} ms waiting",
         "  host activity during those gaps (ms, nested events counted at each level):",
     ]
     for name, t in sorted(during_gaps.items(), key=lambda kv: -kv[1])[:top]:

@@ -94,3 +94,50 @@ def test_report_takes_the_longest_stored_run_of_each_case(tmp_path, capsys):
     args.report = "GPU Z"
     with pytest.raises(ValueError, match="no successful run"):
         bench.report(args)
+
+
+def test_a_cut_off_run_keeps_its_logged_steps(tmp_path):
+    """A case killed at its time limit is reported with the steps it logged, marked cut off, and a
+    finished run of the same case is preferred to it."""
+    rows = bench.parse(log(900, a2a=True))
+    cut = {"name": "4 GPUs EP", "ngpu": 4, "rc": "timeout 9 s", "cut_off": True, "steps": 200, "rows": rows, "wall": 9.0}
+    one = {"name": "1 GPU", "ngpu": 1, "rc": 0, "rows": bench.parse(log(1800, a2a=False)), "wall": 10.0}
+    assert bench.summarize(cut, warmup=1, one_gpu=one) == (
+        "| 4 GPUs EP | 4 | 3 of 200 (cut off) | 7.000 → 5.000 | 900 | 0.2 | 2.50 | 3.0 (2.5%) | 50% | - | 9 |")
+    crashed = dict(cut, cut_off=False, rc=1)
+    assert "failed (rc 1)" in bench.summarize(crashed, warmup=1)
+    assert "failed" in bench.summarize(dict(cut, rows=[]), warmup=1)  # cut off before its first step
+
+    name, ngpu, flags = next(case for case in bench.SUITES["scaling_1p3b"] if case[1] == 4)
+    store = {bench.case_key(ngpu, flags, 200, "GPU X"): cut}
+    assert bench.longest_stored(store, ngpu, flags, "GPU X") is cut
+    finished = {"name": name, "ngpu": ngpu, "rc": 0, "rows": rows[:2], "wall": 5.0}
+    store[bench.case_key(ngpu, flags, 100, "GPU X")] = finished
+    assert bench.longest_stored(store, ngpu, flags, "GPU X") is finished
+
+
+def test_deadline_cuts_off_the_running_case_and_starts_no_other(monkeypatch, tmp_path):
+    clock = [0.0]
+    started, limits = [], []
+
+    def start(name, ngpu, flags, steps, out_dir, gpus):
+        started.append(name)
+        return {"name": name, "ngpu": ngpu, "gpus": gpus, "start": clock[0]}
+
+    def finish(case, timeout):
+        limits.append(timeout)
+        return dict(case, rc="timeout", cut_off=True, rows=[]) if clock[0] - case["start"] >= timeout else None
+
+    def sleep(seconds):
+        clock[0] += seconds
+
+    monkeypatch.setattr(bench, "start_case", start)
+    monkeypatch.setattr(bench, "finish_case", finish)
+    monkeypatch.setattr(bench.time, "sleep", sleep)
+    monkeypatch.setattr(bench.time, "time", lambda: clock[0])
+    results = []
+    cases = [("a", 1, []), ("b", 1, [])]
+    bench.run_cases(cases, 3, tmp_path, timeout=100, available=1, pack=False,
+                    on_result=lambda i, r: results.append(cases[i][0]), deadline=5.0)
+    assert started == ["a"] and results == ["a"]
+    assert set(limits) == {5.0}  # the deadline, not the case timeout of 100 s

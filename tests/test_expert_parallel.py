@@ -22,7 +22,7 @@ def run_ep_equivalence(*flags: str) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("flags", [[], ["--sac-op"]], ids=["no_ac", "sac_op"])
+@pytest.mark.parametrize("flags", [[], ["--ac", "op"]], ids=["no_ac", "sac_op"])
 def test_ep2_matches_ep1_logits_and_gradients(flags):
     """Also counts the all-to-alls (ep_equivalence fails on a wrong count): 5 per layer and step, none
     of them in per-op SAC's recompute, which replays the exchanges' saved outputs."""
@@ -33,14 +33,17 @@ def test_ep2_matches_ep1_logits_and_gradients(flags):
     assert len(re.findall(r"all-to-alls in the step: 10, expected 10", out)) == 2, out
 
 
-@pytest.mark.parametrize("flags", [[], ["--sac-op"]], ids=["no_ac", "sac_op"])
+@pytest.mark.parametrize("flags", [["--compile", "aot_eager"], ["--compile", "aot_eager", "--ac", "op"],
+                                   ["--compile", "aot_eager_decomp_partition", "--ac", "memory_budget"]],
+                         ids=["no_ac", "sac_op", "memory_budget"])
 def test_compiled_ep_blocks_match_and_compile_the_routed_rows(flags):
     """Blocks compiled as under EP training: three steps on new routings equal the eager model without
     EP, the exchange's graphs compile at most twice (static, then a dynamic row count), and the routed
     rows' projections and recurrence run inside a compiled graph, not eagerly around it; also when
     the blocks are checkpointed per op (a checkpoint traced around the exchanges' graph breaks would
-    leave the whole block eager)."""
-    out = run_ep_equivalence("--compile", "aot_eager", *flags)
+    leave the whole block eager), and under the compiler's memory budget (its partitioner, which
+    sizes every graph input, meets the memories' DTensor meshes)."""
+    out = run_ep_equivalence(*flags)
     assert len(re.findall(r"gradients checked: \d+, mismatches: none", out)) == 6, out
     assert len(re.findall(r"compiled graphs: \d+, routed rows compiled: True", out)) == 2, out
 

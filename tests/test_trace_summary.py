@@ -39,6 +39,7 @@ def test_busy_time_gaps_and_host_calls_of_the_last_step(tmp_path):
     assert "some kernel running: 5.5 ms (55%)" in text  # 1000-3500 and 6000-9000
     assert "compute kernels: 2.5 ms, NCCL kernels: 3.0 ms" in text
     assert "idle gaps >= 200 us: 2, 4.5 ms in all" in text
+    assert "host syncs (cuda*Synchronize calls): 1, 2.5 ms waiting" in text
     assert "2.5  cuda_runtime: cudaStreamSynchronize" in text
     assert "0.1  cpu_op: aten::mm" in text
     assert "2      3.0  gemm_a" in text

@@ -171,6 +171,22 @@ def test_compiled_blocks_with_op_sac_match_eager(cache_dir, tmp_path):
     assert compiled[2] == pytest.approx(eager[2], abs=1e-3)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("MOMTITAN_SLOW_TESTS"), reason="set MOMTITAN_SLOW_TESTS=1 (inductor on CPU, ~2 min)")
+def test_memory_budget_checkpointing_with_inductor_on_cpu(cache_dir, tmp_path):
+    """The compiler's memory-budget checkpointing with inductor on CPU trains to the losses of the
+    uncheckpointed eager run (its vectorized C++ backward kernels corrupted the heap, torch 2.13;
+    `parallelize.prepare_memory_budget` generates them scalar there)."""
+    common = ["--training.steps", "2", "--training.local_batch_size", "2", "--training.seq_len", "64",
+              "--checkpoint.no-enable"]
+    eager, _ = train(cache_dir, tmp_path / "eager", *common)
+    budget, log = train(cache_dir, tmp_path / "budget", *common, "--compile.enable", "--activation_checkpoint.mode",
+                        "memory_budget", "--activation_checkpoint.memory_budget", "0.5")
+    assert "scalar C++ kernels" in log
+    assert budget[1] == pytest.approx(eager[1], abs=1e-4)
+    assert budget[2] == pytest.approx(eager[2], abs=1e-3)
+
+
 def test_missing_dataset_path_stops_at_once(cache_dir, tmp_path):
     missing = tmp_path / "no_such_data.jsonl"
     with pytest.raises(RuntimeError) as err:

@@ -8,7 +8,7 @@ eagerly between compiled graphs (their output sizes are data); both count toward
 
 - `momtitan::ep_exchange_counts(send_counts [ep, n], group) -> (recv_counts [ep, n], host_totals [2, ep])`:
   all-to-all of per-rank count blocks; `host_totals` (rows sent to / received from each rank) is a
-  CPU tensor, copied without blocking on CUDA; `host_split_sizes` waits for that copy alone.
+  CPU tensor, copied without blocking on CUDA; `SplitSizes` reads it, waiting for that copy alone.
 - `momtitan::ep_all_to_all_rows(rows, out_sizes, in_sizes, group) -> rows`: the differentiable row
   exchange; its backward sends the gradients back the way the rows came.
 """
@@ -22,7 +22,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from momtitan.parallel.comm_timer import ALL_TO_ALL
 
 # CUDA events of host copies not yet waited for, by the host tensor's address (one entry per
-# `ep_exchange_counts` call, removed by the first `host_split_sizes` of its result)
+# `ep_exchange_counts` call, removed by the first `SplitSizes.lists` of its result)
 _PENDING_COPIES: dict[int, torch.cuda.Event] = {}
 
 
@@ -47,14 +47,25 @@ def _(send_counts, group_name):
     return torch.empty_like(send_counts), send_counts.new_empty((2, send_counts.shape[0]), device="cpu")
 
 
-def host_split_sizes(host_totals: torch.Tensor) -> tuple[list[int], list[int]]:
-    """`(send, recv)` row counts per rank from `ep_exchange_counts`' host tensor. The first read of a
-    fresh result waits for its copy (the one host sync per layer), not for later queued work; a
-    result replayed by selective checkpointing was read in the forward and waits for nothing."""
-    copied = _PENDING_COPIES.pop(host_totals.data_ptr(), None)
-    if copied is not None:
-        copied.synchronize()
-    return host_totals[0].tolist(), host_totals[1].tolist()
+class SplitSizes:
+    """The rows this rank sends to and receives from each rank, from `ep_exchange_counts`' host
+    tensor, read at the first `lists()`. Reading a fresh result waits for its copy (the one host sync
+    per layer), not for later queued work; a result replayed by selective checkpointing was read in
+    the forward and waits for nothing. Compiled graphs only pass this object between the exchanges
+    (which are compiler-disabled), so new sizes never recompile."""
+
+    def __init__(self, host_totals: torch.Tensor):
+        self._host = host_totals
+        self._lists = None
+
+    def lists(self) -> tuple[list[int], list[int]]:
+        """`(send, recv)` row counts per rank."""
+        if self._lists is None:
+            copied = _PENDING_COPIES.pop(self._host.data_ptr(), None)
+            if copied is not None:
+                copied.synchronize()
+            self._lists = (self._host[0].tolist(), self._host[1].tolist())
+        return self._lists
 
 
 @torch.library.custom_op("momtitan::ep_all_to_all_rows", mutates_args=())

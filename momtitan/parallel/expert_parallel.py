@@ -37,7 +37,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from momtitan.layers.mom import MoMLayer
-from momtitan.parallel.exchange_ops import host_split_sizes
+from momtitan.parallel.exchange_ops import SplitSizes
 
 
 class MemoryExchange:
@@ -45,10 +45,8 @@ class MemoryExchange:
     `apply_expert_parallel` as `MoMLayer.expert_parallel`)."""
 
     def __init__(self, mesh: DeviceMesh, num_memories: int):
-        self.mesh = mesh
         self.group_name = mesh.get_group().group_name
         self.ep = mesh.size()
-        self.rank = mesh.get_local_rank()
         self.local_memories = num_memories // self.ep
 
     def __call__(self, layer: MoMLayer, flat, q_tok, plan, reset) -> torch.Tensor:
@@ -95,21 +93,6 @@ class MemoryExchange:
         back = torch.empty_like(routed).index_copy(0, order, routed)
         routed_home = _exchange_rows(back, sizes, self.group_name, home=True)
         return torch.cat([routed_home, o_shared]) if shared else routed_home
-
-
-class SplitSizes:
-    """The rows this rank sends to and receives from each rank, read on the host at the first
-    `lists()` (`exchange_ops.host_split_sizes`). The compiled graphs only pass this object between
-    the exchange steps (which are compiler-disabled), so new sizes never recompile."""
-
-    def __init__(self, host_totals: torch.Tensor):
-        self._host = host_totals
-        self._lists = None
-
-    def lists(self) -> tuple[list[int], list[int]]:
-        if self._lists is None:
-            self._lists = host_split_sizes(self._host)
-        return self._lists
 
 
 @torch.compiler.disable  # a collective and its sizes: run as is, between compiled graphs

@@ -24,6 +24,8 @@ division is switched off (divide factor 1), and DDP's averaging is replaced by a
 from __future__ import annotations
 
 import torch
+import torch._functorch.config
+import torch._inductor.config
 import torch.nn as nn
 import torch.utils.checkpoint
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -65,6 +67,28 @@ def sac_skips_profiler_ranges() -> None:
     if ignored is not None:
         ignored.update({torch.ops.profiler._record_function_enter_new.default,
                         torch.ops.profiler._record_function_exit._RecordFunction})
+
+
+def prepare_memory_budget(expert_parallel: bool, inductor_on_cpu: bool) -> None:
+    """Two things the compiler's memory-budget checkpointing (`activation_checkpoint.mode =
+    "memory_budget"`: the partitioner picks what each compiled graph recomputes) needs here.
+
+    - Under EP, the graphs that project the routed rows take the memories' DTensor weights, and their
+      device meshes enter the joint graph as opaque script objects, which the partitioner refuses to
+      size ("Cannot compute the size of ... FakeScriptObject"). A mesh holds no tensor, so counting
+      it as zero bytes is exact here.
+    - On CPU, inductor's vectorized C++ kernels for the recomputing backward corrupt the heap
+      (seen with torch 2.13: "corrupted double-linked list" in a fused backward kernel of a MoM
+      block; aot_eager with the same partition, and the same kernels unvectorized, run correctly;
+      upstream's inductor CPU heap-corruption reports, e.g. pytorch#181689, are the same kind).
+      CPU runs are for debugging, so the kernels are generated scalar there.
+    """
+    if expert_parallel and hasattr(torch._functorch.config, "unsafe_treat_script_objects_as_zero_size"):
+        torch._functorch.config.unsafe_treat_script_objects_as_zero_size = True  # (a torch without it has no such check)
+    if inductor_on_cpu:
+        logger.warning("memory_budget with inductor on CPU: scalar C++ kernels (torch._inductor.config.cpp.simdlen = 1), "
+                       "as the vectorized ones of the recomputing backward corrupt the heap")
+        torch._inductor.config.cpp.simdlen = 1
 
 
 def _check_supported(parallel_dims) -> None:
@@ -109,6 +133,9 @@ def apply_ac_and_compile(model: nn.Module, ac, *, compile_backend=None, expert_p
         )
     if ac.mode == "selective" and ac.selective_ac_option == "op":
         sac_skips_profiler_ranges()
+    if ac.mode == "memory_budget":
+        prepare_memory_budget(expert_parallel, inductor_on_cpu=compile_backend == "inductor"
+                              and not torch.accelerator.is_available())
 
     def checkpoint():
         if ac.mode != "none":

@@ -8,8 +8,10 @@ exchange's graph pieces may compile twice (static, then with the routed row coun
 more (`recompile_limit` 2, failing past it), and the routed rows' projections and recurrence must
 run inside a compiled graph (one with a dynamic row count and matrix products).
 
-`--sac-op`: the EP model's blocks checkpointed per op as well, as the 340M and 1.3B recipes train
-(with `--compile`, checkpointed around the compiled blocks, which must still compile).
+`--ac op`: the EP model's blocks checkpointed per op as well, as the 340M and 1.3B recipes train
+(with `--compile`, checkpointed around the compiled blocks, which must still compile). `--ac
+memory_budget` (needs `--compile` with a backend that partitions, e.g. `aot_eager_decomp_partition`):
+the compiler picks what each graph recomputes, within half the activation memory.
 
 Every step also counts the all-to-alls: three per MoM layer forward (counts, rows out, outputs
 back) and two backward (the gradients of both row exchanges), none in a checkpoint's recompute
@@ -121,7 +123,8 @@ def routed_rows_compiled(graphs: list) -> bool:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--compile", metavar="BACKEND", default=None)
-    parser.add_argument("--sac-op", action="store_true", help="per-op selective activation checkpointing")
+    parser.add_argument("--ac", choices=["none", "op", "memory_budget"], default="none",
+                        help="activation checkpointing: none, per-op selective, or the compiler's memory budget (0.5)")
     cli = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -136,7 +139,9 @@ def main():
     graphs = []
     # one callable for all blocks, as a backend name gives
     backend = recording(cli.compile, graphs) if cli.compile else None
-    ac = ActivationCheckpoint(mode="selective", selective_ac_option="op") if cli.sac_op else ActivationCheckpoint(mode="none")
+    ac = {"none": ActivationCheckpoint(mode="none"),
+          "op": ActivationCheckpoint(mode="selective", selective_ac_option="op"),
+          "memory_budget": ActivationCheckpoint(mode="memory_budget", memory_budget=0.5)}[cli.ac]
     apply_ac_and_compile(model, ac, compile_backend=backend, expert_parallel=True)
     count_exchanges()
     generator = torch.Generator().manual_seed(1)
