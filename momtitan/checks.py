@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+# the dtypes a command line or a config may name
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
 
 def require_positive_int(name: str, value) -> None:
     """ValueError naming `name` and `value` unless `value` is an int (not a bool) > 0."""
@@ -19,3 +24,12 @@ def existing_folder(path, what: str = "checkpoint path") -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"{what} is not a folder: {path}")
     return path
+
+
+def as_dtype(dtype, name: str = "dtype") -> torch.dtype | None:
+    """A `torch.dtype`, or None, from a dtype or its name in `DTYPES`; ValueError naming `name` otherwise."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]

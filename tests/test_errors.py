@@ -65,3 +65,11 @@ def test_config_rejects_bad_values():
         MoMModelArgs(conv_size=1)
     with pytest.raises(ValueError, match=r"num_memories must be a positive integer, got 0"):
         MoMModelArgs(num_memories=0)
+
+
+def test_dtype_names_are_checked_with_the_argument_name():
+    from momtitan.checks import as_dtype
+
+    assert as_dtype("bfloat16") is torch.bfloat16 and as_dtype(torch.float16) is torch.float16 and as_dtype(None) is None
+    with pytest.raises(ValueError, match=r"softmax_dtype must be one of \['bfloat16', .*\], got 'fp8'"):
+        as_dtype("fp8", "softmax_dtype")

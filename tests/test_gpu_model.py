@@ -100,6 +100,27 @@ def test_compiled_block_on_cuda_has_no_graph_break_and_matches_eager():
     assert_close("dx", gx, gx_ref, 1e-3)
 
 
+def test_compiled_block_under_a_memory_budget_matches_eager():
+    """`activation_checkpoint.mode = "memory_budget"`: inductor's partitioner recomputes part of the
+    block in the backward; the gradients stay those of the eager block."""
+    import torch._functorch.config
+
+    args, _, gpu = _models()
+    block = gpu.layers["0"]
+    x = torch.randn(2, 128, args.hidden_size, device="cuda", requires_grad=True)
+    eager = block(x)[0]
+    grads_ref = torch.autograd.grad(eager.square().sum(), [x, *block.parameters()], allow_unused=True)
+    torch._dynamo.reset()
+    with torch._functorch.config.patch(activation_memory_budget=0.3):
+        out = torch.compile(block, fullgraph=True)(x)[0]
+        grads = torch.autograd.grad(out.square().sum(), [x, *block.parameters()], allow_unused=True)
+    assert_close("block", out, eager, 1e-3)
+    for (name, _), g, g_ref in zip([("x", None), *block.named_parameters()], grads, grads_ref):
+        assert (g is None) == (g_ref is None), name
+        if g is not None:
+            assert_close(name, g, g_ref, 1e-3)
+
+
 def test_decoding_on_cuda_matches_full_forward():
     args, _, gpu = _models(num_hidden_layers=3, attn_layers=(2,))
     tokens = torch.randint(0, args.vocab_size, (3, 40), device="cuda")

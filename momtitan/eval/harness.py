@@ -48,7 +48,7 @@ except ModuleNotFoundError:  # Python 3.10: the backport torchtitan depends on
 
 import torch
 
-from momtitan.checks import existing_folder
+from momtitan.checks import DTYPES, as_dtype, existing_folder
 
 # ---- the paper's tasks and tables ---------------------------------------------------------------
 COMMONSENSE_TASKS = ("wikitext", "lambada_standard", "arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande")
@@ -88,7 +88,6 @@ RECALL_COLUMNS = (
 )
 TABLES = {"commonsense": COMMONSENSE_COLUMNS, "recall": RECALL_COLUMNS}
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_SOFTMAX_DTYPE = "float32"
 
@@ -209,14 +208,6 @@ def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def _as_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
-
-
 def check_sources(path, *, step=None, flavor=None, config=None, job_config=None, overrides=None,
                   tokenizer=None) -> tuple[str, str | Path]:
     """`(kind, tokenizer source)` for a checkpoint and the options given with it, or a clear error:
@@ -261,7 +252,7 @@ def open_checkpoint(path, *, step: int | None = None, flavor: str | None = None,
     kind, tokenizer = check_sources(path, step=step, flavor=flavor, config=config, job_config=job_config,
                                     overrides=overrides, tokenizer=tokenizer)
     device = device or default_device()
-    dtype = _as_dtype(dtype) or default_dtype(device)
+    dtype = as_dtype(dtype) or default_dtype(device)
     if kind == "hf":
         tok = _load_tokenizer(tokenizer)
         model = load_model(path, device=device, dtype=dtype)
@@ -306,7 +297,7 @@ def build_lm(model, tokenizer, *, batch_size: int | str = DEFAULT_BATCH_SIZE, ma
                 return self.model(inps, use_cache=False).logits
 
     if isinstance(softmax_dtype, str):
-        softmax_dtype = _as_dtype(softmax_dtype)
+        softmax_dtype = as_dtype(softmax_dtype, "softmax_dtype")
     return MoMLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
                  max_length=max_length, softmax_dtype=softmax_dtype)
 

@@ -35,7 +35,7 @@ except ModuleNotFoundError:  # Python 3.10: the backport torchtitan depends on
 
 import torch
 
-from momtitan.checks import existing_folder
+from momtitan.checks import DTYPES, as_dtype, existing_folder
 from momtitan.config import MoMModelArgs, get_flavor
 from momtitan.hf.configuration import MoMConfig
 from momtitan.hf.state_dict_adapter import (
@@ -49,7 +49,6 @@ MODEL_KEY_PREFIXES = ("tok_embeddings.", "layers.", "norm.", "output.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json")
 FP32_PARAMS = ("A_log", "dt_bias")  # decay parameters stay fp32 whatever --dtype says
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 # ---- the model's expected tensors ---------------------------------------------------------------
@@ -420,7 +419,7 @@ def main_dcp_to_hf(argv: list[str] | None = None) -> int:
     args = resolve_args(flavor=a.flavor, config=a.config, job_config=a.job_config, overrides=a.set,
                         vocab_size_hint=None if embedding is None else embedding[0][0])
     out = dcp_to_hf(a.checkpoint, a.output, args, step=a.step, fmt=a.format, tokenizer=a.tokenizer,
-                    dtype=DTYPES.get(a.dtype), overwrite=a.overwrite)
+                    dtype=as_dtype(a.dtype), overwrite=a.overwrite)
     print(f"wrote {a.format} HF folder {out} from {step_dir}")
     return 0
 
