@@ -14,6 +14,8 @@ Outputs:
     python scripts/mqar.py --jobs 12 --amp bfloat16   # full grid on one GPU, 12 runs side by side
     python scripts/mqar.py --jobs 12 --amp bfloat16 --stop-at 0.99   # runs end once solved; lrs in turn
     python scripts/mqar.py --quick --device cpu  # a CPU-sized smoke run of the same pipeline
+    python scripts/mqar.py --arms mom --kv-pairs 32 --d-models 128 --lrs 1e-3 --amp bfloat16 --steps 40 \
+        --profile outputs/mqar/profile           # where one run's step time goes (top kernels, trace)
 
 On a machine of several GPUs the grid splits into shards, one process per GPU, each writing only
 its JSON; `--merge` then writes the markdown and the plot from the shards' JSONs:
@@ -96,6 +98,10 @@ def parse_args(argv=None):
                    help="train nothing: write the markdown and plot of the shards' JSONs")
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes training runs side by side on the device (default 1)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="profile training steps 21-25 (fewer steps: the last five after two of warmup) of the one run "
+                        "the options select (one kv, d_model, arm and lr; --jobs 1): a chrome trace in DIR "
+                        "(scripts/trace_summary.py reads it) and the top kernels printed; no markdown")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=str(ROOT / "docs" / "mqar.png"))
     p.add_argument("--markdown", default=str(ROOT / "docs" / "quality.md"))
@@ -162,8 +168,8 @@ def _data(task: MQARTask, num_train: int, num_test: int, seed: int):
 
 
 def train_run(g: dict, device: str, amp: str | None, seed: int, compile_blocks: bool, compile_mode: str | None,
-              stop_at: float | None, run: tuple[int, int, str, float]) -> dict:
-    """Train one `(kv, d_model, arm, lr)` of the grid; the result row of the JSON."""
+              stop_at: float | None, run: tuple[int, int, str, float], on_step=None) -> dict:
+    """Train one `(kv, d_model, arm, lr)` of the grid; the result row of the JSON. `on_step`: see `train_mqar`."""
     kv, d, arm, lr = run
     task = MQARTask(vocab_size=g["vocab_size"], seq_len=g["seq_len"], num_kv_pairs=kv)
     args = build_model_args(arm, d, vocab_size=task.vocab_size, seq_len=task.seq_len, num_heads=g["num_heads"],
@@ -172,7 +178,7 @@ def train_run(g: dict, device: str, amp: str | None, seed: int, compile_blocks: 
                       num_test=g["num_test"], seed=seed, device=device, amp_dtype=amp,
                       compile_backend="inductor" if compile_blocks else None, compile_mode=compile_mode,
                       stop_at=stop_at)
-    r = train_mqar(args, task, cfg, data=_data(task, g["num_train"], g["num_test"], seed))
+    r = train_mqar(args, task, cfg, data=_data(task, g["num_train"], g["num_test"], seed), on_step=on_step)
     r.update(arm=arm, d_model=d, num_kv_pairs=kv, seq_len=task.seq_len, lr=lr,
              heads=args.num_heads, head_dim=args.head_dim, head_v_dim=args.head_v_dim,
              streams_total=args.num_memories + int(args.shared_mem) if not args.attn_layers else 0,
@@ -465,6 +471,29 @@ def write_outputs(a, g: dict, runs: list[dict], meta: dict, quick: bool) -> list
     return runs
 
 
+def profile_run(a, g: dict, device: str, compile_blocks: bool, n_runs: int) -> str:
+    """`--profile`: trace five training steps of a single run; returns the printed kernel table."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    if n_runs != 1 or a.jobs != 1:
+        raise ValueError(f"--profile traces one run with --jobs 1; the options select {n_runs} runs, --jobs {a.jobs}")
+    if g["steps"] < 7:
+        raise ValueError(f"--profile needs at least 7 steps (2 of warmup, 5 traced), got {g['steps']}")
+    out = Path(a.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    wait = min(20, g["steps"] - 7)
+    with profile(activities=activities, schedule=schedule(wait=wait, warmup=2, active=5)) as prof:
+        run = grid_runs(g)[0]
+        train_run(g, device, a.amp, a.seed, compile_blocks, a.compile_mode, None, run, on_step=prof.step)
+    trace = out / "mqar_trace.json"
+    prof.export_chrome_trace(str(trace))
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25)
+    print(f"profile of {run} (steps {wait + 3}-{wait + 7}), trace {trace}:\n{table}", flush=True)
+    return table
+
+
 def main(argv=None):
     a = parse_args(argv)
     if a.merge:
@@ -503,6 +532,8 @@ def main(argv=None):
         meta["wall_s"] = time.perf_counter() - t0
         json_path.write_text(json.dumps(dict(meta=meta, grid=g, runs=runs), indent=1))
 
+    if a.profile is not None:
+        return profile_run(a, g, device, compile_blocks, n_runs)
     runs = run_grid(g, device, a.amp, a.seed, compile_blocks, (a.shard_index, a.num_shards), on_run=save, jobs=a.jobs,
                     compile_mode=a.compile_mode, stop_at=a.stop_at)
     save(runs)

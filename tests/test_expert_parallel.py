@@ -22,15 +22,17 @@ def run_ep_equivalence(*flags: str) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("flags", [[], ["--ac", "op"]], ids=["no_ac", "sac_op"])
-def test_ep2_matches_ep1_logits_and_gradients(flags):
+@pytest.mark.parametrize("flags, exchanges", [([], 10), (["--ac", "op"], 10), (["--ac", "full"], 16)],
+                         ids=["no_ac", "sac_op", "full_ac"])
+def test_ep2_matches_ep1_logits_and_gradients(flags, exchanges):
     """Also counts the all-to-alls (ep_equivalence fails on a wrong count): 5 per layer and step, none
-    of them in per-op SAC's recompute, which replays the exchanges' saved outputs."""
+    of them in per-op SAC's recompute, which replays the exchanges' saved outputs; full AC recomputes
+    the forward's three."""
     out = run_ep_equivalence(*flags)
     # each rank reports its logits, its gradient check and its all-to-all count once
     assert len(re.findall(r"rank \d logits rel err", out)) == 2, out
     assert len(re.findall(r"gradients checked: \d+, mismatches: none", out)) == 2, out
-    assert len(re.findall(r"all-to-alls in the step: 10, expected 10", out)) == 2, out
+    assert len(re.findall(rf"all-to-alls in the step: {exchanges}, expected {exchanges}", out)) == 2, out
 
 
 @pytest.mark.parametrize("flags", [["--compile", "aot_eager"], ["--compile", "aot_eager", "--ac", "op"],

@@ -220,6 +220,20 @@ def test_mqar_script_runs_a_tiny_grid_end_to_end(tmp_path):
         cli.main(["--device", "cpu", "--quick", "--stop-at", "1.5", "--no-write"])
 
 
+def test_profile_traces_one_run(tmp_path):
+    """--profile: five steps of the single run the options select, as a chrome trace and a table."""
+    cli = _cli()
+    tiny = ["--device", "cpu", "--kv-pairs", "2", "--d-models", "16", "--seq-len", "16", "--vocab-size", "32",
+            "--batch-size", "8", "--num-train", "64", "--num-test", "32", "--lrs", "0.003", "--no-write"]
+    table = cli.main(tiny + ["--arms", "mom", "--steps", "9", "--profile", str(tmp_path)])
+    assert "aten::" in table and "Self CPU time total" in table
+    assert '"ProfilerStep#' in (tmp_path / "mqar_trace.json").read_text()
+    with pytest.raises(ValueError, match=r"--profile traces one run with --jobs 1; the options select 2 runs"):
+        cli.main(tiny + ["--arms", "mom,attention", "--steps", "9", "--profile", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"--profile needs at least 7 steps .* got 5"):
+        cli.main(tiny + ["--arms", "mom", "--steps", "5", "--profile", str(tmp_path)])
+
+
 def test_mqar_shards_split_the_grid_and_merge(tmp_path):
     """Two shards train disjoint halves of the grid; --merge writes one table of both."""
     cli = _cli()

@@ -187,6 +187,14 @@ def test_memory_budget_checkpointing_with_inductor_on_cpu(cache_dir, tmp_path):
     assert budget[2] == pytest.approx(eager[2], abs=1e-3)
 
 
+def test_profiling_on_cpu_writes_a_trace(cache_dir, tmp_path):
+    """torchtitan's `--profiling.enable_profiling` on a machine without a GPU (cpu_shims item 4)."""
+    train(cache_dir, tmp_path, "--training.steps", "4", "--training.local_batch_size", "1", "--training.seq_len", "32",
+          "--checkpoint.no-enable", "--profiling.enable_profiling", "--profiling.profile_freq", "4")
+    trace = tmp_path / "profile_traces" / "iteration_4" / "rank0_trace.json"
+    assert trace.exists() and '"aten::mm"' in trace.read_text()
+
+
 def test_missing_dataset_path_stops_at_once(cache_dir, tmp_path):
     missing = tmp_path / "no_such_data.jsonl"
     with pytest.raises(RuntimeError) as err:

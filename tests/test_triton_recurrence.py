@@ -149,6 +149,7 @@ def _worker():
     print(json.dumps({"check": "step_linear_no_l2", "errs": check_step("linear", l2=False)}), flush=True)
     _worker_opcheck()
     _worker_compile()
+    _worker_sac()
 
 
 def _worker_opcheck():
@@ -205,6 +206,48 @@ def _worker_compile():
     print(json.dumps({"check": "compile", "errs": out}), flush=True)
 
 
+def _worker_sac():
+    """Per-op selective checkpointing with the training recipes' save list: the backward's recompute
+    takes the recurrence's output from the forward instead of running the op again."""
+    import functools
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    from momtitan.ops.triton import triton_linear_recurrence
+    from momtitan.parallel.parallelize import SAC_SAVE_OPS
+
+    fwd = torch.ops.momtitan.linear_recurrence_fwd.default
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += func is fwd
+            return func(*args, **(kwargs or {}))
+
+    def policy(save, ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    spec = CPU_CASES["gated_delta_batched"]
+    x, extra = make_inputs(spec, "cpu", torch.float32)
+    leaves = {n: t.requires_grad_(True) for n, t in x.items()}
+
+    def f(q, k, v, g, beta, initial_state):
+        o, ht = triton_linear_recurrence(torch.sin(q), k, v, g, beta, initial_state=initial_state, **extra, chunk_size=16)
+        return torch.cos(o).sum() + ht.sum()
+
+    calls = {}
+    for name, save in (("saved", SAC_SAVE_OPS), ("recomputed", set())):
+        Count.calls = 0
+        with Count():
+            out = checkpoint(f, **leaves, use_reentrant=False,
+                             context_fn=functools.partial(create_selective_checkpoint_contexts, functools.partial(policy, save)))
+            torch.autograd.grad(out, list(leaves.values()))
+        calls[name] = Count.calls
+    print(json.dumps({"check": "sac", "calls": calls}), flush=True)
+
+
 @pytest.fixture(scope="module")
 def interpreter_results():
     return run_worker(__file__, timeout=900)
@@ -226,6 +269,11 @@ def test_interpreter_step(interpreter_results, name):
 
 def test_interpreter_opcheck(interpreter_results):
     assert result(interpreter_results, "opcheck")["ok"]
+
+
+def test_per_op_sac_keeps_the_recurrence_output(interpreter_results):
+    """`linear_recurrence_fwd` is in `SAC_SAVE_OPS`: one forward per step under per-op SAC, not two."""
+    assert result(interpreter_results, "sac")["calls"] == {"saved": 1, "recomputed": 2}
 
 
 def test_interpreter_compile_fullgraph(interpreter_results):

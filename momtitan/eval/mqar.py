@@ -26,7 +26,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -309,14 +309,16 @@ def build_model(args: MoMModelArgs, seed: int, device: torch.device | str = "cpu
 
 
 def train_mqar(args: MoMModelArgs, task: MQARTask, cfg: TrainConfig, *, log_every: int = 0,
-               data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict:
+               data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+               on_step: Callable[[], None] | None = None) -> dict:
     """Train a fresh model on `cfg.num_train` MQAR examples (seed `cfg.seed`) for `cfg.steps` steps
     of AdamW (linear warmup, cosine decay) and return test accuracy on `cfg.num_test` held-out
     examples (seed `cfg.seed + 1`), with the loss, timings and state sizes. With `cfg.stop_at`,
     training ends early once a training batch answers that share of its queries right (checked
     every `cfg.check_every` steps); `steps_run` says where it stopped.
 
-    `data` may pass pre-generated `(train_x, train_y, test_x, test_y)` to share them across arms.
+    `data` may pass pre-generated `(train_x, train_y, test_x, test_y)` to share them across arms;
+    `on_step` is called after every training step (a profiler's `step`).
     """
     if args.vocab_size < task.vocab_size:
         raise ValueError(f"model vocab_size={args.vocab_size} is smaller than the task's vocab_size={task.vocab_size}")
@@ -369,6 +371,8 @@ def train_mqar(args: MoMModelArgs, task: MQARTask, cfg: TrainConfig, *, log_ever
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
+        if on_step is not None:
+            on_step()
         if log_every and (step % log_every == 0 or step == cfg.steps - 1):
             losses.append((step, loss.item()))
             print(f"  step {step:5d}  loss {loss.item():.4f}", flush=True)

@@ -53,6 +53,21 @@ SAC_SAVE_OPS = {
 }
 
 
+def _recurrence_forward_op() -> set:
+    """The Triton recurrence's forward op (its registration imports triton; none without triton).
+    Kept by SAC, it is not rerun in the recompute: the recompute needs only its output `o` (for the
+    output norm and the combine's backward), and its own backward recomputes its intermediates from
+    its inputs anyway. Rerunning it cost a whole chunked forward, the layer's costliest op, per step."""
+    try:
+        import momtitan.ops.triton.recurrence_op  # noqa: F401
+    except ImportError:
+        return set()
+    return {torch.ops.momtitan.linear_recurrence_fwd.default}
+
+
+SAC_SAVE_OPS |= _recurrence_forward_op()
+
+
 def sac_skips_profiler_ranges() -> None:
     """Leave profiler ranges out of per-op selective checkpointing's replay.
 

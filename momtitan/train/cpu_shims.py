@@ -8,11 +8,13 @@ At import of `momtitan.train` (`apply_cpu_shims`):
 1. the device-type lookup answers "cpu", so torchtitan uses `torch.cpu` and the gloo backend
    (also rewritten in torchtitan modules that copied the answer at import time);
 2. `torch.cpu` gets the memory-monitor calls it lacks (name, properties, peak stats: zeros);
-3. `torch.distributed.barrier(device_ids=...)` drops `device_ids`, which gloo rejects.
+3. `torch.distributed.barrier(device_ids=...)` drops `device_ids`, which gloo rejects;
+4. `torch.profiler.profile` drops the `None` that torchtitan's profiler puts in its activities when
+   there is no GPU (`--profiling.enable_profiling` failed with a TypeError on CPU).
 From `momtitan.parallel.parallelize`, for FSDP on CPU (`prepare_fsdp_on_cpu`):
-4. reductions are forced to plain SUM: gloo has no PREMUL_SUM, which FSDP uses once its gradient
+5. reductions are forced to plain SUM: gloo has no PREMUL_SUM, which FSDP uses once its gradient
    division is switched off;
-5. DTensor's random ops have no CPU RNG tracker, so every rank would draw the same numbers for
+6. DTensor's random ops have no CPU RNG tracker, so every rank would draw the same numbers for
    its own shard, making the shards of a parameter copies of each other (memory 2 a clone of
    memory 0, ...). `init_weights` therefore runs with a per-shard seed, after which the shared
    generator state is restored.
@@ -87,6 +89,24 @@ def _patch_barrier() -> None:
     dist.barrier = barrier
 
 
+def _patch_profiler() -> None:
+    import torch.profiler
+
+    base = torch.profiler.profile
+    if getattr(base, "_momtitan_cpu_shim", False):
+        return
+
+    class profile(base):
+        _momtitan_cpu_shim = True
+
+        def __init__(self, *args, activities=None, **kwargs):
+            if activities is not None:
+                activities = [a for a in activities if a is not None]
+            super().__init__(*args, activities=activities, **kwargs)
+
+    torch.profiler.profile = profile
+
+
 def apply_cpu_shims() -> bool:
     """Apply the CPU patches if no accelerator is present. Returns whether they are in effect."""
     global _APPLIED
@@ -97,6 +117,7 @@ def apply_cpu_shims() -> bool:
     _patch_torch_cpu()
     _patch_device_lookup()
     _patch_barrier()
+    _patch_profiler()
     _APPLIED = True
     return True
 

@@ -14,8 +14,8 @@ memory_budget` (needs `--compile` with a backend that partitions, e.g. `aot_eage
 the compiler picks what each graph recomputes, within half the activation memory.
 
 Every step also counts the all-to-alls: three per MoM layer forward (counts, rows out, outputs
-back) and two backward (the gradients of both row exchanges), none in a checkpoint's recompute
-(per-op SAC replays the exchange ops' saved outputs).
+back) and two backward (the gradients of both row exchanges), none in per-op SAC's recompute (it
+replays the exchange ops' saved outputs); `--ac full` recomputes the forward's three.
 """
 
 import argparse
@@ -58,7 +58,7 @@ def count_exchanges() -> None:
     dist.all_to_all_single = counted
 
 
-def check_step(model, reference, rank, world, generator, tol) -> list[str]:
+def check_step(model, reference, rank, world, generator, tol, recomputed_exchanges: int = 0) -> list[str]:
     """One forward/backward of both models on new data (each EP rank its half); the mismatches."""
     vocab = reference.args.vocab_size
     tokens = torch.randint(0, vocab, (world * 2, 40), generator=generator)
@@ -75,7 +75,7 @@ def check_step(model, reference, rank, world, generator, tol) -> list[str]:
     F.cross_entropy(out.logits.flatten(0, 1), labels[mine].flatten(), reduction="sum").div(n_tokens).backward()
 
     failures = []
-    exchanges, expected = EXCHANGES[0] - before, 5 * len(model.layers)
+    exchanges, expected = EXCHANGES[0] - before, (5 + recomputed_exchanges) * len(model.layers)
     say(f"rank {rank} all-to-alls in the step: {exchanges}, expected {expected}")
     if exchanges != expected:
         failures.append(f"{exchanges} all-to-alls, expected {expected}")
@@ -123,8 +123,8 @@ def routed_rows_compiled(graphs: list) -> bool:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--compile", metavar="BACKEND", default=None)
-    parser.add_argument("--ac", choices=["none", "op", "memory_budget"], default="none",
-                        help="activation checkpointing: none, per-op selective, or the compiler's memory budget (0.5)")
+    parser.add_argument("--ac", choices=["none", "op", "full", "memory_budget"], default="none",
+                        help="activation checkpointing: none, per-op selective, full, or the compiler's memory budget (0.5)")
     cli = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -141,18 +141,20 @@ def main():
     backend = recording(cli.compile, graphs) if cli.compile else None
     ac = {"none": ActivationCheckpoint(mode="none"),
           "op": ActivationCheckpoint(mode="selective", selective_ac_option="op"),
+          "full": ActivationCheckpoint(mode="full"),
           "memory_budget": ActivationCheckpoint(mode="memory_budget", memory_budget=0.5)}[cli.ac]
     apply_ac_and_compile(model, ac, compile_backend=backend, expert_parallel=True)
+    recomputed = 3 if cli.ac == "full" else 0  # full AC recomputes the forward's three exchanges
     count_exchanges()
     generator = torch.Generator().manual_seed(1)
     if cli.compile is None:
-        failures = check_step(model, reference, rank, world, generator, tol=1e-5)
+        failures = check_step(model, reference, rank, world, generator, tol=1e-5, recomputed_exchanges=recomputed)
     else:
         torch._dynamo.config.recompile_limit = 2
         torch._dynamo.config.fail_on_recompile_limit_hit = True
         failures = []
         for _ in range(3):
-            failures += check_step(model, reference, rank, world, generator, tol=1e-4)
+            failures += check_step(model, reference, rank, world, generator, tol=1e-4, recomputed_exchanges=recomputed)
         compiled = routed_rows_compiled(graphs)
         say(f"rank {rank} compiled graphs: {len(graphs)}, routed rows compiled: {compiled}")
         if not compiled:
