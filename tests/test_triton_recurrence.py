@@ -237,15 +237,24 @@ def _worker_sac():
         o, ht = triton_linear_recurrence(torch.sin(q), k, v, g, beta, initial_state=initial_state, **extra, chunk_size=16)
         return torch.cos(o).sum() + ht.sum()
 
+    def checkpointed(save, **inputs):
+        context = functools.partial(create_selective_checkpoint_contexts, functools.partial(policy, save))
+        return checkpoint(f, **inputs, use_reentrant=False, context_fn=context)
+
     calls = {}
     for name, save in (("saved", SAC_SAVE_OPS), ("recomputed", set())):
         Count.calls = 0
         with Count():
-            out = checkpoint(f, **leaves, use_reentrant=False,
-                             context_fn=functools.partial(create_selective_checkpoint_contexts, functools.partial(policy, save)))
-            torch.autograd.grad(out, list(leaves.values()))
+            torch.autograd.grad(checkpointed(save, **leaves), list(leaves.values()))
         calls[name] = Count.calls
-    print(json.dumps({"check": "sac", "calls": calls}), flush=True)
+    # and compiled, as the recipes train: the compiler applies the same policy inside its graph
+    eager = f(**leaves)
+    expected = torch.autograd.grad(eager, list(leaves.values()))
+    torch._dynamo.reset()
+    value = torch.compile(functools.partial(checkpointed, SAC_SAVE_OPS), fullgraph=True, backend="aot_eager")(**leaves)
+    grads = torch.autograd.grad(value, list(leaves.values()))
+    compiled_err = max([rel_err(value, eager)] + [rel_err(a, b) for a, b in zip(grads, expected)])
+    print(json.dumps({"check": "sac", "calls": calls, "compiled_err": compiled_err}), flush=True)
 
 
 @pytest.fixture(scope="module")
@@ -272,8 +281,11 @@ def test_interpreter_opcheck(interpreter_results):
 
 
 def test_per_op_sac_keeps_the_recurrence_output(interpreter_results):
-    """`linear_recurrence_fwd` is in `SAC_SAVE_OPS`: one forward per step under per-op SAC, not two."""
-    assert result(interpreter_results, "sac")["calls"] == {"saved": 1, "recomputed": 2}
+    """`linear_recurrence_fwd` is in `SAC_SAVE_OPS`: one forward per step under per-op SAC, not two;
+    compiled with the policy, the gradients stay the eager ones."""
+    r = result(interpreter_results, "sac")
+    assert r["calls"] == {"saved": 1, "recomputed": 2}, r
+    assert r["compiled_err"] < CPU_TOL, r
 
 
 def test_interpreter_compile_fullgraph(interpreter_results):
