@@ -519,6 +519,8 @@ def main(argv=None):
     compile_blocks = device.startswith("cuda") if a.compile is None else a.compile
     if a.compile_mode is not None and not compile_blocks:
         raise ValueError(f"--compile-mode {a.compile_mode} needs compiled blocks (--compile, the default on CUDA)")
+    if a.profile is not None:  # one run traced; no JSON, markdown or plot
+        return profile_run(a, g, device, compile_blocks, n_runs)
     dev_name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     meta = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), device=dev_name, host=platform.node(),
                 torch=torch.__version__, wall_s=0.0, amp=a.amp, compile=compile_blocks, compile_mode=a.compile_mode,
@@ -532,8 +534,6 @@ def main(argv=None):
         meta["wall_s"] = time.perf_counter() - t0
         json_path.write_text(json.dumps(dict(meta=meta, grid=g, runs=runs), indent=1))
 
-    if a.profile is not None:
-        return profile_run(a, g, device, compile_blocks, n_runs)
     runs = run_grid(g, device, a.amp, a.seed, compile_blocks, (a.shard_index, a.num_shards), on_run=save, jobs=a.jobs,
                     compile_mode=a.compile_mode, stop_at=a.stop_at)
     save(runs)

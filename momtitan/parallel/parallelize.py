@@ -36,6 +36,19 @@ from torchtitan.tools.logging import logger
 import momtitan.parallel.exchange_ops  # noqa: F401  (registers the exchange ops named in SAC_SAVE_OPS)
 from momtitan.parallel.float8 import align_memory_groups
 
+
+def _recurrence_forward_op() -> set:
+    """The Triton recurrence's forward op (its registration imports triton; none without triton).
+    Kept by SAC, it is not rerun in the recompute: the recompute needs only its output `o` (for the
+    output norm and the combine's backward), and its own backward recomputes its intermediates from
+    its inputs anyway. Rerunning it cost a whole chunked forward, the layer's costliest op, per step."""
+    try:
+        import momtitan.ops.triton.recurrence_op  # noqa: F401
+    except ImportError:
+        return set()
+    return {torch.ops.momtitan.linear_recurrence_fwd.default}
+
+
 # Ops whose outputs selective (per-op) activation checkpointing keeps instead of recomputing.
 # Every second matmul is recomputed anyway (torchtitan's policy); the rest are expensive to redo.
 SAC_SAVE_OPS = {
@@ -50,22 +63,8 @@ SAC_SAVE_OPS = {
     # waiting for the host) again
     torch.ops.momtitan.ep_exchange_counts.default,
     torch.ops.momtitan.ep_all_to_all_rows.default,
+    *_recurrence_forward_op(),  # the recurrence's output: the recompute does not rerun its forward
 }
-
-
-def _recurrence_forward_op() -> set:
-    """The Triton recurrence's forward op (its registration imports triton; none without triton).
-    Kept by SAC, it is not rerun in the recompute: the recompute needs only its output `o` (for the
-    output norm and the combine's backward), and its own backward recomputes its intermediates from
-    its inputs anyway. Rerunning it cost a whole chunked forward, the layer's costliest op, per step."""
-    try:
-        import momtitan.ops.triton.recurrence_op  # noqa: F401
-    except ImportError:
-        return set()
-    return {torch.ops.momtitan.linear_recurrence_fwd.default}
-
-
-SAC_SAVE_OPS |= _recurrence_forward_op()
 
 
 def sac_skips_profiler_ranges() -> None:
