@@ -132,6 +132,9 @@ CPU_CASES = {
     "gated_delta_blocks": dict(rule="gated_delta", shape=(1, 24, 1, 80, 72), C=16, reset=0.1),
     "gated_blocks": dict(rule="gated", shape=(1, 24, 1, 80, 72), C=16, l2=False),
     "gated_delta_chunk64": dict(rule="gated_delta", shape=(1, 70, 1, 16, 16), C=64, reset=0.03),
+    # the prepare kernel's 16-row blocks: two per chunk at C = 32, four at C = 64 (varlen, empty segments)
+    "delta_chunk32": dict(rule="delta", shape=(1, 45, 1, 16, 16), C=32, reset=0.05),
+    "gated_delta_varlen_chunk64": dict(rule="gated_delta", shape=(1, 90, 1, 16, 16), C=64, cu=[0, 0, 17, 17, 80, 90]),
     "delta_strong_decay_resets": dict(rule="gated_delta", shape=(1, 36, 1, 16, 16), C=16, decay=6.0, reset=0.3),
 }
 

@@ -63,11 +63,10 @@ def local_du_kernel(
 
 @triton.jit
 def state_bwd_kernel(
-    q_ptr, k_ptr, g_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr, seg_ptr, w_ptr, do_ptr, dht_ptr, dul_ptr,
+    q_ptr, k_ptr, ke_ptr, qc_ptr, cend_ptr, info_ptr, seg_ptr, w_ptr, do_ptr, dht_ptr, dul_ptr,
     dh_ptr, du_ptr, dh0_ptr,
     scale, H, K, V,
-    C: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
-    HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DELTA: tl.constexpr,
+    C: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr,
     HAS_DHT: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """The reverse sequential pass: per (segment, head, V-block), chunk by chunk from the end,
@@ -91,16 +90,15 @@ def state_bwd_kernel(
         c = c_start + c_stop - 1 - cc  # int64 bounds
         tl.store(dh_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], dS.to(dh_ptr.dtype.element_ty), mask=smask)
         tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
-        gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
-        carry, e, c_end = chunk_weights(gamma, run, C)
-        rq = row_scales(rq_ptr, tok, valid, h, H, L2)
-        rk = row_scales(rk_ptr, tok, valid, h, H, L2)
+        ke = tl.load(ke_ptr + prow * H + h)  # from gates_kernel: e * rk and carry * rq
+        qc = tl.load(qc_ptr + prow * H + h)
+        c_end = tl.load(cend_ptr + c * H + h)
         qt = tl.load(q_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)
         kt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)
         dO = tl.load(do_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=valid[:, None] & vm[None, :], other=0.0).to(tl.float32)
         du_local = tl.load(dul_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=vm[None, :], other=0.0)
-        du = du_local + mdot(kt.to(tl.float32) * (rk * e)[:, None], dS, DOT_MODE)
-        dS_new = c_end * dS + scale * mdot(tl.trans(qt.to(tl.float32) * (rq * carry)[:, None]), dO, DOT_MODE)
+        du = du_local + mdot(kt.to(tl.float32) * ke[:, None], dS, DOT_MODE)
+        dS_new = c_end * dS + scale * mdot(tl.trans(qt.to(tl.float32) * qc[:, None]), dO, DOT_MODE)
         if DELTA:
             tl.store(du_ptr + (prow[:, None] * H + h) * V + vv[None, :], du, mask=vm[None, :])
             Wt = tl.load(w_ptr + (prow[:, None] * H + h) * K + kk[None, :], mask=km[None, :], other=0.0)

@@ -137,3 +137,34 @@ def unit_lower_inverse(A, C: tl.constexpr):
         new = tl.sum(a_r[:, None] * T, 0)
         T = tl.where(i[:, None] == r, T - new[None, :], T)
     return T
+
+
+@triton.jit
+def rows_of(x, r: tl.constexpr, C: tl.constexpr, BS: tl.constexpr):
+    """Rows `[r*BS, (r+1)*BS)` of a `[C]` vector (registers cannot be sliced: select and sum)."""
+    i = tl.arange(0, C)
+    j = r * BS + tl.arange(0, BS)
+    return tl.sum(tl.where(i[None, :] == j[:, None], x[None, :], 0), 1)
+
+
+@triton.jit
+def inverse_blocks(A00, A10, A11, A20, A21, A22, A30, A31, A32, A33, NB: tl.constexpr, BS: tl.constexpr):
+    """(I + A)^-1 of a strictly lower-triangular A given as its NB x NB grid of BS x BS blocks (NB = 1,
+    2 or 4; the blocks outside the grid are passed and returned unused). The diagonal blocks by forward
+    substitution (BS - 1 short steps each), then row block by row block
+    X_rc = -X_rr (sum over c <= m < r of A_rm X_mc), with fp32 (3xTF32) dots."""
+    X00 = unit_lower_inverse(A00, BS)
+    X10, X11, X20, X21, X22, X30, X31, X32, X33 = A10, A11, A20, A21, A22, A30, A31, A32, A33
+    if NB >= 2:
+        X11 = unit_lower_inverse(A11, BS)
+        X10 = -mdot(X11, mdot(A10, X00, 0), 0)
+    if NB >= 4:
+        X22 = unit_lower_inverse(A22, BS)
+        X33 = unit_lower_inverse(A33, BS)
+        X21 = -mdot(X22, mdot(A21, X11, 0), 0)
+        X20 = -mdot(X22, mdot(A20, X00, 0) + mdot(A21, X10, 0), 0)
+        X32 = -mdot(X33, mdot(A32, X22, 0), 0)
+        X31 = -mdot(X33, mdot(A31, X11, 0) + mdot(A32, X21, 0), 0)
+        X30 = -mdot(X33, mdot(A30, X00, 0) + mdot(A31, X10, 0) + mdot(A32, X20, 0), 0)
+    return X00, X10, X11, X20, X21, X22, X30, X31, X32, X33
+

@@ -1,8 +1,10 @@
 """Forward Triton kernels of the chunked linear recurrence (algorithm: `recurrence/chunk.py`).
 
-1. `prepare_kernel`  per (chunk, head): A, T = (I + A)^-1 by forward substitution, and the WY
-   factors W = T (beta*carry*k), U = T (beta*v)   (delta rules only).
-2. `state_kernel`    per (segment, head, V-block): the sequential pass over the segment's chunks;
+1. `prepare_kernel`  per (chunk, head), in 16-row blocks: A, T = (I + A)^-1 (diagonal blocks by
+   forward substitution, the rest by 16-wide dots), and the WY factors W = T (beta*carry*k),
+   U = T (beta*v)   (delta rules only).
+2. `gates_kernel`    per (chunk, head): the row weights of the sequential passes (no scans in their loops).
+   `state_kernel`    per (segment, head, V-block): the sequential pass over the segment's chunks;
    stores each chunk's start state h, the corrected values u = U - W h (delta rules), the final state.
 3. `output_kernel`   per (chunk, head, V-block): o = scale * ((carry*q) h + (q k^T * D) u).
 
@@ -16,59 +18,182 @@ import triton
 import triton.language as tl
 
 from momtitan.ops.triton.common import (
-    chunk_gates, chunk_rows, chunk_weights, decay_matrix, mdot, row_scales, unit_lower_inverse,
+    chunk_gates, chunk_rows, chunk_weights, decay_matrix, inverse_blocks, mdot, row_scales, rows_of,
 )
+
+
+@triton.jit
+def _rows_tile(x_ptr, tok0, nvalid, h, H, D, dd, r: tl.constexpr, BS: tl.constexpr):
+    """Rows `[r*BS, (r+1)*BS)` of a chunk of `x [total, H, D]`, columns `dd`; 0 past the chunk's end."""
+    j = r * BS + tl.arange(0, BS)
+    return tl.load(x_ptr + ((tok0 + j)[:, None] * H + h) * D + dd[None, :],
+                   mask=(j < nvalid)[:, None] & (dd < D)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _a_block(KK, g_r, g_c, run_r, run_c, s_r, s_c, DIAG: tl.constexpr, BS: tl.constexpr):
+    """Block (r, c) of A = tril(beta * D * (k k^T)), given its k k^T block, row scales s_r (beta * rk)
+    and column scales s_c (rk); strictly lower on the diagonal."""
+    m = run_r[:, None] == run_c[None, :]
+    if DIAG:
+        ii = tl.arange(0, BS)
+        m = m & (ii[:, None] > ii[None, :])
+    D = tl.where(m, tl.exp(tl.where(m, g_r[:, None] - g_c[None, :], 0.0)), 0.0)
+    return s_r[:, None] * D * KK * s_c[None, :]
+
+
+@triton.jit
+def _store_rows(ptr, c, h, H, D, dd, x, r: tl.constexpr, C: tl.constexpr, BS: tl.constexpr):
+    """Store `x [BS, len(dd)]` as rows `[r*BS, (r+1)*BS)` of padded chunk `c` of `[NC*C, H, D]`."""
+    j = c * C + r * BS + tl.arange(0, BS)
+    tl.store(ptr + (j[:, None] * H + h) * D + dd[None, :], x.to(ptr.dtype.element_ty), mask=(dd < D)[None, :])
+
+
+@triton.jit
+def _store_block(t_ptr, c, h, H, x, r: tl.constexpr, q: tl.constexpr, C: tl.constexpr, BS: tl.constexpr):
+    """Store `x [BS, BS]` as block (r, q) of chunk `c`'s `[C, C]` matrix in `T [NC, H, C, C]`."""
+    ii = tl.arange(0, BS)
+    tl.store(t_ptr + ((c * H + h) * C + r * BS + ii[:, None]) * C + q * BS + ii[None, :], x)
 
 
 @triton.jit
 def prepare_kernel(
     k_ptr, v_ptr, g_ptr, beta_ptr, r_ptr, rk_ptr, info_ptr, w_ptr, u_ptr, t_ptr,
     H, K, V,
-    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr,
+    C: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, STORE_T: tl.constexpr,
     DOT_MODE: tl.constexpr,
 ):
+    """Per (chunk, head), in blocks of BS rows (NB = C / BS = 1, 2 or 4): the blocks of A, of
+    T = (I + A)^-1 (`inverse_blocks`), and W = T (beta*carry*rk*k), U = T (beta*v) row block by row block."""
+    NB: tl.constexpr = C // BS
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    i = tl.arange(0, C)
     tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
+    tok0 = tl.load(info_ptr + 2 * c)
     gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
     carry, e, c_end = chunk_weights(gamma, run, C)
     b = tl.load(beta_ptr + tok * H + h, mask=valid, other=0.0).to(tl.float32)
     rk = row_scales(rk_ptr, tok, valid, h, H, L2)
-
-    KK = tl.zeros([C, C], dtype=tl.float32)
-    for kb in tl.static_range(NKB):
-        kk = kb * BK + tl.arange(0, BK)
-        kt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & (kk < K)[None, :], other=0.0)
-        KK += mdot(kt, tl.trans(kt), DOT_MODE)
-    KK = KK * rk[:, None] * rk[None, :]
-    D = decay_matrix(gamma, run, C)
-    A = tl.where(i[:, None] > i[None, :], b[:, None] * D * KK, 0.0)
-    T = unit_lower_inverse(A, C)
-    if STORE_T:
-        tl.store(t_ptr + ((c * H + h) * C + i[:, None]) * C + i[None, :], T)
-
     wk = rk * b * carry
+
+    # per row block: log-decay, run ids, beta, rk, W's row weights (blocks past NB are placeholders)
+    g0, run0, b0, rk0, wk0 = rows_of(gamma, 0, C, BS), rows_of(run, 0, C, BS), rows_of(b, 0, C, BS), rows_of(rk, 0, C, BS), rows_of(wk, 0, C, BS)
+    g1, run1, b1, rk1, wk1 = g0, run0, b0, rk0, wk0
+    g2, run2, b2, rk2, wk2 = g0, run0, b0, rk0, wk0
+    g3, run3, b3, rk3, wk3 = g0, run0, b0, rk0, wk0
+    if NB >= 2:
+        g1, run1, b1, rk1, wk1 = rows_of(gamma, 1, C, BS), rows_of(run, 1, C, BS), rows_of(b, 1, C, BS), rows_of(rk, 1, C, BS), rows_of(wk, 1, C, BS)
+    if NB >= 4:
+        g2, run2, b2, rk2, wk2 = rows_of(gamma, 2, C, BS), rows_of(run, 2, C, BS), rows_of(b, 2, C, BS), rows_of(rk, 2, C, BS), rows_of(wk, 2, C, BS)
+        g3, run3, b3, rk3, wk3 = rows_of(gamma, 3, C, BS), rows_of(run, 3, C, BS), rows_of(b, 3, C, BS), rows_of(rk, 3, C, BS), rows_of(wk, 3, C, BS)
+
+    # the lower blocks of k k^T
+    Z = tl.zeros([BS, BS], dtype=tl.float32)
+    KK00, KK10, KK11, KK20, KK21, KK22, KK30, KK31, KK32, KK33 = Z, Z, Z, Z, Z, Z, Z, Z, Z, Z
     for kb in tl.static_range(NKB):
         kk = kb * BK + tl.arange(0, BK)
-        kt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & (kk < K)[None, :], other=0.0)
-        W = mdot(T, kt.to(tl.float32) * wk[:, None], DOT_MODE)
-        tl.store(w_ptr + (prow[:, None] * H + h) * K + kk[None, :], W.to(w_ptr.dtype.element_ty), mask=(kk < K)[None, :])
+        k0 = _rows_tile(k_ptr, tok0, nvalid, h, H, K, kk, 0, BS)
+        KK00 += mdot(k0, tl.trans(k0), DOT_MODE)
+        if NB >= 2:
+            k1 = _rows_tile(k_ptr, tok0, nvalid, h, H, K, kk, 1, BS)
+            KK10 += mdot(k1, tl.trans(k0), DOT_MODE)
+            KK11 += mdot(k1, tl.trans(k1), DOT_MODE)
+        if NB >= 4:
+            k2 = _rows_tile(k_ptr, tok0, nvalid, h, H, K, kk, 2, BS)
+            k3 = _rows_tile(k_ptr, tok0, nvalid, h, H, K, kk, 3, BS)
+            KK20 += mdot(k2, tl.trans(k0), DOT_MODE)
+            KK21 += mdot(k2, tl.trans(k1), DOT_MODE)
+            KK22 += mdot(k2, tl.trans(k2), DOT_MODE)
+            KK30 += mdot(k3, tl.trans(k0), DOT_MODE)
+            KK31 += mdot(k3, tl.trans(k1), DOT_MODE)
+            KK32 += mdot(k3, tl.trans(k2), DOT_MODE)
+            KK33 += mdot(k3, tl.trans(k3), DOT_MODE)
+    s0, s1, s2, s3 = b0 * rk0, b1 * rk1, b2 * rk2, b3 * rk3
+    A00 = _a_block(KK00, g0, g0, run0, run0, s0, rk0, True, BS)
+    A10, A11, A20, A21, A22, A30, A31, A32, A33 = Z, Z, Z, Z, Z, Z, Z, Z, Z
+    if NB >= 2:
+        A10 = _a_block(KK10, g1, g0, run1, run0, s1, rk0, False, BS)
+        A11 = _a_block(KK11, g1, g1, run1, run1, s1, rk1, True, BS)
+    if NB >= 4:
+        A20 = _a_block(KK20, g2, g0, run2, run0, s2, rk0, False, BS)
+        A21 = _a_block(KK21, g2, g1, run2, run1, s2, rk1, False, BS)
+        A22 = _a_block(KK22, g2, g2, run2, run2, s2, rk2, True, BS)
+        A30 = _a_block(KK30, g3, g0, run3, run0, s3, rk0, False, BS)
+        A31 = _a_block(KK31, g3, g1, run3, run1, s3, rk1, False, BS)
+        A32 = _a_block(KK32, g3, g2, run3, run2, s3, rk2, False, BS)
+        A33 = _a_block(KK33, g3, g3, run3, run3, s3, rk3, True, BS)
+    X00, X10, X11, X20, X21, X22, X30, X31, X32, X33 = inverse_blocks(
+        A00, A10, A11, A20, A21, A22, A30, A31, A32, A33, NB, BS)
+    if STORE_T:
+        for r in tl.static_range(NB):  # the zero upper blocks
+            for q in tl.static_range(r + 1, NB):
+                _store_block(t_ptr, c, h, H, Z, r, q, C, BS)
+        _store_block(t_ptr, c, h, H, X00, 0, 0, C, BS)
+        if NB >= 2:
+            _store_block(t_ptr, c, h, H, X10, 1, 0, C, BS)
+            _store_block(t_ptr, c, h, H, X11, 1, 1, C, BS)
+        if NB >= 4:
+            _store_block(t_ptr, c, h, H, X20, 2, 0, C, BS)
+            _store_block(t_ptr, c, h, H, X21, 2, 1, C, BS)
+            _store_block(t_ptr, c, h, H, X22, 2, 2, C, BS)
+            _store_block(t_ptr, c, h, H, X30, 3, 0, C, BS)
+            _store_block(t_ptr, c, h, H, X31, 3, 1, C, BS)
+            _store_block(t_ptr, c, h, H, X32, 3, 2, C, BS)
+            _store_block(t_ptr, c, h, H, X33, 3, 3, C, BS)
+
+    # W = T (wk * k) and U = T (beta * v)
+    for kb in tl.static_range(NKB):
+        _t_times(k_ptr, w_ptr, K, kb * BK + tl.arange(0, BK), wk0, wk1, wk2, wk3, X00, X10, X11, X20, X21, X22, X30,
+                 X31, X32, X33, tok0, nvalid, c, h, H, NB, C, BS, DOT_MODE)
     for vb in tl.static_range(NVB):
-        vv = vb * BV + tl.arange(0, BV)
-        vt = tl.load(v_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=valid[:, None] & (vv < V)[None, :], other=0.0)
-        U = mdot(T, vt.to(tl.float32) * b[:, None], DOT_MODE)
-        tl.store(u_ptr + (prow[:, None] * H + h) * V + vv[None, :], U.to(u_ptr.dtype.element_ty), mask=(vv < V)[None, :])
+        _t_times(v_ptr, u_ptr, V, vb * BV + tl.arange(0, BV), b0, b1, b2, b3, X00, X10, X11, X20, X21, X22, X30,
+                 X31, X32, X33, tok0, nvalid, c, h, H, NB, C, BS, DOT_MODE)
+
+
+@triton.jit
+def _t_times(x_ptr, out_ptr, D, dd, s0, s1, s2, s3, X00, X10, X11, X20, X21, X22, X30, X31, X32, X33,
+             tok0, nvalid, c, h, H, NB: tl.constexpr, C: tl.constexpr, BS: tl.constexpr, DOT_MODE: tl.constexpr):
+    """Store the columns `dd` of T (s * x) for one chunk, row block by row block, skipping T's zero
+    upper blocks; T is given by its lower blocks, s (row weights of x) by its row blocks."""
+    x0 = _rows_tile(x_ptr, tok0, nvalid, h, H, D, dd, 0, BS) * s0[:, None]
+    _store_rows(out_ptr, c, h, H, D, dd, mdot(X00, x0, DOT_MODE), 0, C, BS)
+    if NB >= 2:
+        x1 = _rows_tile(x_ptr, tok0, nvalid, h, H, D, dd, 1, BS) * s1[:, None]
+        _store_rows(out_ptr, c, h, H, D, dd, mdot(X10, x0, DOT_MODE) + mdot(X11, x1, DOT_MODE), 1, C, BS)
+    if NB >= 4:
+        x2 = _rows_tile(x_ptr, tok0, nvalid, h, H, D, dd, 2, BS) * s2[:, None]
+        x3 = _rows_tile(x_ptr, tok0, nvalid, h, H, D, dd, 3, BS) * s3[:, None]
+        _store_rows(out_ptr, c, h, H, D, dd, mdot(X20, x0, DOT_MODE) + mdot(X21, x1, DOT_MODE) + mdot(X22, x2, DOT_MODE),
+                    2, C, BS)
+        _store_rows(out_ptr, c, h, H, D, dd, mdot(X30, x0, DOT_MODE) + mdot(X31, x1, DOT_MODE) + mdot(X32, x2, DOT_MODE)
+                    + mdot(X33, x3, DOT_MODE), 3, C, BS)
+
+
+@triton.jit
+def gates_kernel(
+    g_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr, ke_ptr, qc_ptr, cend_ptr,
+    H, C: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr,
+):
+    """Per (chunk, head), the row weights the sequential passes need, so that their loops carry no
+    cumulative sums or reductions: `ke = e * rk` (each row's weight in the chunk's end state),
+    `qc = carry * rq` (the start state's weight at each row), and `c_end`, in the padded layout."""
+    c = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
+    gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
+    carry, e, c_end = chunk_weights(gamma, run, C)
+    tl.store(ke_ptr + prow * H + h, e * row_scales(rk_ptr, tok, valid, h, H, L2))
+    tl.store(qc_ptr + prow * H + h, carry * row_scales(rq_ptr, tok, valid, h, H, L2))
+    tl.store(cend_ptr + c * H + h, c_end)
 
 
 @triton.jit
 def state_kernel(
-    k_ptr, v_ptr, g_ptr, r_ptr, rk_ptr, info_ptr, seg_ptr, w_ptr, uin_ptr, h0_ptr,
+    k_ptr, v_ptr, ke_ptr, cend_ptr, info_ptr, seg_ptr, w_ptr, uin_ptr, h0_ptr,
     h_ptr, unew_ptr, ht_ptr,
     H, K, V,
-    C: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
-    HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DELTA: tl.constexpr,
+    C: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr,
     HAS_H0: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
@@ -89,9 +214,8 @@ def state_kernel(
         c = cc  # int64: the bounds are int64
         tl.store(h_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], S.to(h_ptr.dtype.element_ty), mask=smask)
         tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
-        gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
-        carry, e, c_end = chunk_weights(gamma, run, C)
-        e = e * row_scales(rk_ptr, tok, valid, h, H, L2)  # rows past the end have k = 0 anyway
+        e = tl.load(ke_ptr + prow * H + h)  # from gates_kernel: e * rk
+        c_end = tl.load(cend_ptr + c * H + h)
         kt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)
         if DELTA:
             Wt = tl.load(w_ptr + (prow[:, None] * H + h) * K + kk[None, :], mask=km[None, :], other=0.0)

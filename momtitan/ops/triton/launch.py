@@ -9,7 +9,8 @@ import torch
 
 from momtitan.ops.triton.bwd_kernels import grads_kernel, local_du_kernel, state_bwd_kernel
 from momtitan.ops.triton.common import DOT_MODES, chunk_map, pow2
-from momtitan.ops.triton.fwd_kernels import output_kernel, prepare_kernel, state_kernel
+from momtitan.ops.triton.fwd_kernels import gates_kernel, output_kernel, prepare_kernel, state_kernel
+from momtitan.ops.triton.l2norm import l2norm_bwd
 
 DEFAULT_CHUNK = 64
 MAX_HEAD_DIM = 256
@@ -118,18 +119,25 @@ def states(p: _Plan, for_backward: bool = False) -> dict:
         T = torch.empty(NC, H, C, C, device=dev, dtype=f32) if for_backward else None
         prepare_kernel[(NC, H)](
             p.k, p.v, p.ptr(p.g), p.beta, p.ptr(p.reset), p.ptr(p.rk), p.info, W, U, p.ptr(T),
-            H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, NVB=p.NVB, STORE_T=for_backward,
-            num_warps=p.warps_chunk, **p.flags(),
+            H, K, V, C=C, BS=16, BK=p.BK, NKB=p.NKB, BV=p.BV, NVB=p.NVB, STORE_T=for_backward,
+            num_warps=4, **p.flags(),  # 16-row dots: never at 8 warps (see _Plan)
         )
         u = torch.empty(NC * C, H, V, device=dev, dtype=p.wy_dtype)
+    ke = torch.empty(NC * C, H, device=dev, dtype=f32)
+    qc = torch.empty(NC * C, H, device=dev, dtype=f32)
+    cend = torch.empty(NC, H, device=dev, dtype=f32)
+    gates_kernel[(NC, H)](
+        p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, ke, qc, cend, H, C=C,
+        HAS_G=p.g is not None, HAS_RESET=p.reset is not None, L2=p.l2, num_warps=1,
+    )
     h = torch.empty(NC, H, K, V, device=dev, dtype=p.chunk_state_dtype)
     ht = torch.empty(p.N, H, K, V, device=dev, dtype=f32)
     state_kernel[(p.N, H, p.NVBS)](
-        p.k, p.v, p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rk), p.info, p.seg, p.ptr(W), p.ptr(U), p.ptr(p.h0),
+        p.k, p.v, ke, cend, p.info, p.seg, p.ptr(W), p.ptr(U), p.ptr(p.h0),
         h, p.ptr(u), ht, H, K, V, C=C, BKF=p.BKF, BV=p.BVS, DELTA=p.delta, HAS_H0=p.h0 is not None,
-        num_warps=p.warps_seq, num_stages=p.stages_seq, **p.flags(),
+        num_warps=p.warps_seq, num_stages=p.stages_seq, DOT_MODE=p.dot_mode,
     )
-    return dict(h=h, ht=ht, u=u, W=W, T=T)
+    return dict(h=h, ht=ht, u=u, W=W, T=T, ke=ke, qc=qc, cend=cend)
 
 
 def forward(p: _Plan, scale: float):
@@ -142,12 +150,6 @@ def forward(p: _Plan, scale: float):
         num_warps=p.warps_chunk, **p.flags(),
     )
     return o, s["ht"]
-
-
-def _l2norm_bwd(x, r, dxn):
-    """Gradient through x / max(|x|, eps), given the reciprocal norm r and the gradient dxn."""
-    xn = x.to(torch.float32) * r[..., None]
-    return r[..., None] * (dxn - xn * (xn * dxn).sum(-1, keepdim=True))
 
 
 def backward(p: _Plan, scale: float, do, dht):
@@ -170,9 +172,9 @@ def backward(p: _Plan, scale: float, do, dht):
         scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, num_warps=p.warps_chunk, **bwd_flags,
     )
     state_bwd_kernel[(p.N, H, p.NVBS)](
-        p.q, p.k, p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, p.seg, p.ptr(s["W"]), do,
+        p.q, p.k, s["ke"], s["qc"], s["cend"], p.info, p.seg, p.ptr(s["W"]), do,
         p.ptr(dht), du_local, dh, du, dh0, scale, H, K, V, C=C, BKF=p.BKF, BV=p.BVS, DELTA=p.delta,
-        HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=p.stages_seq, **bwd_flags,
+        HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=p.stages_seq, DOT_MODE=p.dot_mode_state_bwd,
     )
     dq = torch.empty(total, H, K, device=dev, dtype=f32)
     dk = torch.empty(total, H, K, device=dev, dtype=f32)
@@ -185,8 +187,8 @@ def backward(p: _Plan, scale: float, do, dht):
         C=C, BK=p.BK, NKB=p.NKB, BV=p.BVG, NVB=p.NVBG, DELTA=p.delta, num_warps=p.warps_grad, **p.flags(),
     )
     if p.l2:
-        dq = _l2norm_bwd(p.q, p.rq, dq)
-        dk = _l2norm_bwd(p.k, p.rk, dk)
+        dq = l2norm_bwd(p.q, p.rq, dq)  # in q's dtype
+        dk = l2norm_bwd(p.k, p.rk, dk)
     dq = dq.reshape(p.B, p.T, H, K).to(p.q.dtype)
     dk = dk.reshape(p.B, p.T, H, K).to(p.k.dtype)
     dg = dg.reshape(p.B, p.T, H) if dg is not None else None

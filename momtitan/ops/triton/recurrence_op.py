@@ -89,7 +89,9 @@ def triton_linear_recurrence(
     q, k, v, g=None, beta=None, *, scale=None, initial_state=None, output_final_state=False,
     cu_seqlens=None, reset=None, qk_l2norm=False, chunk_size=DEFAULT_CHUNK,
 ):
-    """`linear_recurrence` on the Triton kernels (same arguments and results)."""
+    """`linear_recurrence` on the Triton kernels (same arguments and results; `chunk_size` 16, 32 or 64)."""
+    if chunk_size not in (16, 32, 64):
+        raise ValueError(f"chunk_size must be 16, 32 or 64 for the Triton kernels, got {chunk_size!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     o, ht = linear_recurrence_fwd(q, k, v, g, beta, initial_state, cu_seqlens, reset, scale, qk_l2norm, chunk_size)
     return o, (ht if output_final_state else None)
