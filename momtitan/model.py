@@ -83,14 +83,24 @@ class MoMTransformer(nn.Module):
         return F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
 
     def forward(self, tokens: torch.Tensor, doc_starts: torch.Tensor | None = None, cache: ModelCache | None = None,
-                valid: torch.Tensor | None = None, logits_to_keep: int = 0) -> MoMOutput:
+                valid: torch.Tensor | None = None, logits_to_keep: int = 0,
+                logits_at: torch.Tensor | None = None) -> MoMOutput:
         """`tokens [B, T]`; `doc_starts [B, T]` bool marks the first token of each packed document;
         with `cache`, this is a prefill that continues from and advances the cache. `valid [B, T]`
         bool marks real tokens (padding is left out of the aux loss); `logits_to_keep > 0` computes
-        logits for the last that many positions only."""
+        logits for the last that many positions only; `logits_at [B, P]` int64 computes them at
+        those positions of each sequence only (logits `[B, P, vocab]`), e.g. a task's answer
+        positions, which saves the output projection and its softmax at every other position."""
         _check_tokens(tokens, self.args.vocab_size)
         if doc_starts is not None and (doc_starts.shape != tokens.shape or doc_starts.dtype != torch.bool):
             raise ValueError(f"doc_starts must be a bool tensor of shape {tuple(tokens.shape)}, got {doc_starts.dtype} {tuple(doc_starts.shape)}")
+        if logits_at is not None:
+            if logits_to_keep:
+                raise ValueError(f"pass logits_to_keep or logits_at, not both (got logits_to_keep={logits_to_keep})")
+            if (not isinstance(logits_at, torch.Tensor) or logits_at.dtype != torch.int64 or logits_at.dim() != 2
+                    or logits_at.shape[0] != tokens.shape[0]):
+                raise ValueError(f"logits_at must be an int64 tensor of shape [{tokens.shape[0]}, P], got "
+                                 f"{getattr(logits_at, 'dtype', type(logits_at).__name__)} {tuple(getattr(logits_at, 'shape', ()))}")
         h = self.tok_embeddings(tokens)
         auxes, loads = [], []
         start = None if cache is None else cache.position
@@ -105,6 +115,8 @@ class MoMTransformer(nn.Module):
         load = torch.stack(loads) if loads else h.new_zeros(0, self.args.num_memories, dtype=torch.float32)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
+        elif logits_at is not None:
+            h = h.gather(1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
         return MoMOutput(self._head(h), aux, load)
 
     def decode_step(self, tokens: torch.Tensor, cache: ModelCache) -> torch.Tensor:

@@ -45,13 +45,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Cost. Measured on an H200 with the Triton kernels in fp32: 36-57 ms per step (B=128, T=256) for the
-# recurrent arms, 11-12 ms for attention, i.e. 55-85 s per run and ~24 min for the 24 runs of one learning
-# rate one after another. These 2-layer models' kernels are small, so the host's launches set much of
-# the pace: `--jobs` trains several runs side by side on one GPU (measured: 12 workers gave ~1.9x the
-# throughput of one, so the GPU work itself is ~half of a step), `--compile-mode reduce-overhead`
-# replays each compiled block as CUDA graphs (not yet measured), `--amp bfloat16` runs the kernels in bf16,
-# and `--stop-at 0.99` ends solved runs early and skips a solved cell's other learning rates (not yet measured).
+# Cost (H200, docs/quality.md). fp32, one process: 36-57 ms per step (B=128, T=256) for the recurrent
+# arms, 11-12 ms for attention. bf16, the costliest cell (MoM, kv 32, d 128): 127 ms per step with
+# per-block compile, 50.5 ms with `--compile-mode reduce-overhead` (CUDA graphs), of which ~18 ms are
+# kernels. `--jobs` trains several runs side by side on one GPU and hides the host as CUDA graphs do
+# (12 workers without graphs and 4 with them both gave ~40 steps/s for the GPU), so the grid's cost is
+# its kernels' time per step times its steps; `--stop-at 0.99` ends solved runs early and skips a
+# solved cell's other learning rates (not yet measured).
 from momtitan.eval.mqar import ARM_LABELS, ARMS, MQARTask, TrainConfig, build_model_args, generate_mqar, train_mqar  # noqa: E402
 
 # Full grid: Zoology's T=256 setting at three recall loads, two widths (Zoology Fig. 2 / GDN sweep

@@ -141,3 +141,19 @@ def test_logits_to_keep_equals_the_last_positions(attn_layers):
     kept = model(tokens, logits_to_keep=3).logits
     assert kept.shape == (2, 3, full.shape[-1])
     assert_close("kept logits", kept, full[:, -3:], 1e-12)
+
+
+def test_logits_at_equals_those_positions_and_checks_its_argument():
+    model = tiny_model(num_hidden_layers=2)
+    tokens = torch.randint(0, 2048, (2, 17))
+    full = model(tokens).logits
+    at = torch.tensor([[0, 16, 5], [9, 9, 3]])
+    picked = model(tokens, logits_at=at).logits
+    assert picked.shape == (2, 3, full.shape[-1])
+    assert_close("logits at", picked, full.gather(1, at[..., None].expand(-1, -1, full.shape[-1])), 1e-12)
+    with pytest.raises(ValueError, match="logits_at must be an int64 tensor of shape \\[2, P\\], got torch.int32"):
+        model(tokens, logits_at=at.int())
+    with pytest.raises(ValueError, match="logits_at must be .* got torch.int64 \\(3,\\)"):
+        model(tokens, logits_at=at[0])
+    with pytest.raises(ValueError, match="not both"):
+        model(tokens, logits_to_keep=2, logits_at=at)

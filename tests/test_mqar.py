@@ -14,6 +14,7 @@ from momtitan.eval.mqar import (
     IGNORE_INDEX,
     MQARTask,
     TrainConfig,
+    answer_positions,
     build_model,
     build_model_args,
     evaluate,
@@ -150,14 +151,28 @@ class _Oracle(torch.nn.Module):
         self.n, self.vocab, self.perfect = n, vocab, perfect
         self.w = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, x):
+    def forward(self, x, logits_at):
         logits = torch.zeros(*x.shape, self.vocab)
         if self.perfect:
             for i in range(x.shape[0]):
                 pairs = dict(zip(x[i, 0 : 2 * self.n : 2].tolist(), x[i, 1 : 2 * self.n : 2].tolist()))
                 for t in range(2 * self.n, x.shape[1]):
                     logits[i, t, pairs.get(x[i, t].item(), 0)] = 1.0
-        return SimpleNamespace(logits=logits)
+        return SimpleNamespace(logits=logits.gather(1, logits_at[..., None].expand(-1, -1, self.vocab)))
+
+
+def test_answer_positions_are_the_labelled_ones_in_order():
+    task = MQARTask(vocab_size=64, seq_len=32, num_kv_pairs=4)
+    _, y = generate_mqar(task, 50, seed=3)
+    pos = answer_positions(y)
+    assert pos.shape == (50, 4) and pos.dtype == torch.int64
+    assert (pos[:, 1:] > pos[:, :-1]).all()
+    assert (y.gather(1, pos) != -100).all() and (y != -100).sum() == pos.numel()
+    y[0, pos[0, 0]] = -100
+    with pytest.raises(ValueError, match="same number of answers in every row, got counts from 3 to 4"):
+        answer_positions(y)
+    with pytest.raises(ValueError, match="labels must be an \\[N, T\\] tensor"):
+        answer_positions(y[0])
 
 
 def test_evaluate_scores_answers_only():

@@ -131,6 +131,21 @@ def generate_mqar(task: MQARTask, num_examples: int, seed: int, *, chunk: int = 
     return inputs, labels
 
 
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """`[N, n]` int64: the positions of each example's answers (labels != -100), in order. Every MQAR
+    example has the same number n of them, so a batch's answers are a static-shape gather: the
+    model computes logits there only (`logits_at`), not at all T positions of the vocabulary."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        raise ValueError(f"labels must be an [N, T] tensor, got {getattr(labels, 'shape', type(labels).__name__)}")
+    answered = labels != IGNORE_INDEX
+    counts = answered.sum(1)
+    if labels.shape[0] and not bool((counts == counts[0]).all()):
+        raise ValueError(f"labels must hold the same number of answers in every row, got counts from "
+                         f"{int(counts.min())} to {int(counts.max())}")
+    n = int(counts[0]) if labels.shape[0] else 0
+    return answered.nonzero()[:, 1].view(labels.shape[0], n)
+
+
 # ---------------------------------------------------------------------------------------------
 # the four arms and their state sizes
 # ---------------------------------------------------------------------------------------------
@@ -286,19 +301,19 @@ def evaluate(model: MoMTransformer, inputs: torch.Tensor, labels: torch.Tensor, 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    correct = total = 0
+    positions = answer_positions(labels)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     for start in range(0, inputs.shape[0], batch_size):
         x = inputs[start : start + batch_size].to(device)
-        y = labels[start : start + batch_size].to(device)
+        pos = positions[start : start + batch_size].to(device)
+        y = labels[start : start + batch_size].to(device).gather(1, pos)
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with amp or contextlib.nullcontext():
-            logits = model(x).logits
-        mask = y != IGNORE_INDEX
-        correct += (logits.argmax(-1)[mask] == y[mask]).sum().item()
-        total += mask.sum().item()
+            logits = model(x, logits_at=pos).logits
+        correct += (logits.argmax(-1) == y).sum()
     model.train(was_training)
-    return correct / max(1, total)
+    return correct.item() / max(1, positions.numel())
 
 
 def build_model(args: MoMModelArgs, seed: int, device: torch.device | str = "cpu") -> MoMTransformer:
@@ -330,7 +345,8 @@ def train_mqar(args: MoMModelArgs, task: MQARTask, cfg: TrainConfig, *, log_ever
         test_x, test_y = generate_mqar(task, cfg.num_test, seed=cfg.seed + 1)
     else:
         train_x, train_y, test_x, test_y = data
-    train_x, train_y = train_x.to(device), train_y.to(device)
+    train_pos = answer_positions(train_y).to(device)
+    train_x, train_y = train_x.to(device), train_y.to(device).gather(1, train_pos)  # labels at the answers only
     model = build_model(args, seed=cfg.seed, device=device)
     if cfg.compile_backend is not None:  # tiny models are launch-bound: fused blocks run much faster
         from momtitan.parallel.parallelize import apply_compile
@@ -360,10 +376,10 @@ def train_mqar(args: MoMModelArgs, task: MQARTask, cfg: TrainConfig, *, log_ever
             order, cursor = torch.randperm(train_x.shape[0], generator=order_gen).to(device), 0
         idx = order[cursor : cursor + cfg.batch_size]
         cursor += cfg.batch_size
-        x, y = train_x[idx], train_y[idx]
+        x, y, pos = train_x[idx], train_y[idx], train_pos[idx]
         with _autocast(cfg, device):
-            out = model(x)
-            loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+            out = model(x, logits_at=pos)  # [B, n, vocab]: the answers' logits only
+            loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
             total = loss + args.aux_loss_scale * out.aux_loss.float()
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -377,8 +393,7 @@ def train_mqar(args: MoMModelArgs, task: MQARTask, cfg: TrainConfig, *, log_ever
             losses.append((step, loss.item()))
             print(f"  step {step:5d}  loss {loss.item():.4f}", flush=True)
         if cfg.stop_at is not None and (step + 1) % cfg.check_every == 0 and step + 1 < cfg.steps:
-            answered = y != IGNORE_INDEX
-            if (out.logits.argmax(-1)[answered] == y[answered]).float().mean().item() >= cfg.stop_at:
+            if (out.logits.argmax(-1) == y).float().mean().item() >= cfg.stop_at:
                 steps_run = step + 1
                 break
     final_loss = loss.item()
