@@ -26,6 +26,7 @@ import triton.language as tl
 
 from momtitan.ops.triton.common import (
     chunk_gates, chunk_rows, chunk_weights, decay_matrix, decay_matrix_t, mdot, row_scales,
+    segment_chunk_rows,
 )
 
 
@@ -63,7 +64,7 @@ def local_du_kernel(
 
 @triton.jit
 def state_bwd_kernel(
-    q_ptr, k_ptr, ke_ptr, qc_ptr, cend_ptr, info_ptr, seg_ptr, w_ptr, do_ptr, dht_ptr, dul_ptr,
+    q_ptr, k_ptr, ke_ptr, qc_ptr, cend_ptr, seg_ptr, w_ptr, do_ptr, dht_ptr, dul_ptr,
     dh_ptr, du_ptr, dh0_ptr,
     scale, H, K, V,
     C: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr,
@@ -75,8 +76,10 @@ def state_bwd_kernel(
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     vb = tl.program_id(2)
-    c_start = tl.load(seg_ptr + 2 * n)
-    c_stop = tl.load(seg_ptr + 2 * n + 1)
+    c_start = tl.load(seg_ptr + 4 * n)
+    c_stop = tl.load(seg_ptr + 4 * n + 1)
+    tok_lo = tl.load(seg_ptr + 4 * n + 2)
+    tok_hi = tl.load(seg_ptr + 4 * n + 3)
     kk = tl.arange(0, BKF)
     vv = vb * BV + tl.arange(0, BV)
     km = kk < K
@@ -89,7 +92,7 @@ def state_bwd_kernel(
     for cc in range(c_start, c_stop):
         c = c_start + c_stop - 1 - cc  # int64 bounds
         tl.store(dh_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], dS.to(dh_ptr.dtype.element_ty), mask=smask)
-        tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
+        tok, valid, prow, nvalid = segment_chunk_rows(tok_lo, tok_hi, c, c_start, C)
         ke = tl.load(ke_ptr + prow * H + h)  # from gates_kernel: e * rk and carry * rq
         qc = tl.load(qc_ptr + prow * H + h)
         c_end = tl.load(cend_ptr + c * H + h)

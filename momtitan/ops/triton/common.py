@@ -4,7 +4,7 @@ the on-device chunk map of the padded segment layout (see `recurrence/chunk.py`)
 Layout. Tokens are a stream `[total, H, *]` (a batch is `B*T` tokens with uniform `cu_seqlens`).
 Every segment starts on a chunk boundary of the *padded* chunk axis, whose length is bounded by
 `ceil((total + N*(C-1)) / C)` from shapes alone. `chunk_map` gives, per padded chunk, its first
-token and its number of valid tokens (0 for the unused tail), and per segment its chunk range.
+token and its number of valid tokens (0 for the unused tail), and per segment its chunk and token ranges.
 Nothing here reads a device value on the host.
 """
 
@@ -26,8 +26,8 @@ def padded_num_chunks(total: int, num_segments: int, chunk: int) -> int:
 
 
 def chunk_map(cu_seqlens: torch.Tensor, total: int, chunk: int):
-    """Return `(chunk_info [NC, 2] int64 = (first token, valid tokens), seg_chunks [N, 2] int64 =
-    (first chunk, end chunk), NC)`, all computed on the device."""
+    """Return `(chunk_info [NC, 2] int64 = (first token, valid tokens), segments [N, 4] int64 =
+    (first chunk, end chunk, first token, end token), NC)`, all computed on the device."""
     cu = cu_seqlens.to(torch.int64)
     N = cu.numel() - 1
     NC = padded_num_chunks(total, N, chunk)
@@ -40,8 +40,8 @@ def chunk_map(cu_seqlens: torch.Tensor, total: int, chunk: int):
     tok0 = cu[seg] + (pos - ch_start[seg]) * chunk
     nvalid = (cu[seg + 1] - tok0).clamp(min=0, max=chunk)
     info = torch.stack([tok0, nvalid], 1).contiguous()
-    seg_chunks = torch.stack([ch_start, ch_end], 1).contiguous()
-    return info, seg_chunks, NC
+    segments = torch.stack([ch_start, ch_end, cu[:-1], cu[1:]], 1).contiguous()
+    return info, segments, NC
 
 
 def pow2(x: int, lo: int = 16) -> int:
@@ -68,6 +68,17 @@ def chunk_rows(info_ptr, c, C: tl.constexpr):
     tokens), `prow [C]` (its rows in the padded layout), and `nvalid`."""
     tok0 = tl.load(info_ptr + 2 * c)
     nvalid = tl.load(info_ptr + 2 * c + 1)
+    i = tl.arange(0, C)
+    return tok0 + i, i < nvalid, c * C + i, nvalid
+
+
+@triton.jit
+def segment_chunk_rows(tok_lo, tok_hi, c, c_first, C: tl.constexpr):
+    """`chunk_rows` of chunk `c` of the segment holding tokens `[tok_lo, tok_hi)` from chunk `c_first`
+    on, computed from those bounds instead of loaded from the chunk map: in the sequential passes
+    the next chunk's loads then need no load of its map entry first (and can be prefetched)."""
+    tok0 = tok_lo + (c - c_first) * C
+    nvalid = tl.minimum(tok_hi - tok0, C)
     i = tl.arange(0, C)
     return tok0 + i, i < nvalid, c * C + i, nvalid
 

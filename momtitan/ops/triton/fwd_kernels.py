@@ -19,6 +19,7 @@ import triton.language as tl
 
 from momtitan.ops.triton.common import (
     chunk_gates, chunk_rows, chunk_weights, decay_matrix, inverse_blocks, mdot, row_scales, rows_of,
+    segment_chunk_rows,
 )
 
 
@@ -190,7 +191,7 @@ def gates_kernel(
 
 @triton.jit
 def state_kernel(
-    k_ptr, v_ptr, ke_ptr, cend_ptr, info_ptr, seg_ptr, w_ptr, uin_ptr, h0_ptr,
+    k_ptr, v_ptr, ke_ptr, cend_ptr, seg_ptr, w_ptr, uin_ptr, h0_ptr,
     h_ptr, unew_ptr, ht_ptr,
     H, K, V,
     C: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr,
@@ -199,8 +200,10 @@ def state_kernel(
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     vb = tl.program_id(2)
-    c_start = tl.load(seg_ptr + 2 * n)
-    c_end_ = tl.load(seg_ptr + 2 * n + 1)
+    c_start = tl.load(seg_ptr + 4 * n)
+    c_end_ = tl.load(seg_ptr + 4 * n + 1)
+    tok_lo = tl.load(seg_ptr + 4 * n + 2)
+    tok_hi = tl.load(seg_ptr + 4 * n + 3)
     kk = tl.arange(0, BKF)
     vv = vb * BV + tl.arange(0, BV)
     km = kk < K
@@ -213,7 +216,7 @@ def state_kernel(
     for cc in range(c_start, c_end_):
         c = cc  # int64: the bounds are int64
         tl.store(h_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], S.to(h_ptr.dtype.element_ty), mask=smask)
-        tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
+        tok, valid, prow, nvalid = segment_chunk_rows(tok_lo, tok_hi, c, c_start, C)
         e = tl.load(ke_ptr + prow * H + h)  # from gates_kernel: e * rk
         c_end = tl.load(cend_ptr + c * H + h)
         kt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)

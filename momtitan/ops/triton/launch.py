@@ -133,7 +133,7 @@ def states(p: _Plan, for_backward: bool = False) -> dict:
     h = torch.empty(NC, H, K, V, device=dev, dtype=p.chunk_state_dtype)
     ht = torch.empty(p.N, H, K, V, device=dev, dtype=f32)
     state_kernel[(p.N, H, p.NVBS)](
-        p.k, p.v, ke, cend, p.info, p.seg, p.ptr(W), p.ptr(U), p.ptr(p.h0),
+        p.k, p.v, ke, cend, p.seg, p.ptr(W), p.ptr(U), p.ptr(p.h0),
         h, p.ptr(u), ht, H, K, V, C=C, BKF=p.BKF, BV=p.BVS, DELTA=p.delta, HAS_H0=p.h0 is not None,
         num_warps=p.warps_seq, num_stages=p.stages_seq, DOT_MODE=p.dot_mode,
     )
@@ -172,7 +172,7 @@ def backward(p: _Plan, scale: float, do, dht):
         scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, num_warps=p.warps_chunk, **bwd_flags,
     )
     state_bwd_kernel[(p.N, H, p.NVBS)](
-        p.q, p.k, s["ke"], s["qc"], s["cend"], p.info, p.seg, p.ptr(s["W"]), do,
+        p.q, p.k, s["ke"], s["qc"], s["cend"], p.seg, p.ptr(s["W"]), do,
         p.ptr(dht), du_local, dh, du, dh0, scale, H, K, V, C=C, BKF=p.BKF, BV=p.BVS, DELTA=p.delta,
         HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=p.stages_seq, DOT_MODE=p.dot_mode_state_bwd,
     )
