@@ -131,6 +131,8 @@ CPU_CASES = {
     "gated_delta_no_state_io": dict(rule="gated_delta", shape=(1, 21, 2, 16, 16), C=16, h0=False, final=False),
     "gated_delta_blocks": dict(rule="gated_delta", shape=(1, 24, 1, 80, 72), C=16, reset=0.1),
     "gated_blocks": dict(rule="gated", shape=(1, 24, 1, 80, 72), C=16, l2=False),
+    # the sequential passes' four K blocks (head dims 129-256), the last one partly past K
+    "gated_delta_four_k_blocks": dict(rule="gated_delta", shape=(1, 20, 1, 200, 24), C=16, cu=[0, 0, 7, 20], reset=0.1),
     "gated_delta_chunk64": dict(rule="gated_delta", shape=(1, 70, 1, 16, 16), C=64, reset=0.03),
     # the prepare kernel's 16-row blocks: two per chunk at C = 32, four at C = 64 (varlen, empty segments)
     "delta_chunk32": dict(rule="delta", shape=(1, 45, 1, 16, 16), C=32, reset=0.05),

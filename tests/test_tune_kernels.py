@@ -17,7 +17,7 @@ spec.loader.exec_module(tune)
 
 
 def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps():
-    assert tune.default_choices(128) == dict(BV=64, BVG=32, BVS=32, warps_seq=8, warps_chunk=8, warps_grad=8,
+    assert tune.default_choices(128) == dict(BV=64, BVG=32, BVS=32, warps_seq=4, warps_chunk=8, warps_grad=8,
                                              stages_seq=1, chunk_states_in_input_dtype=0, wy_in_input_dtype=0)
     assert tune.candidates(["storage"], head_dim=128) == [
         dict(chunk_states_in_input_dtype=1, group="storage"), dict(wy_in_input_dtype=1, group="storage"),

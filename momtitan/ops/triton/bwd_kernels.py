@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from momtitan.ops.triton.common import (
-    chunk_gates, chunk_rows, chunk_weights, decay_matrix, decay_matrix_t, mdot, row_scales,
-    segment_chunk_rows,
+    chunk_gates, chunk_rows, chunk_weights, decay_matrix, decay_matrix_t, load_cols, load_rows, load_state, mdot,
+    row_scales, segment_chunk_rows, store_state,
 )
 
 
@@ -67,12 +67,13 @@ def state_bwd_kernel(
     q_ptr, k_ptr, ke_ptr, qc_ptr, cend_ptr, seg_ptr, w_ptr, do_ptr, dht_ptr, dul_ptr,
     dh_ptr, du_ptr, dh0_ptr,
     scale, H, K, V,
-    C: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr,
     HAS_DHT: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """The reverse sequential pass: per (segment, head, V-block), chunk by chunk from the end,
     stores each chunk's end-state gradient dh, the full du (the chunk-local part from
-    `local_du_kernel` plus the state part) and dh0."""
+    `local_du_kernel` plus the state part) and dh0. As in `state_kernel`, dS is held as NKB blocks
+    dS1..dS4 of `[BK, BV]`, and q and W are loaded already transposed."""
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     vb = tl.program_id(2)
@@ -80,37 +81,68 @@ def state_bwd_kernel(
     c_stop = tl.load(seg_ptr + 4 * n + 1)
     tok_lo = tl.load(seg_ptr + 4 * n + 2)
     tok_hi = tl.load(seg_ptr + 4 * n + 3)
-    kk = tl.arange(0, BKF)
-    vv = vb * BV + tl.arange(0, BV)
-    km = kk < K
+    v0 = vb * BV
+    vv = v0 + tl.arange(0, BV)
     vm = vv < V
-    smask = km[:, None] & vm[None, :]
+    dS1 = tl.zeros([BK, BV], dtype=tl.float32)
+    if NKB > 1:
+        dS2 = tl.zeros([BK, BV], dtype=tl.float32)
+    if NKB > 2:
+        dS3 = tl.zeros([BK, BV], dtype=tl.float32)
+        dS4 = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
-        dS = tl.load(dht_ptr + ((n * H + h) * K + kk[:, None]) * V + vv[None, :], mask=smask, other=0.0).to(tl.float32)
-    else:
-        dS = tl.zeros([BKF, BV], dtype=tl.float32)
+        dS1 = load_state(dht_ptr, n, h, H, K, V, 0, vv, BK)
+        if NKB > 1:
+            dS2 = load_state(dht_ptr, n, h, H, K, V, BK, vv, BK)
+        if NKB > 2:
+            dS3 = load_state(dht_ptr, n, h, H, K, V, 2 * BK, vv, BK)
+            dS4 = load_state(dht_ptr, n, h, H, K, V, 3 * BK, vv, BK)
     for cc in range(c_start, c_stop):
         c = c_start + c_stop - 1 - cc  # int64 bounds
-        tl.store(dh_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], dS.to(dh_ptr.dtype.element_ty), mask=smask)
+        store_state(dh_ptr, c, h, H, K, V, 0, vv, dS1, BK)
+        if NKB > 1:
+            store_state(dh_ptr, c, h, H, K, V, BK, vv, dS2, BK)
+        if NKB > 2:
+            store_state(dh_ptr, c, h, H, K, V, 2 * BK, vv, dS3, BK)
+            store_state(dh_ptr, c, h, H, K, V, 3 * BK, vv, dS4, BK)
         tok, valid, prow, nvalid = segment_chunk_rows(tok_lo, tok_hi, c, c_start, C)
         ke = tl.load(ke_ptr + prow * H + h)  # from gates_kernel: e * rk and carry * rq
         qc = tl.load(qc_ptr + prow * H + h)
         c_end = tl.load(cend_ptr + c * H + h)
-        qt = tl.load(q_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)
-        kt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)
-        dO = tl.load(do_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=valid[:, None] & vm[None, :], other=0.0).to(tl.float32)
+        # du = du_local + e * (k dS1)
+        kd = mdot(load_rows(k_ptr, tok, valid, h, H, K, 0, BK), dS1, DOT_MODE)
+        if NKB > 1:
+            kd += mdot(load_rows(k_ptr, tok, valid, h, H, K, BK, BK), dS2, DOT_MODE)
+        if NKB > 2:
+            kd += mdot(load_rows(k_ptr, tok, valid, h, H, K, 2 * BK, BK), dS3, DOT_MODE)
+            kd += mdot(load_rows(k_ptr, tok, valid, h, H, K, 3 * BK, BK), dS4, DOT_MODE)
         du_local = tl.load(dul_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=vm[None, :], other=0.0)
-        du = du_local + mdot(kt.to(tl.float32) * ke[:, None], dS, DOT_MODE)
-        dS_new = c_end * dS + scale * mdot(tl.trans(qt.to(tl.float32) * qc[:, None]), dO, DOT_MODE)
+        du = du_local + kd * ke[:, None]
+        # dS0 = c_end dS1 + scale (carry q)^T dO - W^T du
+        dOq = load_rows(do_ptr, tok, valid, h, H, V, v0, BV).to(tl.float32) * (scale * qc)[:, None]
+        dS1 = c_end * dS1 + mdot(load_cols(q_ptr, tok, valid, h, H, K, 0, BK), dOq, DOT_MODE)
+        if NKB > 1:
+            dS2 = c_end * dS2 + mdot(load_cols(q_ptr, tok, valid, h, H, K, BK, BK), dOq, DOT_MODE)
+        if NKB > 2:
+            dS3 = c_end * dS3 + mdot(load_cols(q_ptr, tok, valid, h, H, K, 2 * BK, BK), dOq, DOT_MODE)
+            dS4 = c_end * dS4 + mdot(load_cols(q_ptr, tok, valid, h, H, K, 3 * BK, BK), dOq, DOT_MODE)
         if DELTA:
             tl.store(du_ptr + (prow[:, None] * H + h) * V + vv[None, :], du, mask=vm[None, :])
-            Wt = tl.load(w_ptr + (prow[:, None] * H + h) * K + kk[None, :], mask=km[None, :], other=0.0)
-            dS_new -= mdot(tl.trans(Wt), du, DOT_MODE)
+            dS1 -= mdot(load_cols(w_ptr, prow, valid, h, H, K, 0, BK), du, DOT_MODE)
+            if NKB > 1:
+                dS2 -= mdot(load_cols(w_ptr, prow, valid, h, H, K, BK, BK), du, DOT_MODE)
+            if NKB > 2:
+                dS3 -= mdot(load_cols(w_ptr, prow, valid, h, H, K, 2 * BK, BK), du, DOT_MODE)
+                dS4 -= mdot(load_cols(w_ptr, prow, valid, h, H, K, 3 * BK, BK), du, DOT_MODE)
         else:  # du is dv: write it in the token layout, in the dtype of v
             tl.store(du_ptr + (tok[:, None] * H + h) * V + vv[None, :], du.to(du_ptr.dtype.element_ty),
                      mask=valid[:, None] & vm[None, :])
-        dS = dS_new
-    tl.store(dh0_ptr + ((n * H + h) * K + kk[:, None]) * V + vv[None, :], dS, mask=smask)
+    store_state(dh0_ptr, n, h, H, K, V, 0, vv, dS1, BK)
+    if NKB > 1:
+        store_state(dh0_ptr, n, h, H, K, V, BK, vv, dS2, BK)
+    if NKB > 2:
+        store_state(dh0_ptr, n, h, H, K, V, 2 * BK, vv, dS3, BK)
+        store_state(dh0_ptr, n, h, H, K, V, 3 * BK, vv, dS4, BK)
 
 
 @triton.jit

@@ -84,6 +84,37 @@ def segment_chunk_rows(tok_lo, tok_hi, c, c_first, C: tl.constexpr):
 
 
 @triton.jit
+def load_rows(ptr, rows, valid, h, H, K, k0, BK: tl.constexpr):
+    """The `[len(rows), BK]` tile of a `[*, H, K]` tensor at `rows` (tokens or padded rows), columns
+    `k0 .. k0 + BK` of head `h`; 0 where `valid` is false or past K."""
+    kk = k0 + tl.arange(0, BK)
+    return tl.load(ptr + (rows[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & (kk < K)[None, :], other=0.0)
+
+
+@triton.jit
+def load_cols(ptr, rows, valid, h, H, K, k0, BK: tl.constexpr):
+    """The transpose of `load_rows`, `[BK, len(rows)]`, loaded as such (no `tl.trans` of a tile)."""
+    kk = k0 + tl.arange(0, BK)
+    return tl.load(ptr + (rows[None, :] * H + h) * K + kk[:, None], mask=valid[None, :] & (kk < K)[:, None], other=0.0)
+
+
+@triton.jit
+def load_state(ptr, i, h, H, K, V, k0, vv, BK: tl.constexpr):
+    """Rows `k0 .. k0 + BK`, columns `vv` of state `i` of a `[*, H, K, V]` tensor, in fp32 (0 past K, V)."""
+    kk = k0 + tl.arange(0, BK)
+    m = (kk < K)[:, None] & (vv < V)[None, :]
+    return tl.load(ptr + ((i * H + h) * K + kk[:, None]) * V + vv[None, :], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_state(ptr, i, h, H, K, V, k0, vv, S, BK: tl.constexpr):
+    """Writes `S [BK, BV]` as rows `k0 .. k0 + BK`, columns `vv` of state `i` (`load_state`'s inverse)."""
+    kk = k0 + tl.arange(0, BK)
+    m = (kk < K)[:, None] & (vv < V)[None, :]
+    tl.store(ptr + ((i * H + h) * K + kk[:, None]) * V + vv[None, :], S.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def row_scales(r_ptr, tok, valid, h, H, L2: tl.constexpr):
     """Each row's reciprocal L2 norm (q or k) when `L2`, else 1; 0 on rows past the chunk's end."""
     if L2:

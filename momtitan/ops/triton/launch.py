@@ -70,7 +70,9 @@ class _Plan:
         # output and gradient kernels on an H200 (wrong outputs, then an illegal memory access). The
         # same pattern (BVS = 16 at 8 warps) is the suspect of the head-dim-256 illegal access.
         small = chunk <= 32 or self.BKF <= 64 or self.BVF <= 16
-        self.warps_seq = 4 if small else 8
+        # the sequential passes hold the state as [<= 64, BVS] blocks and do dots at most 64 deep: 4
+        # warps (fla's h and dhu kernels use 2-4 for the same tiles)
+        self.warps_seq = 4
         self.warps_chunk = 4 if small else 8
         self.warps_grad = 4 if small else 8
         # the sequential passes' loads wait for the previous chunk's dots: no software pipelining yet
@@ -134,7 +136,7 @@ def states(p: _Plan, for_backward: bool = False) -> dict:
     ht = torch.empty(p.N, H, K, V, device=dev, dtype=f32)
     state_kernel[(p.N, H, p.NVBS)](
         p.k, p.v, ke, cend, p.seg, p.ptr(W), p.ptr(U), p.ptr(p.h0),
-        h, p.ptr(u), ht, H, K, V, C=C, BKF=p.BKF, BV=p.BVS, DELTA=p.delta, HAS_H0=p.h0 is not None,
+        h, p.ptr(u), ht, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BVS, DELTA=p.delta, HAS_H0=p.h0 is not None,
         num_warps=p.warps_seq, num_stages=p.stages_seq, DOT_MODE=p.dot_mode,
     )
     return dict(h=h, ht=ht, u=u, W=W, T=T, ke=ke, qc=qc, cend=cend)
@@ -173,7 +175,7 @@ def backward(p: _Plan, scale: float, do, dht):
     )
     state_bwd_kernel[(p.N, H, p.NVBS)](
         p.q, p.k, s["ke"], s["qc"], s["cend"], p.seg, p.ptr(s["W"]), do,
-        p.ptr(dht), du_local, dh, du, dh0, scale, H, K, V, C=C, BKF=p.BKF, BV=p.BVS, DELTA=p.delta,
+        p.ptr(dht), du_local, dh, du, dh0, scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BVS, DELTA=p.delta,
         HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=p.stages_seq, DOT_MODE=p.dot_mode_state_bwd,
     )
     dq = torch.empty(total, H, K, device=dev, dtype=f32)
