@@ -26,8 +26,8 @@ def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps
     assert {c["BVS"] for c in seq} == {16, 32, 64, 128} and {c["stages_seq"] for c in seq} == {1, 2, 3}
     assert not any(c["BVS"] == 16 and c["warps_seq"] == 8 for c in seq)
     assert len(seq) == 4 * 3 * 3 - 3 - 1  # no 16-wide tile at 8 warps, and not the defaults themselves
-    # nearest the defaults (BVS 32, 8 warps, 1 stage) first: one choice changed in each of the first six
-    assert all(sum(c[k] != v for k, v in (("BVS", 32), ("warps_seq", 8), ("stages_seq", 1))) == 1 for c in seq[:6])
+    # nearest the defaults (BVS 32, 4 warps, 1 stage) first: one choice changed in each of the first six
+    assert all(sum(c[k] != v for k, v in (("BVS", 32), ("warps_seq", 4), ("stages_seq", 1))) == 1 for c in seq[:6])
     assert {c["BV"] for c in tune.candidates(["chunk"], head_dim=256)} == {32, 64, 128}
     assert {c["BVG"] for c in tune.candidates(["grad"], head_dim=256)} == {16, 32, 64}
     with pytest.raises(ValueError, match="--groups takes seq, chunk, grad and storage, got 'tiles'"):
