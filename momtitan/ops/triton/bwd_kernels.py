@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from momtitan.ops.triton.common import (
-    chunk_gates, chunk_rows, chunk_weights, decay_matrix, decay_matrix_t, load_cols, load_rows, load_state, mdot,
-    row_scales, segment_chunk_rows, store_state,
+    blocks_plus_cols_times, chunk_gates, chunk_rows, chunk_weights, decay_matrix, decay_matrix_t, load_rows,
+    load_state_blocks, mdot, row_scales, rows_times_blocks, segment_bounds, segment_chunk_rows, store_state_blocks,
 )
 
 
@@ -72,77 +72,35 @@ def state_bwd_kernel(
 ):
     """The reverse sequential pass: per (segment, head, V-block), chunk by chunk from the end,
     stores each chunk's end-state gradient dh, the full du (the chunk-local part from
-    `local_du_kernel` plus the state part) and dh0. As in `state_kernel`, dS is held as NKB blocks
-    dS1..dS4 of `[BK, BV]`, and q and W are loaded already transposed."""
+    `local_du_kernel` plus the state part) and dh0; dS is held as blocks, as in `state_kernel`."""
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    vb = tl.program_id(2)
-    c_start = tl.load(seg_ptr + 4 * n)
-    c_stop = tl.load(seg_ptr + 4 * n + 1)
-    tok_lo = tl.load(seg_ptr + 4 * n + 2)
-    tok_hi = tl.load(seg_ptr + 4 * n + 3)
-    v0 = vb * BV
+    v0 = tl.program_id(2) * BV
     vv = v0 + tl.arange(0, BV)
     vm = vv < V
-    dS1 = tl.zeros([BK, BV], dtype=tl.float32)
-    if NKB > 1:
-        dS2 = tl.zeros([BK, BV], dtype=tl.float32)
-    if NKB > 2:
-        dS3 = tl.zeros([BK, BV], dtype=tl.float32)
-        dS4 = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DHT:
-        dS1 = load_state(dht_ptr, n, h, H, K, V, 0, vv, BK)
-        if NKB > 1:
-            dS2 = load_state(dht_ptr, n, h, H, K, V, BK, vv, BK)
-        if NKB > 2:
-            dS3 = load_state(dht_ptr, n, h, H, K, V, 2 * BK, vv, BK)
-            dS4 = load_state(dht_ptr, n, h, H, K, V, 3 * BK, vv, BK)
+    c_start, c_stop, tok_lo, tok_hi = segment_bounds(seg_ptr, n)
+    dS1, dS2, dS3, dS4 = load_state_blocks(dht_ptr, n, h, H, K, V, vv, HAS_DHT, BK, BV, NKB)
     for cc in range(c_start, c_stop):
         c = c_start + c_stop - 1 - cc  # int64 bounds
-        store_state(dh_ptr, c, h, H, K, V, 0, vv, dS1, BK)
-        if NKB > 1:
-            store_state(dh_ptr, c, h, H, K, V, BK, vv, dS2, BK)
-        if NKB > 2:
-            store_state(dh_ptr, c, h, H, K, V, 2 * BK, vv, dS3, BK)
-            store_state(dh_ptr, c, h, H, K, V, 3 * BK, vv, dS4, BK)
+        store_state_blocks(dh_ptr, c, h, H, K, V, vv, dS1, dS2, dS3, dS4, BK, NKB)
         tok, valid, prow, nvalid = segment_chunk_rows(tok_lo, tok_hi, c, c_start, C)
         ke = tl.load(ke_ptr + prow * H + h)  # from gates_kernel: e * rk and carry * rq
         qc = tl.load(qc_ptr + prow * H + h)
         c_end = tl.load(cend_ptr + c * H + h)
-        # du = du_local + e * (k dS1)
-        kd = mdot(load_rows(k_ptr, tok, valid, h, H, K, 0, BK), dS1, DOT_MODE)
-        if NKB > 1:
-            kd += mdot(load_rows(k_ptr, tok, valid, h, H, K, BK, BK), dS2, DOT_MODE)
-        if NKB > 2:
-            kd += mdot(load_rows(k_ptr, tok, valid, h, H, K, 2 * BK, BK), dS3, DOT_MODE)
-            kd += mdot(load_rows(k_ptr, tok, valid, h, H, K, 3 * BK, BK), dS4, DOT_MODE)
         du_local = tl.load(dul_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=vm[None, :], other=0.0)
-        du = du_local + kd * ke[:, None]
+        du = du_local + ke[:, None] * rows_times_blocks(k_ptr, tok, valid, h, H, K, dS1, dS2, dS3, dS4, BK, NKB, DOT_MODE)
         # dS0 = c_end dS1 + scale (carry q)^T dO - W^T du
         dOq = load_rows(do_ptr, tok, valid, h, H, V, v0, BV).to(tl.float32) * (scale * qc)[:, None]
-        dS1 = c_end * dS1 + mdot(load_cols(q_ptr, tok, valid, h, H, K, 0, BK), dOq, DOT_MODE)
-        if NKB > 1:
-            dS2 = c_end * dS2 + mdot(load_cols(q_ptr, tok, valid, h, H, K, BK, BK), dOq, DOT_MODE)
-        if NKB > 2:
-            dS3 = c_end * dS3 + mdot(load_cols(q_ptr, tok, valid, h, H, K, 2 * BK, BK), dOq, DOT_MODE)
-            dS4 = c_end * dS4 + mdot(load_cols(q_ptr, tok, valid, h, H, K, 3 * BK, BK), dOq, DOT_MODE)
+        dS1, dS2, dS3, dS4 = blocks_plus_cols_times(dS1, dS2, dS3, dS4, c_end, q_ptr, tok, valid, h, H, K, dOq,
+                                                    BK, NKB, DOT_MODE)
         if DELTA:
             tl.store(du_ptr + (prow[:, None] * H + h) * V + vv[None, :], du, mask=vm[None, :])
-            dS1 -= mdot(load_cols(w_ptr, prow, valid, h, H, K, 0, BK), du, DOT_MODE)
-            if NKB > 1:
-                dS2 -= mdot(load_cols(w_ptr, prow, valid, h, H, K, BK, BK), du, DOT_MODE)
-            if NKB > 2:
-                dS3 -= mdot(load_cols(w_ptr, prow, valid, h, H, K, 2 * BK, BK), du, DOT_MODE)
-                dS4 -= mdot(load_cols(w_ptr, prow, valid, h, H, K, 3 * BK, BK), du, DOT_MODE)
+            dS1, dS2, dS3, dS4 = blocks_plus_cols_times(dS1, dS2, dS3, dS4, 1.0, w_ptr, prow, valid, h, H, K, -du,
+                                                        BK, NKB, DOT_MODE)
         else:  # du is dv: write it in the token layout, in the dtype of v
             tl.store(du_ptr + (tok[:, None] * H + h) * V + vv[None, :], du.to(du_ptr.dtype.element_ty),
                      mask=valid[:, None] & vm[None, :])
-    store_state(dh0_ptr, n, h, H, K, V, 0, vv, dS1, BK)
-    if NKB > 1:
-        store_state(dh0_ptr, n, h, H, K, V, BK, vv, dS2, BK)
-    if NKB > 2:
-        store_state(dh0_ptr, n, h, H, K, V, 2 * BK, vv, dS3, BK)
-        store_state(dh0_ptr, n, h, H, K, V, 3 * BK, vv, dS4, BK)
+    store_state_blocks(dh0_ptr, n, h, H, K, V, vv, dS1, dS2, dS3, dS4, BK, NKB)
 
 
 @triton.jit

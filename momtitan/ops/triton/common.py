@@ -114,6 +114,70 @@ def store_state(ptr, i, h, H, K, V, k0, vv, S, BK: tl.constexpr):
     tl.store(ptr + ((i * H + h) * K + kk[:, None]) * V + vv[None, :], S.to(ptr.dtype.element_ty), mask=m)
 
 
+# The sequential passes hold a state's K rows as NKB (1, 2 or 4) blocks S1..S4 of [BK, BV], BK <= 64:
+# every dot is at most 64 deep. The helpers below take and return all four; blocks past NKB stay zero
+# and are never touched (NKB is a compile-time constant, so they cost nothing).
+
+@triton.jit
+def segment_bounds(seg_ptr, n):
+    """Segment `n`'s (first chunk, end chunk, first token, end token), from `chunk_map`'s table."""
+    return tl.load(seg_ptr + 4 * n), tl.load(seg_ptr + 4 * n + 1), tl.load(seg_ptr + 4 * n + 2), tl.load(seg_ptr + 4 * n + 3)
+
+
+@triton.jit
+def load_state_blocks(ptr, i, h, H, K, V, vv, LOAD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NKB: tl.constexpr):
+    """State `i` as blocks (zeros unless `LOAD`)."""
+    S1 = tl.zeros([BK, BV], dtype=tl.float32)
+    S2 = tl.zeros([BK, BV], dtype=tl.float32)
+    S3 = tl.zeros([BK, BV], dtype=tl.float32)
+    S4 = tl.zeros([BK, BV], dtype=tl.float32)
+    if LOAD:
+        S1 = load_state(ptr, i, h, H, K, V, 0, vv, BK)
+        if NKB > 1:
+            S2 = load_state(ptr, i, h, H, K, V, BK, vv, BK)
+        if NKB > 2:
+            S3 = load_state(ptr, i, h, H, K, V, 2 * BK, vv, BK)
+            S4 = load_state(ptr, i, h, H, K, V, 3 * BK, vv, BK)
+    return S1, S2, S3, S4
+
+
+@triton.jit
+def store_state_blocks(ptr, i, h, H, K, V, vv, S1, S2, S3, S4, BK: tl.constexpr, NKB: tl.constexpr):
+    store_state(ptr, i, h, H, K, V, 0, vv, S1, BK)
+    if NKB > 1:
+        store_state(ptr, i, h, H, K, V, BK, vv, S2, BK)
+    if NKB > 2:
+        store_state(ptr, i, h, H, K, V, 2 * BK, vv, S3, BK)
+        store_state(ptr, i, h, H, K, V, 3 * BK, vv, S4, BK)
+
+
+@triton.jit
+def rows_times_blocks(ptr, rows, valid, h, H, K, S1, S2, S3, S4, BK: tl.constexpr, NKB: tl.constexpr,
+                      DOT_MODE: tl.constexpr):
+    """`X S`, with X the `[C, K]` rows of a `[*, H, K]` tensor (W, k) and S given as blocks: `[C, BV]`."""
+    out = mdot(load_rows(ptr, rows, valid, h, H, K, 0, BK), S1, DOT_MODE)
+    if NKB > 1:
+        out += mdot(load_rows(ptr, rows, valid, h, H, K, BK, BK), S2, DOT_MODE)
+    if NKB > 2:
+        out += mdot(load_rows(ptr, rows, valid, h, H, K, 2 * BK, BK), S3, DOT_MODE)
+        out += mdot(load_rows(ptr, rows, valid, h, H, K, 3 * BK, BK), S4, DOT_MODE)
+    return out
+
+
+@triton.jit
+def blocks_plus_cols_times(S1, S2, S3, S4, decay, ptr, rows, valid, h, H, K, Y, BK: tl.constexpr,
+                           NKB: tl.constexpr, DOT_MODE: tl.constexpr):
+    """`decay * S + X^T Y` block by block, with X the `[C, K]` rows of a `[*, H, K]` tensor, loaded
+    transposed, and `Y [C, BV]`."""
+    S1 = decay * S1 + mdot(load_cols(ptr, rows, valid, h, H, K, 0, BK), Y, DOT_MODE)
+    if NKB > 1:
+        S2 = decay * S2 + mdot(load_cols(ptr, rows, valid, h, H, K, BK, BK), Y, DOT_MODE)
+    if NKB > 2:
+        S3 = decay * S3 + mdot(load_cols(ptr, rows, valid, h, H, K, 2 * BK, BK), Y, DOT_MODE)
+        S4 = decay * S4 + mdot(load_cols(ptr, rows, valid, h, H, K, 3 * BK, BK), Y, DOT_MODE)
+    return S1, S2, S3, S4
+
+
 @triton.jit
 def row_scales(r_ptr, tok, valid, h, H, L2: tl.constexpr):
     """Each row's reciprocal L2 norm (q or k) when `L2`, else 1; 0 on rows past the chunk's end."""

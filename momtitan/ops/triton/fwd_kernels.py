@@ -18,8 +18,9 @@ import triton
 import triton.language as tl
 
 from momtitan.ops.triton.common import (
-    chunk_gates, chunk_rows, chunk_weights, decay_matrix, inverse_blocks, load_cols, load_rows, load_state, mdot,
-    row_scales, rows_of, segment_chunk_rows, store_state,
+    blocks_plus_cols_times, chunk_gates, chunk_rows, chunk_weights, decay_matrix, inverse_blocks, load_rows,
+    load_state_blocks, mdot, row_scales, rows_of, rows_times_blocks, segment_bounds, segment_chunk_rows,
+    store_state_blocks,
 )
 
 
@@ -197,68 +198,31 @@ def state_kernel(
     C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr,
     HAS_H0: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
-    """The sequential pass over one segment's chunks for one head and V tile. The state's K rows are
-    held as NKB (1, 2 or 4) blocks S1..S4 of `[BK, BV]` (BK <= 64): every dot is at most 64 deep and
-    64 wide, and k is loaded already transposed, `[BK, C]`."""
+    """The sequential pass over one segment's chunks for one head and V tile, the state held as NKB
+    `[BK, BV]` blocks (`common.load_state_blocks`)."""
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    vb = tl.program_id(2)
-    c_start = tl.load(seg_ptr + 4 * n)
-    c_stop = tl.load(seg_ptr + 4 * n + 1)
-    tok_lo = tl.load(seg_ptr + 4 * n + 2)
-    tok_hi = tl.load(seg_ptr + 4 * n + 3)
-    v0 = vb * BV
+    v0 = tl.program_id(2) * BV
     vv = v0 + tl.arange(0, BV)
-    vm = vv < V
-    S1 = tl.zeros([BK, BV], dtype=tl.float32)
-    if NKB > 1:
-        S2 = tl.zeros([BK, BV], dtype=tl.float32)
-    if NKB > 2:
-        S3 = tl.zeros([BK, BV], dtype=tl.float32)
-        S4 = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        S1 = load_state(h0_ptr, n, h, H, K, V, 0, vv, BK)
-        if NKB > 1:
-            S2 = load_state(h0_ptr, n, h, H, K, V, BK, vv, BK)
-        if NKB > 2:
-            S3 = load_state(h0_ptr, n, h, H, K, V, 2 * BK, vv, BK)
-            S4 = load_state(h0_ptr, n, h, H, K, V, 3 * BK, vv, BK)
+    c_start, c_stop, tok_lo, tok_hi = segment_bounds(seg_ptr, n)
+    S1, S2, S3, S4 = load_state_blocks(h0_ptr, n, h, H, K, V, vv, HAS_H0, BK, BV, NKB)
     for cc in range(c_start, c_stop):
         c = cc  # int64: the bounds are int64
-        store_state(h_ptr, c, h, H, K, V, 0, vv, S1, BK)
-        if NKB > 1:
-            store_state(h_ptr, c, h, H, K, V, BK, vv, S2, BK)
-        if NKB > 2:
-            store_state(h_ptr, c, h, H, K, V, 2 * BK, vv, S3, BK)
-            store_state(h_ptr, c, h, H, K, V, 3 * BK, vv, S4, BK)
+        store_state_blocks(h_ptr, c, h, H, K, V, vv, S1, S2, S3, S4, BK, NKB)
         tok, valid, prow, nvalid = segment_chunk_rows(tok_lo, tok_hi, c, c_start, C)
         e = tl.load(ke_ptr + prow * H + h)  # from gates_kernel: e * rk (0 past the chunk's end)
         c_end = tl.load(cend_ptr + c * H + h)
         if DELTA:  # u = U - W S0
-            Wu = mdot(load_rows(w_ptr, prow, valid, h, H, K, 0, BK), S1, DOT_MODE)
-            if NKB > 1:
-                Wu += mdot(load_rows(w_ptr, prow, valid, h, H, K, BK, BK), S2, DOT_MODE)
-            if NKB > 2:
-                Wu += mdot(load_rows(w_ptr, prow, valid, h, H, K, 2 * BK, BK), S3, DOT_MODE)
-                Wu += mdot(load_rows(w_ptr, prow, valid, h, H, K, 3 * BK, BK), S4, DOT_MODE)
-            u = load_rows(uin_ptr, prow, valid, h, H, V, v0, BV).to(tl.float32) - Wu
+            u = load_rows(uin_ptr, prow, valid, h, H, V, v0, BV).to(tl.float32) - rows_times_blocks(
+                w_ptr, prow, valid, h, H, K, S1, S2, S3, S4, BK, NKB, DOT_MODE)
             tl.store(unew_ptr + (prow[:, None] * H + h) * V + vv[None, :], u.to(unew_ptr.dtype.element_ty),
-                     mask=valid[:, None] & vm[None, :])
+                     mask=valid[:, None] & (vv < V)[None, :])
         else:
             u = load_rows(v_ptr, tok, valid, h, H, V, v0, BV).to(tl.float32)
-        ue = u * e[:, None]  # S1 = c_end S0 + k^T (e * u)
-        S1 = c_end * S1 + mdot(load_cols(k_ptr, tok, valid, h, H, K, 0, BK), ue, DOT_MODE)
-        if NKB > 1:
-            S2 = c_end * S2 + mdot(load_cols(k_ptr, tok, valid, h, H, K, BK, BK), ue, DOT_MODE)
-        if NKB > 2:
-            S3 = c_end * S3 + mdot(load_cols(k_ptr, tok, valid, h, H, K, 2 * BK, BK), ue, DOT_MODE)
-            S4 = c_end * S4 + mdot(load_cols(k_ptr, tok, valid, h, H, K, 3 * BK, BK), ue, DOT_MODE)
-    store_state(ht_ptr, n, h, H, K, V, 0, vv, S1, BK)
-    if NKB > 1:
-        store_state(ht_ptr, n, h, H, K, V, BK, vv, S2, BK)
-    if NKB > 2:
-        store_state(ht_ptr, n, h, H, K, V, 2 * BK, vv, S3, BK)
-        store_state(ht_ptr, n, h, H, K, V, 3 * BK, vv, S4, BK)
+        # S1 = c_end S0 + k^T (e * u)
+        S1, S2, S3, S4 = blocks_plus_cols_times(S1, S2, S3, S4, c_end, k_ptr, tok, valid, h, H, K, u * e[:, None],
+                                                BK, NKB, DOT_MODE)
+    store_state_blocks(ht_ptr, n, h, H, K, V, vv, S1, S2, S3, S4, BK, NKB)
 
 
 @triton.jit
