@@ -8,6 +8,7 @@ choices and leaves the others at their defaults:
     grad   the gradient kernel: BVG, warps_grad
     storage  the per-chunk states h and dh, the WY factors W, U and the values u in the inputs' dtype
              instead of fp32 (each, then both)
+    dots   the reverse state pass's dot operands in the inputs' 16-bit dtype instead of TF32
 
 Each candidate runs in its own process (a miscompiled choice may fault or hang the process) and
 reports forward and forward+backward time (median of `--reps`, CUDA events on a GPU) and the
@@ -73,8 +74,10 @@ def candidates(groups: list[str], head_dim: int) -> list[dict]:
         elif group == "storage":
             grid = [dict(chunk_states_in_input_dtype=1), dict(wy_in_input_dtype=1),
                     dict(chunk_states_in_input_dtype=1, wy_in_input_dtype=1)]
+        elif group == "dots":
+            grid = [dict(state_bwd_dots_in_input_dtype=1)]
         else:
-            raise ValueError(f"--groups takes seq, chunk, grad and storage, got {group!r}")
+            raise ValueError(f"--groups takes seq, chunk, grad, storage and dots, got {group!r}")
         changed = {id(c): sum(c[k] != defaults[k] for k in c) for c in grid}
         grid = sorted((c for c in grid if changed[id(c)] and not _narrow_at_8_warps(c)), key=lambda c: changed[id(c)])
         out += [dict(c, group=group) for c in grid]
@@ -213,7 +216,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--groups", default="seq,chunk,grad,storage", help="comma list of seq, chunk, grad, storage")
+    p.add_argument("--groups", default="seq,chunk,grad,storage,dots", help="comma list of seq, chunk, grad, storage, dots")
     p.add_argument("--limit", type=int, default=None, help="try only the first N candidates of each group")
     p.add_argument("--tolerance", type=float, default=2e-2)
     p.add_argument("--timeout", type=int, default=180, help="seconds per candidate")

@@ -18,7 +18,8 @@ spec.loader.exec_module(tune)
 
 def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps():
     assert tune.default_choices(128) == dict(BV=64, BVG=32, BVS=32, warps_seq=4, warps_chunk=8, warps_grad=8,
-                                             stages_seq=1, chunk_states_in_input_dtype=0, wy_in_input_dtype=0)
+                                             stages_seq=1, chunk_states_in_input_dtype=0, wy_in_input_dtype=0,
+                                             state_bwd_dots_in_input_dtype=0)
     assert tune.candidates(["storage"], head_dim=128) == [
         dict(chunk_states_in_input_dtype=1, group="storage"), dict(wy_in_input_dtype=1, group="storage"),
         dict(chunk_states_in_input_dtype=1, wy_in_input_dtype=1, group="storage")]
@@ -30,7 +31,8 @@ def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps
     assert all(sum(c[k] != v for k, v in (("BVS", 32), ("warps_seq", 4), ("stages_seq", 1))) == 1 for c in seq[:6])
     assert {c["BV"] for c in tune.candidates(["chunk"], head_dim=256)} == {32, 64, 128}
     assert {c["BVG"] for c in tune.candidates(["grad"], head_dim=256)} == {16, 32, 64}
-    with pytest.raises(ValueError, match="--groups takes seq, chunk, grad and storage, got 'tiles'"):
+    assert tune.candidates(["dots"], head_dim=64) == [dict(state_bwd_dots_in_input_dtype=1, group="dots")]
+    with pytest.raises(ValueError, match="--groups takes seq, chunk, grad, storage and dots, got 'tiles'"):
         tune.candidates(["tiles"], head_dim=64)
     with pytest.raises(ValueError, match="--heads must be H x d"):
         tune.parse_args(["--heads", "32"])
@@ -62,6 +64,10 @@ def test_overrides_reach_the_plan_and_bad_ones_raise(monkeypatch):
     q16, v16 = q.bfloat16(), v.bfloat16()
     plan16 = launch._Plan(q16, q16, v16, None, None, None, None, None, False, 64)
     assert plan16.chunk_state_dtype == plan16.wy_dtype == torch.bfloat16
+    assert plan16.dot_mode_state_bwd == 3  # TF32 unless the dots group asks for 16-bit operands
+    monkeypatch.setattr(launch, "OVERRIDES", {"state_bwd_dots_in_input_dtype": 1})
+    assert launch._Plan(q16, q16, v16, None, None, None, None, None, False, 64).dot_mode_state_bwd == 1
+    assert plan().dot_mode_state_bwd == 0  # fp32 inputs: 3xTF32 either way
     monkeypatch.setattr(launch, "OVERRIDES", {})
     assert plan().stages_seq == 1 and plan().chunk_state_dtype == plan().wy_dtype == torch.float32
 

@@ -19,7 +19,8 @@ MAX_HEAD_DIM = 256
 # power of two from 16 to the padded head dim). Empty in normal use.
 _WARPS, _STAGES = (1, 2, 4, 8, 16), (1, 2, 3, 4)
 TUNABLE = {"BV": None, "BVG": None, "BVS": None, "warps_seq": _WARPS, "warps_chunk": _WARPS, "warps_grad": _WARPS,
-           "stages_seq": _STAGES, "chunk_states_in_input_dtype": (0, 1), "wy_in_input_dtype": (0, 1)}
+           "stages_seq": _STAGES, "chunk_states_in_input_dtype": (0, 1), "wy_in_input_dtype": (0, 1),
+           "state_bwd_dots_in_input_dtype": (0, 1)}
 OVERRIDES: dict[str, int] = {}
 
 
@@ -52,11 +53,6 @@ class _Plan:
             self.rq = self.rk = None
         self.delta = beta is not None
         self.dot_mode = DOT_MODES[q.dtype]
-        # The reverse state pass with 16-bit dot operands is miscompiled by Triton 3.6 on Hopper
-        # (H200: wrong dv/dk/dbeta/dh0, NaN, or an illegal memory access, whatever the warps); with
-        # fp32 operands it is correct. It runs on single TF32 products for bf16/fp16 inputs (a 10-bit
-        # mantissa, at least the operands' precision) and 3xTF32 for fp32 inputs.
-        self.dot_mode_state_bwd = 0 if q.dtype == torch.float32 else 3
         self.BKF = pow2(K)
         self.BK = min(self.BKF, 64)
         self.NKB = self.BKF // self.BK
@@ -83,7 +79,18 @@ class _Plan:
         # 1: the delta rules' WY factors W, U and corrected values u ([NC*C, H, K or V]) are stored in
         # the inputs' dtype, as fla stores them; 0: in fp32
         self.wy_in_input_dtype = 0
+        # The reverse state pass with 16-bit dot operands was miscompiled by Triton 3.6 on Hopper (H200:
+        # wrong dv/dk/dbeta/dh0, NaN, or an illegal memory access, whatever the warps) when it held the
+        # state as one [K, BV] tile and transposed its tiles in registers; with fp32 operands it is
+        # correct. 0: single TF32 products for bf16/fp16 inputs (a 10-bit mantissa, at least the
+        # operands' precision); 1: the inputs' 16-bit dtype, to retry with the blocked pass, whose
+        # transposed operands are loaded as such. fp32 inputs take 3xTF32 either way.
+        self.state_bwd_dots_in_input_dtype = 0
         self._apply_overrides()
+        if q.dtype == torch.float32:
+            self.dot_mode_state_bwd = 0
+        else:
+            self.dot_mode_state_bwd = self.dot_mode if self.state_bwd_dots_in_input_dtype else 3
         self.chunk_state_dtype = q.dtype if self.chunk_states_in_input_dtype else torch.float32
         self.wy_dtype = q.dtype if self.wy_in_input_dtype else torch.float32
         self.NVB = self.BVF // self.BV
