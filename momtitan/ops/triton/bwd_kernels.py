@@ -26,7 +26,8 @@ import triton.language as tl
 
 from momtitan.ops.triton.common import (
     blocks_plus_cols_times, chunk_gates, chunk_rows, chunk_weights, decay_matrix, decay_matrix_t, load_rows,
-    load_state_blocks, mdot, row_scales, rows_times_blocks, segment_bounds, segment_chunk_rows, store_state_blocks,
+    load_state_blocks, mdot, row_scales, rows_times_blocks, segment_bounds, segment_chunk, store_rows,
+    store_state_blocks,
 )
 
 
@@ -77,29 +78,28 @@ def state_bwd_kernel(
     h = tl.program_id(1).to(tl.int64)
     v0 = tl.program_id(2) * BV
     vv = v0 + tl.arange(0, BV)
-    vm = vv < V
     c_start, c_stop, tok_lo, tok_hi = segment_bounds(seg_ptr, n)
     dS1, dS2, dS3, dS4 = load_state_blocks(dht_ptr, n, h, H, K, V, vv, HAS_DHT, BK, BV, NKB)
     for cc in range(c_start, c_stop):
         c = c_start + c_stop - 1 - cc  # int64 bounds
         store_state_blocks(dh_ptr, c, h, H, K, V, vv, dS1, dS2, dS3, dS4, BK, NKB)
-        tok, valid, prow, nvalid = segment_chunk_rows(tok_lo, tok_hi, c, c_start, C)
-        ke = tl.load(ke_ptr + prow * H + h)  # from gates_kernel: e * rk and carry * rq
-        qc = tl.load(qc_ptr + prow * H + h)
+        tok0, prow0, valid = segment_chunk(tok_lo, tok_hi, c, c_start, C)
+        ke = tl.load(ke_ptr + (prow0 * H + h) + tl.arange(0, C) * H)  # from gates_kernel: e * rk and carry * rq
+        qc = tl.load(qc_ptr + (prow0 * H + h) + tl.arange(0, C) * H)
         c_end = tl.load(cend_ptr + c * H + h)
-        du_local = tl.load(dul_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=vm[None, :], other=0.0)
-        du = du_local + ke[:, None] * rows_times_blocks(k_ptr, tok, valid, h, H, K, dS1, dS2, dS3, dS4, BK, NKB, DOT_MODE)
+        # du = du_local + e * (k dS1)
+        du = load_rows(dul_ptr, prow0, valid, h, H, V, v0, BV, C) + ke[:, None] * rows_times_blocks(
+            k_ptr, tok0, valid, h, H, K, dS1, dS2, dS3, dS4, BK, NKB, DOT_MODE, C)
         # dS0 = c_end dS1 + scale (carry q)^T dO - W^T du
-        dOq = load_rows(do_ptr, tok, valid, h, H, V, v0, BV).to(tl.float32) * (scale * qc)[:, None]
-        dS1, dS2, dS3, dS4 = blocks_plus_cols_times(dS1, dS2, dS3, dS4, c_end, q_ptr, tok, valid, h, H, K, dOq,
-                                                    BK, NKB, DOT_MODE)
+        dOq = load_rows(do_ptr, tok0, valid, h, H, V, v0, BV, C).to(tl.float32) * (scale * qc)[:, None]
+        dS1, dS2, dS3, dS4 = blocks_plus_cols_times(dS1, dS2, dS3, dS4, c_end, q_ptr, tok0, valid, h, H, K, dOq,
+                                                    BK, NKB, DOT_MODE, C)
         if DELTA:
-            tl.store(du_ptr + (prow[:, None] * H + h) * V + vv[None, :], du, mask=vm[None, :])
-            dS1, dS2, dS3, dS4 = blocks_plus_cols_times(dS1, dS2, dS3, dS4, 1.0, w_ptr, prow, valid, h, H, K, -du,
-                                                        BK, NKB, DOT_MODE)
+            store_rows(du_ptr, prow0, valid, h, H, V, v0, du, BV, C)
+            dS1, dS2, dS3, dS4 = blocks_plus_cols_times(dS1, dS2, dS3, dS4, 1.0, w_ptr, prow0, valid, h, H, K, -du,
+                                                        BK, NKB, DOT_MODE, C)
         else:  # du is dv: write it in the token layout, in the dtype of v
-            tl.store(du_ptr + (tok[:, None] * H + h) * V + vv[None, :], du.to(du_ptr.dtype.element_ty),
-                     mask=valid[:, None] & vm[None, :])
+            store_rows(du_ptr, tok0, valid, h, H, V, v0, du, BV, C)
     store_state_blocks(dh0_ptr, n, h, H, K, V, vv, dS1, dS2, dS3, dS4, BK, NKB)
 
 

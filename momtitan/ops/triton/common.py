@@ -73,29 +73,45 @@ def chunk_rows(info_ptr, c, C: tl.constexpr):
 
 
 @triton.jit
-def segment_chunk_rows(tok_lo, tok_hi, c, c_first, C: tl.constexpr):
-    """`chunk_rows` of chunk `c` of the segment holding tokens `[tok_lo, tok_hi)` from chunk `c_first`
-    on, computed from those bounds instead of loaded from the chunk map: in the sequential passes
-    the next chunk's loads then need no load of its map entry first (and can be prefetched)."""
+def segment_chunk(tok_lo, tok_hi, c, c_first, C: tl.constexpr):
+    """Chunk `c` of the segment holding tokens `[tok_lo, tok_hi)` from chunk `c_first` on: its first
+    token, its first row in the padded layout and `valid [C]`, computed from those bounds instead of
+    loaded from the chunk map, so the sequential passes' loads for the next chunk need no load of
+    its map entry first (and can be prefetched)."""
     tok0 = tok_lo + (c - c_first) * C
-    nvalid = tl.minimum(tok_hi - tok0, C)
+    return tok0, c * C, tl.arange(0, C) < tok_hi - tok0
+
+
+# The tile helpers below address a tile as an int64 base pointer plus int32 offsets within it (rows
+# of a chunk and columns of a head are < 2^31 apart): int64 offsets per element would double the
+# registers every address tile takes.
+
+@triton.jit
+def load_rows(ptr, row0, valid, h, H, K, k0, BK: tl.constexpr, C: tl.constexpr):
+    """The `[C, BK]` tile of a `[*, H, K]` tensor at rows `row0 .. row0 + C` (tokens or padded rows),
+    columns `k0 .. k0 + BK` of head `h`; 0 where `valid` is false or past K."""
+    kk = k0 + tl.arange(0, BK)
     i = tl.arange(0, C)
-    return tok0 + i, i < nvalid, c * C + i, nvalid
+    base = ptr + (row0 * H + h) * K
+    return tl.load(base + (i[:, None] * (H * K) + kk[None, :]), mask=valid[:, None] & (kk < K)[None, :], other=0.0)
 
 
 @triton.jit
-def load_rows(ptr, rows, valid, h, H, K, k0, BK: tl.constexpr):
-    """The `[len(rows), BK]` tile of a `[*, H, K]` tensor at `rows` (tokens or padded rows), columns
-    `k0 .. k0 + BK` of head `h`; 0 where `valid` is false or past K."""
+def load_cols(ptr, row0, valid, h, H, K, k0, BK: tl.constexpr, C: tl.constexpr):
+    """The transpose of `load_rows`, `[BK, C]`, loaded as such (no `tl.trans` of a tile)."""
     kk = k0 + tl.arange(0, BK)
-    return tl.load(ptr + (rows[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & (kk < K)[None, :], other=0.0)
+    i = tl.arange(0, C)
+    base = ptr + (row0 * H + h) * K
+    return tl.load(base + (i[None, :] * (H * K) + kk[:, None]), mask=valid[None, :] & (kk < K)[:, None], other=0.0)
 
 
 @triton.jit
-def load_cols(ptr, rows, valid, h, H, K, k0, BK: tl.constexpr):
-    """The transpose of `load_rows`, `[BK, len(rows)]`, loaded as such (no `tl.trans` of a tile)."""
+def store_rows(ptr, row0, valid, h, H, K, k0, X, BK: tl.constexpr, C: tl.constexpr):
+    """Writes `X [C, BK]` where `load_rows` reads, in the tensor's dtype."""
     kk = k0 + tl.arange(0, BK)
-    return tl.load(ptr + (rows[None, :] * H + h) * K + kk[:, None], mask=valid[None, :] & (kk < K)[:, None], other=0.0)
+    i = tl.arange(0, C)
+    base = ptr + (row0 * H + h) * K
+    tl.store(base + (i[:, None] * (H * K) + kk[None, :]), X.to(ptr.dtype.element_ty), mask=valid[:, None] & (kk < K)[None, :])
 
 
 @triton.jit
@@ -103,7 +119,8 @@ def load_state(ptr, i, h, H, K, V, k0, vv, BK: tl.constexpr):
     """Rows `k0 .. k0 + BK`, columns `vv` of state `i` of a `[*, H, K, V]` tensor, in fp32 (0 past K, V)."""
     kk = k0 + tl.arange(0, BK)
     m = (kk < K)[:, None] & (vv < V)[None, :]
-    return tl.load(ptr + ((i * H + h) * K + kk[:, None]) * V + vv[None, :], mask=m, other=0.0).to(tl.float32)
+    base = ptr + (i * H + h) * K * V
+    return tl.load(base + (kk[:, None] * V + vv[None, :]), mask=m, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -111,7 +128,8 @@ def store_state(ptr, i, h, H, K, V, k0, vv, S, BK: tl.constexpr):
     """Writes `S [BK, BV]` as rows `k0 .. k0 + BK`, columns `vv` of state `i` (`load_state`'s inverse)."""
     kk = k0 + tl.arange(0, BK)
     m = (kk < K)[:, None] & (vv < V)[None, :]
-    tl.store(ptr + ((i * H + h) * K + kk[:, None]) * V + vv[None, :], S.to(ptr.dtype.element_ty), mask=m)
+    base = ptr + (i * H + h) * K * V
+    tl.store(base + (kk[:, None] * V + vv[None, :]), S.to(ptr.dtype.element_ty), mask=m)
 
 
 # The sequential passes hold a state's K rows as NKB (1, 2 or 4) blocks S1..S4 of [BK, BV], BK <= 64:
@@ -152,29 +170,29 @@ def store_state_blocks(ptr, i, h, H, K, V, vv, S1, S2, S3, S4, BK: tl.constexpr,
 
 
 @triton.jit
-def rows_times_blocks(ptr, rows, valid, h, H, K, S1, S2, S3, S4, BK: tl.constexpr, NKB: tl.constexpr,
-                      DOT_MODE: tl.constexpr):
+def rows_times_blocks(ptr, row0, valid, h, H, K, S1, S2, S3, S4, BK: tl.constexpr, NKB: tl.constexpr,
+                      DOT_MODE: tl.constexpr, C: tl.constexpr):
     """`X S`, with X the `[C, K]` rows of a `[*, H, K]` tensor (W, k) and S given as blocks: `[C, BV]`."""
-    out = mdot(load_rows(ptr, rows, valid, h, H, K, 0, BK), S1, DOT_MODE)
+    out = mdot(load_rows(ptr, row0, valid, h, H, K, 0, BK, C), S1, DOT_MODE)
     if NKB > 1:
-        out += mdot(load_rows(ptr, rows, valid, h, H, K, BK, BK), S2, DOT_MODE)
+        out += mdot(load_rows(ptr, row0, valid, h, H, K, BK, BK, C), S2, DOT_MODE)
     if NKB > 2:
-        out += mdot(load_rows(ptr, rows, valid, h, H, K, 2 * BK, BK), S3, DOT_MODE)
-        out += mdot(load_rows(ptr, rows, valid, h, H, K, 3 * BK, BK), S4, DOT_MODE)
+        out += mdot(load_rows(ptr, row0, valid, h, H, K, 2 * BK, BK, C), S3, DOT_MODE)
+        out += mdot(load_rows(ptr, row0, valid, h, H, K, 3 * BK, BK, C), S4, DOT_MODE)
     return out
 
 
 @triton.jit
-def blocks_plus_cols_times(S1, S2, S3, S4, decay, ptr, rows, valid, h, H, K, Y, BK: tl.constexpr,
-                           NKB: tl.constexpr, DOT_MODE: tl.constexpr):
+def blocks_plus_cols_times(S1, S2, S3, S4, decay, ptr, row0, valid, h, H, K, Y, BK: tl.constexpr,
+                           NKB: tl.constexpr, DOT_MODE: tl.constexpr, C: tl.constexpr):
     """`decay * S + X^T Y` block by block, with X the `[C, K]` rows of a `[*, H, K]` tensor, loaded
     transposed, and `Y [C, BV]`."""
-    S1 = decay * S1 + mdot(load_cols(ptr, rows, valid, h, H, K, 0, BK), Y, DOT_MODE)
+    S1 = decay * S1 + mdot(load_cols(ptr, row0, valid, h, H, K, 0, BK, C), Y, DOT_MODE)
     if NKB > 1:
-        S2 = decay * S2 + mdot(load_cols(ptr, rows, valid, h, H, K, BK, BK), Y, DOT_MODE)
+        S2 = decay * S2 + mdot(load_cols(ptr, row0, valid, h, H, K, BK, BK, C), Y, DOT_MODE)
     if NKB > 2:
-        S3 = decay * S3 + mdot(load_cols(ptr, rows, valid, h, H, K, 2 * BK, BK), Y, DOT_MODE)
-        S4 = decay * S4 + mdot(load_cols(ptr, rows, valid, h, H, K, 3 * BK, BK), Y, DOT_MODE)
+        S3 = decay * S3 + mdot(load_cols(ptr, row0, valid, h, H, K, 2 * BK, BK, C), Y, DOT_MODE)
+        S4 = decay * S4 + mdot(load_cols(ptr, row0, valid, h, H, K, 3 * BK, BK, C), Y, DOT_MODE)
     return S1, S2, S3, S4
 
 

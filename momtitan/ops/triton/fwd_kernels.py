@@ -19,7 +19,7 @@ import triton.language as tl
 
 from momtitan.ops.triton.common import (
     blocks_plus_cols_times, chunk_gates, chunk_rows, chunk_weights, decay_matrix, inverse_blocks, load_rows,
-    load_state_blocks, mdot, row_scales, rows_of, rows_times_blocks, segment_bounds, segment_chunk_rows,
+    load_state_blocks, mdot, row_scales, rows_of, rows_times_blocks, segment_bounds, segment_chunk, store_rows,
     store_state_blocks,
 )
 
@@ -209,19 +209,18 @@ def state_kernel(
     for cc in range(c_start, c_stop):
         c = cc  # int64: the bounds are int64
         store_state_blocks(h_ptr, c, h, H, K, V, vv, S1, S2, S3, S4, BK, NKB)
-        tok, valid, prow, nvalid = segment_chunk_rows(tok_lo, tok_hi, c, c_start, C)
-        e = tl.load(ke_ptr + prow * H + h)  # from gates_kernel: e * rk (0 past the chunk's end)
+        tok0, prow0, valid = segment_chunk(tok_lo, tok_hi, c, c_start, C)
+        e = tl.load(ke_ptr + (prow0 * H + h) + tl.arange(0, C) * H)  # from gates_kernel: e * rk (0 past the end)
         c_end = tl.load(cend_ptr + c * H + h)
         if DELTA:  # u = U - W S0
-            u = load_rows(uin_ptr, prow, valid, h, H, V, v0, BV).to(tl.float32) - rows_times_blocks(
-                w_ptr, prow, valid, h, H, K, S1, S2, S3, S4, BK, NKB, DOT_MODE)
-            tl.store(unew_ptr + (prow[:, None] * H + h) * V + vv[None, :], u.to(unew_ptr.dtype.element_ty),
-                     mask=valid[:, None] & (vv < V)[None, :])
+            u = load_rows(uin_ptr, prow0, valid, h, H, V, v0, BV, C).to(tl.float32) - rows_times_blocks(
+                w_ptr, prow0, valid, h, H, K, S1, S2, S3, S4, BK, NKB, DOT_MODE, C)
+            store_rows(unew_ptr, prow0, valid, h, H, V, v0, u, BV, C)
         else:
-            u = load_rows(v_ptr, tok, valid, h, H, V, v0, BV).to(tl.float32)
+            u = load_rows(v_ptr, tok0, valid, h, H, V, v0, BV, C).to(tl.float32)
         # S1 = c_end S0 + k^T (e * u)
-        S1, S2, S3, S4 = blocks_plus_cols_times(S1, S2, S3, S4, c_end, k_ptr, tok, valid, h, H, K, u * e[:, None],
-                                                BK, NKB, DOT_MODE)
+        S1, S2, S3, S4 = blocks_plus_cols_times(S1, S2, S3, S4, c_end, k_ptr, tok0, valid, h, H, K, u * e[:, None],
+                                                BK, NKB, DOT_MODE, C)
     store_state_blocks(ht_ptr, n, h, H, K, V, vv, S1, S2, S3, S4, BK, NKB)
 
 

@@ -66,9 +66,9 @@ class _Plan:
         # output and gradient kernels on an H200 (wrong outputs, then an illegal memory access). The
         # same pattern (BVS = 16 at 8 warps) is the suspect of the head-dim-256 illegal access.
         small = chunk <= 32 or self.BKF <= 64 or self.BVF <= 16
-        # the sequential passes hold the state as [<= 64, BVS] blocks and do dots at most 64 deep: 4
-        # warps (fla's h and dhu kernels use 2-4 for the same tiles)
-        self.warps_seq = 4
+        # sequential passes: 8 warps for large heads too (scripts/kernel_registers.py: at d = 128 the
+        # forward pass takes 178 registers at 8 warps and 238 at 4, neither spilling)
+        self.warps_seq = 4 if small else 8
         self.warps_chunk = 4 if small else 8
         self.warps_grad = 4 if small else 8
         # the sequential passes' loads wait for the previous chunk's dots: no software pipelining yet
