@@ -1,0 +1,135 @@
+"""Registers and spills of the Triton recurrence kernels on Hopper, measured without a GPU.
+
+Each kernel is compiled ahead of time for sm_90 with the constants the launcher would pass for a
+bf16 gated-delta call of the given head dim (`launch._Plan`'s tiles, or `--warps`), and with the
+16-byte divisibility hints a launch gives aligned pointers and head sizes; then the ptxas shipped in
+the Triton wheel reports, for the PTX, the registers per thread and the bytes spilled to local memory.
+A kernel at 255 registers that spills re-reads its spilled values from local memory on every use:
+the first thing to look at when a kernel is slower than its work says.
+
+    python scripts/kernel_registers.py                        # every kernel, head dims 64, 128, 256
+    python scripts/kernel_registers.py --kernels state_kernel,state_bwd_kernel --heads 256 --warps 4,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# inputs and outputs in the inputs' dtype (bf16); every other pointer is fp32 (or int64, below)
+BF16_ARGS = {"q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dv_ptr"}
+INT_PTR_ARGS = {"info_ptr", "seg_ptr", "r_ptr"}
+SIZE_ARGS = {"H", "K", "V"}
+
+
+def kernels():
+    from momtitan.ops.triton import bwd_kernels, fwd_kernels
+
+    found = {}
+    for module in (fwd_kernels, bwd_kernels):
+        for name in dir(module):
+            if name.endswith("_kernel") and hasattr(getattr(module, name), "arg_names"):
+                found[name] = getattr(module, name)
+    return found
+
+
+def constants(name: str, plan, warps: int | None) -> tuple[dict, int]:
+    """The constexpr values `launch.py` passes `name` for this plan, and its warps."""
+    seq, grad = name in ("state_kernel", "state_bwd_kernel"), name == "grads_kernel"
+    bv = plan.BVS if seq else plan.BVG if grad else plan.BV
+    values = dict(C=plan.C, BK=plan.BK, NKB=plan.NKB, BKF=plan.BKF, BS=16, BV=bv, NVB=plan.BVF // bv,
+                  HAS_G=True, HAS_RESET=False, L2=True, DELTA=True, HAS_H0=True, HAS_DHT=True, STORE_T=True,
+                  DOT_MODE=plan.dot_mode_state_bwd if name == "state_bwd_kernel" else plan.dot_mode)
+    default_warps = (1 if name == "gates_kernel" else plan.warps_seq if seq else plan.warps_grad if grad
+                     else plan.warps_chunk)
+    return values, warps or default_warps
+
+
+def ptxas_report(fn, consts: dict, warps: int, stages: int, arch: int) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) of `fn` compiled for sm_`arch`."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    used = {p.name for p in fn.params if p.is_constexpr}
+    sig, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in used:
+            sig[arg] = "constexpr"
+            continue
+        if arg == "scale":
+            sig[arg] = "fp32"
+        elif arg in SIZE_ARGS:
+            sig[arg] = "i32"
+        else:
+            sig[arg] = "*bf16" if arg in BF16_ARGS else "*i64" if arg in INT_PTR_ARGS else "*fp32"
+        if arg in SIZE_ARGS or sig[arg].startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    missing = used - consts.keys()
+    if missing:
+        raise ValueError(f"no value for the constexpr arguments {sorted(missing)} of {fn.__name__}")
+    src = ASTSource(fn=fn, signature=sig, constexprs={k: consts[k] for k in used}, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        out = subprocess.run([str(ptxas), f"-arch=sm_{arch}a", "-v", str(ptx), "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    text = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    if regs is None or spills is None:
+        raise RuntimeError(f"ptxas printed no register report for {fn.__name__}:\n{text}")
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kernels", default="", help="comma list of kernel names (default: all)")
+    p.add_argument("--heads", default="64,128,256", help="comma list of head dims")
+    p.add_argument("--warps", default="", help="comma list of warps to try (default: the launcher's choice)")
+    p.add_argument("--stages", type=int, default=1)
+    p.add_argument("--arch", type=int, default=90)
+    a = p.parse_args(argv)
+    try:
+        a.head_dims = [int(x) for x in a.heads.split(",") if x.strip()]
+        a.warp_list = [int(x) for x in a.warps.split(",") if x.strip()] or [None]
+    except ValueError:
+        p.error(f"--heads and --warps take comma lists of integers, got {a.heads!r} and {a.warps!r}")
+    return a
+
+
+def main(argv=None) -> None:
+    import torch
+
+    from momtitan.ops.triton import launch
+
+    a = parse_args(argv)
+    found = kernels()
+    names = [n.strip() for n in a.kernels.split(",") if n.strip()] or sorted(found)
+    unknown = [n for n in names if n not in found]
+    if unknown:
+        raise ValueError(f"--kernels takes names from {sorted(found)}, got {unknown}")
+    print("| kernel | head dim | warps | registers | spill stores / loads (bytes) |")
+    print("|---|---|---|---|---|")
+    for d in a.head_dims:
+        x = torch.zeros(1, 1, 1, d, dtype=torch.bfloat16)
+        plan = launch._Plan(x, x, x, None, x[..., 0], None, None, None, True, launch.DEFAULT_CHUNK)
+        for name in names:
+            for w in a.warp_list:
+                consts, warps = constants(name, plan, w)
+                regs, stores, loads = ptxas_report(found[name], consts, warps, a.stages, a.arch)
+                print(f"| {name} | {d} | {warps} | {regs} | {stores} / {loads} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
