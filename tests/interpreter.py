@@ -43,6 +43,18 @@ def run_worker(test_file: str, timeout: int) -> dict:
     return results
 
 
+def run_snippet(code: str, timeout: int) -> dict:
+    """Runs `code` (which prints one JSON object as its last line) in a subprocess under the
+    interpreter and returns that object; fails the test with the subprocess's log otherwise."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
+        pytest.fail(f"interpreter snippet failed, rc={proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
 def result(results: dict, name: str) -> dict:
     if name not in results:
         pytest.fail(f"interpreter worker produced no result for {name!r}:\n{results['_log']}")

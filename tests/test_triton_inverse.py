@@ -2,16 +2,10 @@
 against a float64 inverse, under the Triton interpreter, at every chunk size the kernels take and
 for near-singular products of correlated keys; and the chunk sizes the kernels refuse."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.interpreter import run_snippet
 
 WORKER = r"""
 import json
@@ -68,10 +62,7 @@ print(json.dumps(errors))
 
 
 def test_inverse_blocks_match_float64():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", WORKER], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    errors = run_snippet(WORKER, timeout=300)
     assert len(errors) == 9
     assert all(err < 1e-6 for err in errors.values()), errors
 

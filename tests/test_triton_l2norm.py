@@ -2,16 +2,10 @@
 under the Triton interpreter at awkward shapes (K not a power of two, rows not a multiple of the
 row block, zero rows), and on the GPU in bf16."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.interpreter import run_snippet
 
 WORKER = r"""
 import json
@@ -33,10 +27,7 @@ print(json.dumps(errors))
 
 
 def test_l2norm_bwd_matches_the_reference_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", WORKER], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    errors = run_snippet(WORKER, timeout=300)
     assert len(errors) == 4
     assert all(err < 1e-6 for err in errors.values()), errors
 
