@@ -17,7 +17,7 @@ spec.loader.exec_module(tune)
 
 
 def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps():
-    assert tune.default_choices(128) == dict(BV=64, BVG=32, BVS=32, warps_seq=8, warps_chunk=8, warps_grad=8,
+    assert tune.default_choices(128) == dict(BV=64, BVG=32, BVS=32, warps_seq=4, warps_chunk=8, warps_grad=8,
                                              stages_seq=1, chunk_states_in_input_dtype=0, wy_in_input_dtype=0,
                                              state_bwd_dots_in_input_dtype=0)
     assert tune.candidates(["storage"], head_dim=128) == [
@@ -27,8 +27,8 @@ def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps
     assert {c["BVS"] for c in seq} == {16, 32, 64, 128} and {c["stages_seq"] for c in seq} == {1, 2, 3}
     assert not any(c["BVS"] == 16 and c["warps_seq"] == 8 for c in seq)
     assert len(seq) == 4 * 3 * 3 - 3 - 1  # no 16-wide tile at 8 warps, and not the defaults themselves
-    # nearest the defaults (BVS 32, 8 warps, 1 stage) first: one choice changed in each of the first six
-    assert all(sum(c[k] != v for k, v in (("BVS", 32), ("warps_seq", 8), ("stages_seq", 1))) == 1 for c in seq[:6])
+    # nearest the defaults (BVS 32, 4 warps, 1 stage) first: one choice changed in each of the first six
+    assert all(sum(c[k] != v for k, v in (("BVS", 32), ("warps_seq", 4), ("stages_seq", 1))) == 1 for c in seq[:6])
     assert {c["BV"] for c in tune.candidates(["chunk"], head_dim=256)} == {32, 64, 128}
     assert {c["BVG"] for c in tune.candidates(["grad"], head_dim=256)} == {16, 32, 64}
     assert tune.candidates(["dots"], head_dim=64) == [dict(state_bwd_dots_in_input_dtype=1, group="dots")]

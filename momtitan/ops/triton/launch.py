@@ -66,9 +66,11 @@ class _Plan:
         # output and gradient kernels on an H200 (wrong outputs, then an illegal memory access). The
         # same pattern (BVS = 16 at 8 warps) is the suspect of the head-dim-256 illegal access.
         small = chunk <= 32 or self.BKF <= 64 or self.BVF <= 16
-        # sequential passes: 8 warps for large heads too (scripts/kernel_registers.py: at d = 128 the
-        # forward pass takes 178 registers at 8 warps and 238 at 4, neither spilling)
-        self.warps_seq = 4 if small else 8
+        # sequential passes: 4 warps at every head dim. At 8 warps (d >= 128) the blocked passes hit
+        # an illegal memory access on an H100 with 16-bit inputs and the delta rules (Triton 3.6;
+        # the W.S dot spread over all 8 warps beside [4, 2] state-update dots), and delta-128-fp16
+        # passed at 4; 4 warps take more registers (d = 128: 238 against 178) but do not spill
+        self.warps_seq = 4
         self.warps_chunk = 4 if small else 8
         self.warps_grad = 4 if small else 8
         # the sequential passes' loads wait for the previous chunk's dots: no software pipelining yet
