@@ -13,6 +13,7 @@ Outputs:
 
     python scripts/mqar.py --jobs 12 --amp bfloat16   # full grid on one GPU, 12 runs side by side
     python scripts/mqar.py --jobs 12 --amp bfloat16 --stop-at 0.99   # runs end once solved; lrs in turn
+    python scripts/mqar.py --jobs 12 --amp bfloat16 --stop-at 0.99 --mps   # the grid in ~9 min on one H100
     python scripts/mqar.py --quick --device cpu  # a CPU-sized smoke run of the same pipeline
     python scripts/mqar.py --arms mom --kv-pairs 32 --d-models 128 --lrs 1e-3 --amp bfloat16 --steps 40 \
         --profile outputs/mqar/profile           # where one run's step time goes (top kernels, trace)
@@ -28,6 +29,7 @@ its JSON; `--merge` then writes the markdown and the plot from the shards' JSONs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -36,7 +38,10 @@ import os
 import platform
 import queue
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,13 +50,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Cost (H200, docs/quality.md). fp32, one process: 36-57 ms per step (B=128, T=256) for the recurrent
-# arms, 11-12 ms for attention. bf16, the costliest cell (MoM, kv 32, d 128): 127 ms per step with
-# per-block compile, 50.5 ms with `--compile-mode reduce-overhead` (CUDA graphs), of which ~18 ms are
-# kernels. `--jobs` trains several runs side by side on one GPU and hides the host as CUDA graphs do
-# (12 workers without graphs and 4 with them both gave ~40 steps/s for the GPU), so the grid's cost is
-# its kernels' time per step times its steps; `--stop-at 0.99` ends solved runs early and skips a
-# solved cell's other learning rates (not yet measured).
+# Cost (docs/quality.md). bf16, the costliest cell (MoM, kv 32, d 128), one process on an H200: 127 ms
+# per step with per-block compile, 50.5 ms with `--compile-mode reduce-overhead` (CUDA graphs), of
+# which ~18 ms are kernels. `--jobs` trains several runs side by side on one GPU and hides the host as
+# CUDA graphs do, so the grid's cost is its kernels' time per step times its steps. Small kernels of
+# separate processes take turns on the GPU; under an MPS server (`--mps`) they share its SMs at once.
+# The whole grid with `--jobs 12 --stop-at 0.99 --mps`: 547 s on one H100 (44 of its 48 runs: a
+# solved cell skips its other learning rate).
 from momtitan.eval.mqar import ARM_LABELS, ARMS, MQARTask, TrainConfig, build_model_args, generate_mqar, train_mqar  # noqa: E402
 
 # Full grid: Zoology's T=256 setting at three recall loads, two widths (Zoology Fig. 2 / GDN sweep
@@ -98,6 +103,9 @@ def parse_args(argv=None):
                    help="train nothing: write the markdown and plot of the shards' JSONs")
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes training runs side by side on the device (default 1)")
+    p.add_argument("--mps", action="store_true",
+                   help="start an MPS server of its own for the run (nvidia-cuda-mps-control), so that the --jobs "
+                        "workers' kernels run side by side instead of taking turns; stopped at the end")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="profile training steps 21-25 (fewer steps: the last five after two of warmup) of the one run "
                         "the options select (one kv, d_model, arm and lr; --jobs 1): a chrome trace in DIR "
@@ -494,6 +502,34 @@ def profile_run(a, g: dict, device: str, compile_blocks: bool, n_runs: int) -> s
     return table
 
 
+@contextlib.contextmanager
+def mps_server(device: str):
+    """A CUDA MPS control daemon of this run's own (pipe and log directories in a temporary folder,
+    so another user's server is untouched): the processes started inside, `--jobs` workers included,
+    become its clients and their kernels can occupy the GPU's SMs together. Enter it before CUDA
+    is initialised in this process."""
+    if not device.startswith("cuda"):
+        raise ValueError(f"--mps needs a CUDA device, got --device {device!r}")
+    exe = shutil.which("nvidia-cuda-mps-control")
+    if exe is None:
+        raise SystemExit("--mps needs nvidia-cuda-mps-control (the CUDA driver's MPS tools) on PATH; run without --mps")
+    if torch.cuda.is_initialized():
+        raise RuntimeError("mps_server must start before this process initialises CUDA")
+    root = Path(tempfile.mkdtemp(prefix="momtitan-mps-"))
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(root / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(root / "log")}
+    for d in env.values():
+        Path(d).mkdir()
+    subprocess.run([exe, "-d"], env={**os.environ, **env}, check=True)
+    os.environ.update(env)
+    print(f"MPS server started (pipe {env['CUDA_MPS_PIPE_DIRECTORY']})", flush=True)
+    try:
+        yield
+    finally:
+        subprocess.run([exe], input="quit\n", text=True, env={**os.environ, **env}, timeout=60, check=False)
+        for key in env:
+            os.environ.pop(key, None)
+
+
 def main(argv=None):
     a = parse_args(argv)
     if a.merge:
@@ -501,6 +537,11 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with mps_server(device) if a.mps else contextlib.nullcontext():
+        return run(a, device, argv)
+
+
+def run(a, device: str, argv):
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

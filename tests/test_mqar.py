@@ -286,6 +286,29 @@ def test_mqar_jobs_train_the_grid_in_worker_processes(tmp_path):
     assert bad.returncode != 0 and "--jobs must be >= 1, got 0" in bad.stderr
 
 
+def test_mps_server_starts_and_stops_its_own_daemon(tmp_path, monkeypatch):
+    """`--mps`: the control daemon is started with its own pipe/log folders (set for the workers while
+    it runs), told to quit at the end, and refused without a CUDA device or without the tool."""
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "nvidia-cuda-mps-control"
+    fake.write_text(f'#!/bin/sh\necho "args=$* pipe=$CUDA_MPS_PIPE_DIRECTORY stdin=$(cat)" >> {log}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    cli = _cli()
+    with cli.mps_server("cuda"):
+        pipe = os.environ["CUDA_MPS_PIPE_DIRECTORY"]
+        assert Path(pipe).is_dir() and Path(os.environ["CUDA_MPS_LOG_DIRECTORY"]).is_dir()
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
+    start, stop = log.read_text().splitlines()
+    assert start.startswith("args=-d ") and f"pipe={pipe}" in start
+    assert stop == f"args= pipe={pipe} stdin=quit"
+    with pytest.raises(ValueError, match="--mps needs a CUDA device, got --device 'cpu'"):
+        cli.main(["--device", "cpu", "--quick", "--mps", "--no-write"])
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(SystemExit, match="--mps needs nvidia-cuda-mps-control"):
+        cli.main(["--device", "cuda", "--quick", "--mps", "--no-write"])
+
+
 def test_compile_mode_needs_inductor_and_a_known_mode():
     with pytest.raises(ValueError, match="compile_mode must be one of"):
         TrainConfig(compile_mode="reduce-overhead")  # no compile backend
@@ -306,6 +329,17 @@ def test_compiled_blocks_train_like_eager():
                           log_every=1) for c in (None, "aot_eager")]
     eager, compiled = ([loss for _, loss in r["loss_log"]] for r in results)
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_one_process_compiles_runs_of_many_arms_and_widths():
+    """A grid's process trains every arm and width: their blocks' graphs must not add up to dynamo's
+    recompile limit (a fullgraph compile fails when it is hit; seen on a GPU at the grid's 33rd run)."""
+    task = MQARTask(vocab_size=32, seq_len=16, num_kv_pairs=2)
+    cfg = TrainConfig(steps=1, batch_size=4, num_train=8, num_test=4, compile_backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for arm, d in [("mom", 16), ("gdn_active", 16), ("mom", 32), ("attention", 16)]:
+            args = build_model_args(arm, d, vocab_size=32, seq_len=16, attn_head_dim=16)
+            assert train_mqar(args, task, cfg)["steps_run"] == 1
 
 
 def test_stop_at_ends_a_run_early_and_is_validated():

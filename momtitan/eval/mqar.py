@@ -89,8 +89,10 @@ class MQARTask:
 
 
 def _distinct_uniform(gen: torch.Generator, rows: int, choices: int, size: int) -> torch.Tensor:
-    """`[rows, size]` distinct integers in [0, choices) per row, uniformly (random-key argsort)."""
-    return torch.rand(rows, choices, generator=gen).argsort(dim=1)[:, :size]
+    """`[rows, size]` distinct integers in [0, choices) per row, uniformly: the indices of the `size`
+    largest of `choices` uniform keys are a uniform subset in uniform order (top-k, ~8x faster than a
+    full argsort at the grid's 4K choices)."""
+    return torch.rand(rows, choices, generator=gen).topk(size, dim=1).indices
 
 
 def generate_mqar(task: MQARTask, num_examples: int, seed: int, *, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,6 +353,10 @@ def train_mqar(args: MoMModelArgs, task: MQARTask, cfg: TrainConfig, *, log_ever
     if cfg.compile_backend is not None:  # tiny models are launch-bound: fused blocks run much faster
         from momtitan.parallel.parallelize import apply_compile
 
+        # a grid trains many widths and arms in one process (or worker): each new block graph (and
+        # its eval-mode twin) would count against dynamo's recompile limit of the shared forward
+        # code, and fullgraph turns hitting it into an error, so every run compiles from scratch
+        torch._dynamo.reset()
         apply_compile(model, backend=cfg.compile_backend, fullgraph=True, mode=cfg.compile_mode)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embeddings" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embeddings" not in n)]

@@ -131,13 +131,16 @@ def grads_kernel(
         b = tl.zeros([C], dtype=tl.float32)
         Tm = tl.zeros([C, C], dtype=tl.float32)
 
+    # The loops over V and K blocks stay loops (tl.range, not unrolled): unrolled, the scheduler hoisted
+    # every block's loads beside the kernel's many live C x C tiles and ptxas spilled 2-3 KB per thread
+    # (scripts/kernel_registers.py, sm_90, 8 warps: d = 128 2260 -> 68 B, d = 256 2480 -> 64 B).
     # Pass 1, over V: the C x C products, which do not depend on the K-block (and dv).
     dP = tl.zeros([C, C], dtype=tl.float32)  # dO u^T
     dPT = tl.zeros([C, C], dtype=tl.float32)  # u dO^T (its transpose, built directly)
     dA = tl.zeros([C, C], dtype=tl.float32)  # dbv u^T
     dAT = tl.zeros([C, C], dtype=tl.float32)  # u dbv^T
     dbeta = tl.zeros([C], dtype=tl.float32)  # sum_v v * dbv, then the K-block terms
-    for vb in tl.static_range(NVB):
+    for vb in tl.range(0, NVB):
         vv = vb * BV + tl.arange(0, BV)
         tmask = valid[:, None] & (vv < V)[None, :]
         dO = tl.load(do_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
@@ -159,7 +162,7 @@ def grads_kernel(
 
     QK = tl.zeros([C, C], dtype=tl.float32)
     KK = tl.zeros([C, C], dtype=tl.float32)
-    for kb in tl.static_range(NKB):
+    for kb in tl.range(0, NKB):
         k2 = kb * BK + tl.arange(0, BK)
         m2 = valid[:, None] & (k2 < K)[None, :]
         q2 = tl.load(q_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
@@ -186,13 +189,13 @@ def grads_kernel(
     dc = tl.zeros([C], dtype=tl.float32)  # d(carry), summed over K-blocks
     de = tl.zeros([C], dtype=tl.float32)  # d(end weights)
     dcC = 0.0  # d(c_end)
-    for kb in tl.static_range(NKB):
+    for kb in tl.range(0, NKB):
         kk = kb * BK + tl.arange(0, BK)
         km = kk < K
         acc_qs = tl.zeros([C, BK], dtype=tl.float32)  # dO S0^T
         acc_ek = tl.zeros([C, BK], dtype=tl.float32)  # u dS1^T
         acc_bk = tl.zeros([C, BK], dtype=tl.float32)  # dbv S0^T
-        for vb in tl.static_range(NVB):
+        for vb in tl.range(0, NVB):
             vv = vb * BV + tl.arange(0, BV)
             vm = vv < V
             smask = km[:, None] & vm[None, :] & live

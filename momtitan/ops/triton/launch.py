@@ -72,7 +72,9 @@ class _Plan:
         # passed at 4; 4 warps take more registers (d = 128: 238 against 178) but do not spill
         self.warps_seq = 4
         self.warps_chunk = 4 if small else 8
-        self.warps_grad = 4 if small else 8
+        # the gradient kernel at d = 64 too: its ~10 live C x C tiles spill 1560 B per thread at 4 warps
+        # and 108 B at 8 (ptxas, sm_90); the tiles stay 32 wide, not the 16-wide tiles that miscompiled
+        self.warps_grad = 8 if chunk > 32 and self.BKF >= 64 and self.BVF >= 32 else 4
         # the sequential passes' loads wait for the previous chunk's dots: no software pipelining yet
         self.stages_seq = 1
         # 1: the per-chunk start states h and their gradients dh (the largest intermediates, [NC, H, K, V])
