@@ -266,6 +266,36 @@ def test_mqar_shards_split_the_grid_and_merge(tmp_path):
         cli.main(common + ["--shard", "2/2"])
 
 
+def test_mqar_merges_seeds_into_medians(tmp_path):
+    """Grids of two seeds merge into one report: each seed's best lr per cell in the table, and per
+    cell the median over seeds, their range and how many solved it."""
+    cli = _cli()
+    assert cli.summarize([0.1, 0.995, 0.5], 0.99) == "0.500 (0.100-0.995; 1/3)"
+    assert cli.summarize([0.25], 0.99) == "0.250"
+    rows = [dict(num_kv_pairs=2, d_model=16, arm="mom", seed=s, lr=lr, accuracy=acc)
+            for s, lr, acc in [(0, 1e-3, 0.2), (0, 3e-3, 0.9), (1, 1e-3, 0.4), (1, 3e-3, 0.1)]]
+    best = cli.best_runs(rows)
+    assert [(r["seed"], r["lr"]) for r in best] == [(0, 3e-3), (1, 1e-3)]
+    assert cli.cell_accuracies(best) == {(2, 16, "mom"): [0.9, 0.4]}
+
+    common = ["--device", "cpu", "--arms", "mom,attention", "--kv-pairs", "2", "--d-models", "16", "--seq-len", "16",
+              "--vocab-size", "32", "--steps", "2", "--batch-size", "4", "--num-train", "16", "--num-test", "8",
+              "--lrs", "0.003", "--no-write"]
+    for seed in (0, 1):
+        runs = cli.main(common + ["--seed", str(seed), "--json", str(tmp_path / f"seed{seed}.json")])
+        assert {r["seed"] for r in runs} == {seed}
+    out = tmp_path / "q.md"
+    merged = cli.main(["--merge", f"{tmp_path / 'seed0.json'},{tmp_path / 'seed1.json'}", "--markdown", str(out),
+                       "--plot", str(tmp_path / "p.png")])
+    assert len(merged) == 4
+    text = out.read_text()
+    assert "Accuracy by cell median over seeds [0, 1]" in text and "2 parts of" in text
+    for seed in (0, 1):
+        assert f"| 2 | 16 | mom | 5×(2×8×8) | 1,280 | 768 | " in text and f" | {seed} | 3e-03 | 2 | " in text
+    pivot = [line for line in text.splitlines() if line.startswith("| 2 | 16 | ") and line.count("|") == 5]
+    assert len(pivot) == 1 and pivot[0].count("/2)") == 2
+
+
 def test_mqar_jobs_train_the_grid_in_worker_processes(tmp_path):
     """`--jobs 2`: the runs are trained by two spawned workers and all reach the JSON; bad --jobs raises."""
     import json
