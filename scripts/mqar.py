@@ -582,10 +582,11 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with mps_server(device) if a.mps else contextlib.nullcontext():
-        return run(a, device, argv)
+        return train_and_report(a, device, argv)
 
 
-def run(a, device: str, argv):
+def train_and_report(a, device: str, argv):
+    """Everything after the arguments: the grid (or one profiled run), its JSON and its report."""
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
