@@ -231,7 +231,9 @@ def run_grid(g: dict, device: str, amp: str | None, seed: int, compile_blocks: b
     """Train the shard's runs of the grid (`grid_runs`), one after another, or with `jobs > 1` in that
     many worker processes sharing the device (a tiny model's step leaves a GPU mostly idle). With
     `stop_at`, runs end early once they reach it (`TrainConfig.stop_at`) and a cell's learning rates
-    run in turn, each only if the ones before stayed below it on the test set."""
+    run in turn, each only if the ones before stayed below it on the test set. A run that fails does
+    not stop the others: once they are done, a RuntimeError names every failed run (the finished ones
+    have reached `on_run`, i.e. the JSON)."""
     todo = grid_runs(g, shard)
     to_run, later = lr_schedule(todo, stop_at)
     work = functools.partial(train_run, g, device, amp, seed, compile_blocks, compile_mode, stop_at)
@@ -250,34 +252,52 @@ def run_grid(g: dict, device: str, amp: str | None, seed: int, compile_blocks: b
         rest = later.get((r["num_kv_pairs"], r["d_model"], r["arm"]))
         return rest.pop(0) if rest and r["accuracy"] < stop_at else None
 
+    failed = []  # (run, error): the other runs go on, and the grid raises once they are done
+
+    def failure(run, err: BaseException) -> None:
+        failed.append((run, err))
+        print(f"  FAILED kv={run[0]} d={run[1]} {run[2]} lr={run[3]:.0e}: {type(err).__name__}: {err}", flush=True)
+
     if jobs == 1:
         while to_run:
-            follow = finished(work(to_run.pop(0)))
-            if follow is not None:
-                to_run.append(follow)
-        return runs
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # the workers compile side by side
-    pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(todo)), _worker_init, (device,))
-    results = queue.SimpleQueue()  # filled by the pool's result thread
-
-    def submit(run):
-        pool.apply_async(work, (run,), callback=results.put, error_callback=results.put)
-
-    for run in to_run:
-        submit(run)
-    outstanding = len(to_run)
-    try:
-        while outstanding:
-            r = results.get()
-            outstanding -= 1
-            if isinstance(r, BaseException):
-                raise r
+            run = to_run.pop(0)
+            try:
+                r = work(run)
+            except Exception as err:  # noqa: BLE001 -- re-raised below, after the other runs
+                failure(run, err)
+                continue
             follow = finished(r)
             if follow is not None:
-                submit(follow)
-                outstanding += 1
-    finally:
-        pool.terminate()
+                to_run.append(follow)
+    else:
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # the workers compile side by side
+        pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(todo)), _worker_init, (device,))
+        results = queue.SimpleQueue()  # (run, result or error), filled by the pool's result thread
+
+        def submit(run):
+            pool.apply_async(work, (run,), callback=lambda r, run=run: results.put((run, r)),
+                             error_callback=lambda e, run=run: results.put((run, e)))
+
+        for run in to_run:
+            submit(run)
+        outstanding = len(to_run)
+        try:
+            while outstanding:
+                run, r = results.get()
+                outstanding -= 1
+                if isinstance(r, BaseException):
+                    failure(run, r)
+                    continue
+                follow = finished(r)
+                if follow is not None:
+                    submit(follow)
+                    outstanding += 1
+        finally:
+            pool.terminate()
+    if failed:
+        names = "; ".join(f"kv={r[0]} d={r[1]} {r[2]} lr={r[3]:.0e}: {type(e).__name__}: {e}" for r, e in failed)
+        raise RuntimeError(f"{len(failed)} of the grid's runs failed ({len(runs)} finished, in the JSON): {names}") \
+            from failed[0][1]
     return runs
 
 

@@ -339,6 +339,27 @@ def test_mps_server_starts_and_stops_its_own_daemon(tmp_path, monkeypatch):
         cli.main(["--device", "cuda", "--quick", "--mps", "--no-write"])
 
 
+def test_a_failed_run_lets_the_others_finish_then_fails_the_grid(tmp_path):
+    """With --jobs 2, MoM's runs fail (top-2 of one memory) while attention's train: the JSON keeps
+    attention's runs and the command exits non-zero naming each failed run and its error."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "scripts" / "mqar.py"), "--device", "cpu", "--arms", "mom,attention",
+           "--kv-pairs", "2", "--d-models", "16", "--seq-len", "16", "--vocab-size", "32", "--steps", "2",
+           "--batch-size", "4", "--num-train", "16", "--num-test", "8", "--lrs", "0.001,0.003", "--no-write",
+           "--num-memories", "1", "--topk", "2", "--jobs", "2", "--json", str(tmp_path / "r.json")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "RuntimeError: 2 of the grid's runs failed (2 finished, in the JSON): " in done.stderr
+    for lr in ("1e-03", "3e-03"):
+        assert f"kv=2 d=16 mom lr={lr}: ValueError: topk must be <= num_memories (1), got topk=2" in done.stderr
+    runs = json.loads((tmp_path / "r.json").read_text())["runs"]
+    assert sorted((r["arm"], r["lr"]) for r in runs) == [("attention", 0.001), ("attention", 0.003)]
+
+
 def test_compile_mode_needs_inductor_and_a_known_mode():
     with pytest.raises(ValueError, match="compile_mode must be one of"):
         TrainConfig(compile_mode="reduce-overhead")  # no compile backend
