@@ -1,14 +1,18 @@
 """Registers and spills of the Triton recurrence kernels on Hopper, measured without a GPU.
 
 Each kernel is compiled ahead of time for sm_90 with the constants the launcher would pass for a
-bf16 gated-delta call of the given head dim (`launch._Plan`'s tiles, or `--warps`), and with the
+gated-delta call of the given head dim and dtype (`launch._Plan`'s tiles and dot modes, or `--warps`),
+and with the
 16-byte divisibility hints a launch gives aligned pointers and head sizes; then the ptxas shipped in
-the Triton wheel reports, for the PTX, the registers per thread and the bytes spilled to local memory.
+the Triton wheel reports, for the PTX, the registers per thread and the bytes spilled to local memory
+(and the seconds of Triton's compile, in a cache of its own: a kernel that spills heavily also
+compiles slowly, which is the first minutes of a GPU test of it).
 A kernel at 255 registers that spills re-reads its spilled values from local memory on every use:
 the first thing to look at when a kernel is slower than its work says.
 
     python scripts/kernel_registers.py                        # every kernel, head dims 64, 128, 256
     python scripts/kernel_registers.py --kernels state_kernel,state_bwd_kernel --heads 256 --warps 4,8
+    python scripts/kernel_registers.py --kernels grads_kernel --heads 256 --dtype fp32   # the GPU tests' fp32
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# inputs and outputs in the inputs' dtype (bf16); every other pointer is fp32 (or int64, below)
-BF16_ARGS = {"q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dv_ptr"}
+# inputs and outputs in the inputs' dtype (--dtype); every other pointer is fp32 (or int64, below)
+IO_ARGS = {"q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dv_ptr"}
+DTYPES = ("bf16", "fp16", "fp32")
 INT_PTR_ARGS = {"info_ptr", "seg_ptr", "r_ptr"}
 SIZE_ARGS = {"H", "K", "V"}
 
@@ -53,8 +59,10 @@ def constants(name: str, plan, warps: int | None) -> tuple[dict, int]:
     return values, warps or default_warps
 
 
-def ptxas_report(fn, consts: dict, warps: int, stages: int, arch: int) -> tuple[int, int, int]:
-    """(registers, spill store bytes, spill load bytes) of `fn` compiled for sm_`arch`."""
+def ptxas_report(fn, consts: dict, warps: int, stages: int, arch: int,
+                 dtype: str = "bf16") -> tuple[int, int, int, float]:
+    """(registers, spill store bytes, spill load bytes, seconds of Triton's compile to a cubin) of `fn`
+    compiled for sm_`arch`, its inputs and outputs in `dtype`."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -70,14 +78,16 @@ def ptxas_report(fn, consts: dict, warps: int, stages: int, arch: int) -> tuple[
         elif arg in SIZE_ARGS:
             sig[arg] = "i32"
         else:
-            sig[arg] = "*bf16" if arg in BF16_ARGS else "*i64" if arg in INT_PTR_ARGS else "*fp32"
+            sig[arg] = f"*{dtype}" if arg in IO_ARGS else "*i64" if arg in INT_PTR_ARGS else "*fp32"
         if arg in SIZE_ARGS or sig[arg].startswith("*"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     missing = used - consts.keys()
     if missing:
         raise ValueError(f"no value for the constexpr arguments {sorted(missing)} of {fn.__name__}")
     src = ASTSource(fn=fn, signature=sig, constexprs={k: consts[k] for k in used}, attrs=attrs)
+    t0 = time.perf_counter()
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    seconds = time.perf_counter() - t0
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "kernel.ptx"
@@ -89,7 +99,7 @@ def ptxas_report(fn, consts: dict, warps: int, stages: int, arch: int) -> tuple[
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     if regs is None or spills is None:
         raise RuntimeError(f"ptxas printed no register report for {fn.__name__}:\n{text}")
-    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2)), seconds
 
 
 def parse_args(argv=None):
@@ -99,6 +109,7 @@ def parse_args(argv=None):
     p.add_argument("--warps", default="", help="comma list of warps to try (default: the launcher's choice)")
     p.add_argument("--stages", type=int, default=1)
     p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--dtype", default="bf16", choices=DTYPES, help="the inputs' dtype (sets the dot modes too)")
     a = p.parse_args(argv)
     try:
         a.head_dims = [int(x) for x in a.heads.split(",") if x.strip()]
@@ -119,16 +130,30 @@ def main(argv=None) -> None:
     unknown = [n for n in names if n not in found]
     if unknown:
         raise ValueError(f"--kernels takes names from {sorted(found)}, got {unknown}")
-    print("| kernel | head dim | warps | registers | spill stores / loads (bytes) |")
-    print("|---|---|---|---|---|")
-    for d in a.head_dims:
-        x = torch.zeros(1, 1, 1, d, dtype=torch.bfloat16)
-        plan = launch._Plan(x, x, x, None, x[..., 0], None, None, None, True, launch.DEFAULT_CHUNK)
-        for name in names:
-            for w in a.warp_list:
-                consts, warps = constants(name, plan, w)
-                regs, stores, loads = ptxas_report(found[name], consts, warps, a.stages, a.arch)
-                print(f"| {name} | {d} | {warps} | {regs} | {stores} / {loads} |", flush=True)
+    print(f"inputs {a.dtype}, sm_{a.arch}")
+    print("| kernel | head dim | warps | registers | spill stores / loads (bytes) | compile s |")
+    print("|---|---|---|---|---|---|")
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
+    # a Triton cache of our own, dropped at the end: a kernel found in the user's cache would print the
+    # seconds of a cache hit, not of its compile
+    before = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="kernel_registers_") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        try:
+            for d in a.head_dims:
+                x = torch.zeros(1, 1, 1, d, dtype=torch_dtype)
+                plan = launch._Plan(x, x, x, None, x[..., 0], None, None, None, True, launch.DEFAULT_CHUNK)
+                for name in names:
+                    for w in a.warp_list:
+                        consts, warps = constants(name, plan, w)
+                        regs, stores, loads, seconds = ptxas_report(found[name], consts, warps, a.stages, a.arch,
+                                                                    a.dtype)
+                        print(f"| {name} | {d} | {warps} | {regs} | {stores} / {loads} | {seconds:.1f} |", flush=True)
+        finally:
+            if before is None:
+                os.environ.pop("TRITON_CACHE_DIR", None)
+            else:
+                os.environ["TRITON_CACHE_DIR"] = before
 
 
 if __name__ == "__main__":

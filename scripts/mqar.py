@@ -24,6 +24,14 @@ its JSON; `--merge` then writes the markdown and the plot from the shards' JSONs
     CUDA_VISIBLE_DEVICES=0 python scripts/mqar.py --shard 0/2 --json outputs/mqar/s0.json &
     CUDA_VISIBLE_DEVICES=1 python scripts/mqar.py --shard 1/2 --json outputs/mqar/s1.json; wait
     python scripts/mqar.py --merge outputs/mqar/s0.json,outputs/mqar/s1.json
+
+A run's outcome can turn on its seed, and even on GPU nondeterminism (docs/quality.md), so a ranking
+needs several seeds: one grid per seed (`--seed`, `--no-write`), then `--merge` of their JSONs reports
+each cell's median over the seeds, its range and how many seeds solved it:
+
+    for s in 0 1 2; do python scripts/mqar.py --jobs 12 --amp bfloat16 --stop-at 0.99 --mps --seed $s \
+        --json outputs/mqar/seed$s.json --no-write; done
+    python scripts/mqar.py --merge outputs/mqar/seed0.json,outputs/mqar/seed1.json,outputs/mqar/seed2.json
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import platform
 import queue
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -187,7 +196,7 @@ def train_run(g: dict, device: str, amp: str | None, seed: int, compile_blocks: 
                       compile_backend="inductor" if compile_blocks else None, compile_mode=compile_mode,
                       stop_at=stop_at)
     r = train_mqar(args, task, cfg, data=_data(task, g["num_train"], g["num_test"], seed), on_step=on_step)
-    r.update(arm=arm, d_model=d, num_kv_pairs=kv, seq_len=task.seq_len, lr=lr,
+    r.update(arm=arm, d_model=d, num_kv_pairs=kv, seq_len=task.seq_len, lr=lr, seed=seed,
              heads=args.num_heads, head_dim=args.head_dim, head_v_dim=args.head_v_dim,
              streams_total=args.num_memories + int(args.shared_mem) if not args.attn_layers else 0,
              streams_active=args.topk + int(args.shared_mem) if not args.attn_layers else 0)
@@ -222,7 +231,9 @@ def run_grid(g: dict, device: str, amp: str | None, seed: int, compile_blocks: b
     """Train the shard's runs of the grid (`grid_runs`), one after another, or with `jobs > 1` in that
     many worker processes sharing the device (a tiny model's step leaves a GPU mostly idle). With
     `stop_at`, runs end early once they reach it (`TrainConfig.stop_at`) and a cell's learning rates
-    run in turn, each only if the ones before stayed below it on the test set."""
+    run in turn, each only if the ones before stayed below it on the test set. A run that fails does
+    not stop the others: once they are done, a RuntimeError names every failed run (the finished ones
+    have reached `on_run`, i.e. the JSON)."""
     todo = grid_runs(g, shard)
     to_run, later = lr_schedule(todo, stop_at)
     work = functools.partial(train_run, g, device, amp, seed, compile_blocks, compile_mode, stop_at)
@@ -241,60 +252,99 @@ def run_grid(g: dict, device: str, amp: str | None, seed: int, compile_blocks: b
         rest = later.get((r["num_kv_pairs"], r["d_model"], r["arm"]))
         return rest.pop(0) if rest and r["accuracy"] < stop_at else None
 
+    failed = []  # (run, error): the other runs go on, and the grid raises once they are done
+
+    def failure(run, err: BaseException) -> None:
+        failed.append((run, err))
+        print(f"  FAILED kv={run[0]} d={run[1]} {run[2]} lr={run[3]:.0e}: {type(err).__name__}: {err}", flush=True)
+
     if jobs == 1:
         while to_run:
-            follow = finished(work(to_run.pop(0)))
-            if follow is not None:
-                to_run.append(follow)
-        return runs
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # the workers compile side by side
-    pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(todo)), _worker_init, (device,))
-    results = queue.SimpleQueue()  # filled by the pool's result thread
-
-    def submit(run):
-        pool.apply_async(work, (run,), callback=results.put, error_callback=results.put)
-
-    for run in to_run:
-        submit(run)
-    outstanding = len(to_run)
-    try:
-        while outstanding:
-            r = results.get()
-            outstanding -= 1
-            if isinstance(r, BaseException):
-                raise r
+            run = to_run.pop(0)
+            try:
+                r = work(run)
+            except Exception as err:  # noqa: BLE001 -- re-raised below, after the other runs
+                failure(run, err)
+                continue
             follow = finished(r)
             if follow is not None:
-                submit(follow)
-                outstanding += 1
-    finally:
-        pool.terminate()
+                to_run.append(follow)
+    else:
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # the workers compile side by side
+        pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(todo)), _worker_init, (device,))
+        results = queue.SimpleQueue()  # (run, result or error), filled by the pool's result thread
+
+        def submit(run):
+            pool.apply_async(work, (run,), callback=lambda r, run=run: results.put((run, r)),
+                             error_callback=lambda e, run=run: results.put((run, e)))
+
+        for run in to_run:
+            submit(run)
+        outstanding = len(to_run)
+        try:
+            while outstanding:
+                run, r = results.get()
+                outstanding -= 1
+                if isinstance(r, BaseException):
+                    failure(run, r)
+                    continue
+                follow = finished(r)
+                if follow is not None:
+                    submit(follow)
+                    outstanding += 1
+        finally:
+            pool.terminate()
+    if failed:
+        names = "; ".join(f"kv={r[0]} d={r[1]} {r[2]} lr={r[3]:.0e}: {type(e).__name__}: {e}" for r, e in failed)
+        raise RuntimeError(f"{len(failed)} of the grid's runs failed ({len(runs)} finished, in the JSON): {names}") \
+            from failed[0][1]
     return runs
 
 
+def _seed(r: dict) -> int:
+    return r.get("seed", 0)  # JSONs written before runs recorded their seed ran seed 0
+
+
 def best_runs(runs: list[dict]) -> list[dict]:
-    """The best learning rate of each (arm, kv, d_model)."""
+    """The best learning rate of each (arm, kv, d_model) and seed."""
     best = {}
     for r in runs:
-        key = (r["num_kv_pairs"], r["d_model"], r["arm"])
+        key = (r["num_kv_pairs"], r["d_model"], r["arm"], _seed(r))
         if key not in best or r["accuracy"] > best[key]["accuracy"]:
             best[key] = r
     order = {a: i for i, a in enumerate(ARMS)}
-    return sorted(best.values(), key=lambda r: (r["num_kv_pairs"], r["d_model"], order[r["arm"]]))
+    return sorted(best.values(), key=lambda r: (r["num_kv_pairs"], r["d_model"], order[r["arm"]], _seed(r)))
+
+
+def cell_accuracies(best: list[dict]) -> dict[tuple[int, int, str], list[float]]:
+    """`(kv, d_model, arm)` -> the best accuracy of each seed, in seed order."""
+    cells = {}
+    for r in best:
+        cells.setdefault((r["num_kv_pairs"], r["d_model"], r["arm"]), []).append(r["accuracy"])
+    return cells
+
+
+def summarize(accs: list[float], solved_at: float) -> str:
+    """One seed: its accuracy. Several: the median, the range and how many seeds solved the cell."""
+    if len(accs) == 1:
+        return f"{accs[0]:.3f}"
+    lo, mid, hi = min(accs), statistics.median(accs), max(accs)
+    return f"{mid:.3f} ({lo:.3f}-{hi:.3f}; {sum(a >= solved_at for a in accs)}/{len(accs)})"
 
 
 def incomplete_cells(g: dict, runs: list[dict]) -> list[tuple[int, int]]:
-    """The (kv, d_model) cells with an arm still to train: not every learning rate ran, and (with
-    `stop_at`) none of those that ran reached it."""
+    """The (kv, d_model) cells with an arm still to train in one of the runs' seeds: not every
+    learning rate ran, and (with `stop_at`) none of those that ran reached it."""
     stop_at = g.get("stop_at")
     missing = set()
     for kv in g["kv_pairs"]:
         for d in g["d_models"]:
             for arm in g["arms"]:
-                mine = [r for r in runs if (r["num_kv_pairs"], r["d_model"], r["arm"]) == (kv, d, arm)]
-                solved = stop_at is not None and any(r["accuracy"] >= stop_at for r in mine)
-                if len({r["lr"] for r in mine}) < len(g["lrs"]) and not solved:
-                    missing.add((kv, d))
+                for seed in sorted({_seed(r) for r in runs}) or [0]:
+                    mine = [r for r in runs if (r["num_kv_pairs"], r["d_model"], r["arm"], _seed(r)) == (kv, d, arm, seed)]
+                    solved = stop_at is not None and any(r["accuracy"] >= stop_at for r in mine)
+                    if len({r["lr"] for r in mine}) < len(g["lrs"]) and not solved:
+                        missing.add((kv, d))
     return sorted(missing)
 
 
@@ -316,9 +366,13 @@ def markdown(g: dict, runs: list[dict], meta: dict, plot: str | None, quick: boo
     if quick:
         lines += ["A smoke-sized run of the pipeline on CPU: tiny vocabulary, short sequences, one width and "
                   "few steps. It shows the harness end to end; it does not rank the architectures.", ""]
+    seeds = sorted({_seed(r) for r in best})
+    solved_at = g.get("stop_at") or 0.99
+    walls = meta.get("part_walls_s")
     lines += [
-        f"Run {meta['date']} on {meta['device']} ({meta['host']}), torch {meta['torch']}, {meta['wall_s']:.0f} s wall. "
-        f"Command: `{meta['command']}`.",
+        f"Run {meta['date']} on {meta['device']} ({meta['host']}), torch {meta['torch']}, "
+        + (f"{len(walls)} parts of {', '.join(f'{w:.0f}' for w in walls)} s wall. " if walls else f"{meta['wall_s']:.0f} s wall. ")
+        + f"Command: `{meta['command']}`.",
         "",
         f"Task: vocab {g['vocab_size']}, T = {g['seq_len']}, power_a 0.01, random filler; {g['num_train']} train / "
         f"{g['num_test']} test examples (test seed = train seed + 1). Training: {g['steps']} steps × batch "
@@ -341,25 +395,27 @@ def markdown(g: dict, runs: list[dict], meta: dict, plot: str | None, quick: boo
         "Accuracy = share of query positions whose argmax is the right value; chance = 1/#values "
         f"= {1 / (g['vocab_size'] - g['vocab_size'] // 2):.2g}.",
         "",
-        "| kv pairs | d_model | arm | state shape (streams×H×d_k×d_v) | state total | state active | params | lr | steps "
-        "| accuracy | final loss | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kv pairs | d_model | arm | state shape (streams×H×d_k×d_v) | state total | state active | params | seed | lr "
+        "| steps | accuracy | final loss | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in best:
         state_t = f"{r['state_total']:,}" if r["arm"] != "attention" else f"(KV {r['kv_cache']:,})"
         state_a = f"{r['state_active']:,}" if r["arm"] != "attention" else "—"
         lines.append(f"| {r['num_kv_pairs']} | {r['d_model']} | {r['arm']} | {_shape(r)} | {state_t} | {state_a} | "
-                     f"{r['num_params']:,} | {r['lr']:.0e} | {r.get('steps_run', g['steps'])} | {r['accuracy']:.3f} | "
+                     f"{r['num_params']:,} | {_seed(r)} | {r['lr']:.0e} | {r.get('steps_run', g['steps'])} | {r['accuracy']:.3f} | "
                      f"{r['final_train_loss']:.3f} | "
                      f"{r['train_seconds']:.1f} |")
     # compact pivot
     arms = [a for a in ARMS if any(r["arm"] == a for r in best)]
-    lines += ["", "Accuracy by cell:", "", "| kv pairs | d_model | " + " | ".join(arms) + " |",
+    by_seed = "" if len(seeds) == 1 else (f" median over seeds {seeds} (range; seeds whose best lr reached "
+                                           f"{solved_at})")
+    lines += ["", f"Accuracy by cell{by_seed}:", "", "| kv pairs | d_model | " + " | ".join(arms) + " |",
               "|---|---|" + "---|" * len(arms)]
-    cells = sorted({(r["num_kv_pairs"], r["d_model"]) for r in best})
-    for kv, d in cells:
-        acc = {r["arm"]: r["accuracy"] for r in best if r["num_kv_pairs"] == kv and r["d_model"] == d}
-        lines.append(f"| {kv} | {d} | " + " | ".join(f"{acc[a]:.3f}" if a in acc else "—" for a in arms) + " |")
+    accs = cell_accuracies(best)
+    for kv, d in sorted({(r["num_kv_pairs"], r["d_model"]) for r in best}):
+        lines.append(f"| {kv} | {d} | " + " | ".join(summarize(accs[kv, d, a], solved_at) if (kv, d, a) in accs else "—"
+                                                    for a in arms) + " |")
     lines.append("")
     if plot:
         rel = Path(plot).name if Path(plot).parent == ROOT / "docs" else plot
@@ -402,6 +458,12 @@ def plot(runs: list[dict], path: str, title: str) -> str | None:
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib)"
     best = best_runs(runs)
+    accs = cell_accuracies(best)
+    # one point per cell: the median over its seeds (the only value with one seed)
+    first = {}
+    for r in best:
+        first.setdefault((r["num_kv_pairs"], r["d_model"], r["arm"]), r)
+    best = [dict(r, accuracy=statistics.median(accs[cell])) for cell, r in first.items()]
     kvs = sorted({r["num_kv_pairs"] for r in best})
     ds = sorted({r["d_model"] for r in best})
     colors = {"mom": "tab:red", "gdn_active": "tab:blue", "gdn_total": "tab:green", "attention": "tab:gray"}
@@ -448,7 +510,7 @@ def plot(runs: list[dict], path: str, title: str) -> str | None:
 
 
 def merge(a) -> list[dict]:
-    """Markdown and plot of several shards' JSONs (the same grid, disjoint runs)."""
+    """Markdown and plot of several JSONs of the same grid: shards (disjoint runs) and/or seeds."""
     parts = [json.loads(Path(f).read_text()) for f in a.merge.split(",") if f.strip()]
     if not parts:
         raise ValueError(f"--merge needs JSON files, got {a.merge!r}")
@@ -457,6 +519,7 @@ def merge(a) -> list[dict]:
         raise ValueError(f"--merge: the JSONs {a.merge!r} come from different grids")
     g, runs = grids[0], [r for part in parts for r in part["runs"]]
     meta = dict(parts[0]["meta"], wall_s=max(part["meta"]["wall_s"] for part in parts),
+                part_walls_s=[part["meta"]["wall_s"] for part in parts] if len(parts) > 1 else None,
                 command=" ; ".join(part["meta"]["command"] for part in parts) + f" ; python scripts/mqar.py --merge {a.merge}")
     return write_outputs(a, g, runs, meta, quick=False)
 
@@ -465,8 +528,9 @@ def write_outputs(a, g: dict, runs: list[dict], meta: dict, quick: bool) -> list
     if a.no_write:
         print(markdown(g, runs, meta, None, quick))
         return runs
+    seeds = sorted({_seed(r) for r in runs})
     note = plot(runs, a.plot, f"MQAR {'quick CPU run' if quick else 'grid'}: T={g['seq_len']}, vocab={g['vocab_size']}, "
-                f"{g['steps']} steps, {meta['device']}")
+                f"{g['steps']} steps, {meta['device']}" + (f", median of seeds {seeds}" if len(seeds) > 1 else ""))
     if note:
         print(f"no plot: {note}")
         meta["plot_note"] = note
@@ -538,10 +602,11 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with mps_server(device) if a.mps else contextlib.nullcontext():
-        return run(a, device, argv)
+        return train_and_report(a, device, argv)
 
 
-def run(a, device: str, argv):
+def train_and_report(a, device: str, argv):
+    """Everything after the arguments: the grid (or one profiled run), its JSON and its report."""
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -1,25 +1,16 @@
 """scripts/bench_inference.py on the CPU: the smoke configuration end to end, the report, argument errors."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
+
 SMOKE = ["--device", "cpu", "--flavor", "debug", "--prefill-lens", "64,128", "--batch-sizes", "1,2",
          "--new-tokens", "8", "--prefill-chunk", "48", "--no-write"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_inference_cli", ROOT / "scripts" / "bench_inference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def cli():
-    return load_script()
+    return load_script("bench_inference")
 
 
 @pytest.fixture(scope="module")

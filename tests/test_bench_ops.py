@@ -1,15 +1,12 @@
 """scripts/bench_ops.py's CPU-checkable parts: the timed fwd+bwd step and the op filter."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("bench_ops_cli", ROOT / "scripts" / "bench_ops.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+from tests.scripts import load_script
+
+bench = load_script("bench_ops")
 
 
 def test_grad_step_differentiates_the_inputs_and_the_layer_parameters(monkeypatch):

@@ -1,14 +1,11 @@
 """scripts/bench_train.py: parsing torchtitan's step lines and the table rows (no training run)."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("bench_train_cli", ROOT / "scripts" / "bench_train.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+from tests.scripts import load_script
+
+bench = load_script("bench_train")
 
 
 def log(tps: int, a2a: bool) -> str:

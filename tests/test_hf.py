@@ -13,6 +13,7 @@ from momtitan.config import get_flavor
 from momtitan.hf import MoMCache, MoMConfig, MoMForCausalLM
 from momtitan.model import MoMTransformer
 from tests.conftest import assert_close
+from tests.scripts import load_script
 
 VOCAB = 2048
 
@@ -183,16 +184,11 @@ def test_manual_cache_continuation_and_errors():
 def test_generate_cli_streams_the_greedy_tokens(tmp_path, capsys):
     """scripts/generate.py on a saved folder (CPU, eager, chunked prefill): it prints the greedy
     continuation token by token."""
-    import importlib.util
-    from pathlib import Path
-
     torch.manual_seed(0)
     model = tiny_hf().float()
     model.model.init_weights()
     model.save_pretrained(tmp_path)
-    spec = importlib.util.spec_from_file_location("generate_cli", Path(__file__).resolve().parents[1] / "scripts" / "generate.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("generate")
     prompt = [5, 17, 300, 42, 9]
     assert cli.main([str(tmp_path), "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "4", "--no-compile",
                      "--device", "cpu", "--no-eos", "--prefill-chunk", "2"]) == 0

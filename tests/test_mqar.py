@@ -22,6 +22,7 @@ from momtitan.eval.mqar import (
     state_size,
     train_mqar,
 )
+from tests.scripts import load_script
 
 
 # ---- generator ------------------------------------------------------------------------------
@@ -205,13 +206,7 @@ def test_tiny_mom_learns_easy_mqar():
 
 
 def _cli():
-    """scripts/mqar.py as a module."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("mqar_cli", Path(__file__).resolve().parents[1] / "scripts" / "mqar.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
+    return load_script("mqar")
 
 
 def test_mqar_script_runs_a_tiny_grid_end_to_end(tmp_path):
@@ -266,6 +261,38 @@ def test_mqar_shards_split_the_grid_and_merge(tmp_path):
         cli.main(common + ["--shard", "2/2"])
 
 
+def test_mqar_merges_seeds_into_medians(tmp_path):
+    """Grids of two seeds merge into one report: each seed's best lr per cell in the table, and per
+    cell the median over seeds, their range and how many solved it."""
+    cli = _cli()
+    assert cli.summarize([0.1, 0.995, 0.5], 0.99) == "0.500 (0.100-0.995; 1/3)"
+    assert cli.summarize([0.25], 0.99) == "0.250"
+    rows = [dict(num_kv_pairs=2, d_model=16, arm="mom", seed=s, lr=lr, accuracy=acc)
+            for s, lr, acc in [(0, 1e-3, 0.2), (0, 3e-3, 0.9), (1, 1e-3, 0.4), (1, 3e-3, 0.1)]]
+    best = cli.best_runs(rows)
+    assert [(r["seed"], r["lr"]) for r in best] == [(0, 3e-3), (1, 1e-3)]
+    assert cli.cell_accuracies(best) == {(2, 16, "mom"): [0.9, 0.4]}
+
+    common = ["--device", "cpu", "--arms", "mom,attention", "--kv-pairs", "2", "--d-models", "16", "--seq-len", "16",
+              "--vocab-size", "32", "--steps", "2", "--batch-size", "4", "--num-train", "16", "--num-test", "8",
+              "--lrs", "0.003", "--no-write"]
+    for seed in (0, 1):
+        runs = cli.main(common + ["--seed", str(seed), "--json", str(tmp_path / f"seed{seed}.json")])
+        assert {r["seed"] for r in runs} == {seed}
+    out = tmp_path / "q.md"
+    merged = cli.main(["--merge", f"{tmp_path / 'seed0.json'},{tmp_path / 'seed1.json'}", "--markdown", str(out),
+                       "--plot", str(tmp_path / "p.png")])
+    assert len(merged) == 4
+    text = out.read_text()
+    assert "Accuracy by cell median over seeds [0, 1]" in text and "2 parts of" in text
+    for seed in (0, 1):  # each seed's best run of each cell is a row of the table
+        rows = [line for line in text.splitlines()
+                if line.startswith("| 2 | 16 | mom | 5×(2×8×8) | 1,280 | 768 | ") and f" | {seed} | 3e-03 | 2 | " in line]
+        assert len(rows) == 1
+    pivot = [line for line in text.splitlines() if line.startswith("| 2 | 16 | ") and line.count("|") == 5]
+    assert len(pivot) == 1 and pivot[0].count("/2)") == 2
+
+
 def test_mqar_jobs_train_the_grid_in_worker_processes(tmp_path):
     """`--jobs 2`: the runs are trained by two spawned workers and all reach the JSON; bad --jobs raises."""
     import json
@@ -307,6 +334,27 @@ def test_mps_server_starts_and_stops_its_own_daemon(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(SystemExit, match="--mps needs nvidia-cuda-mps-control"):
         cli.main(["--device", "cuda", "--quick", "--mps", "--no-write"])
+
+
+def test_a_failed_run_lets_the_others_finish_then_fails_the_grid(tmp_path):
+    """With --jobs 2, MoM's runs fail (top-2 of one memory) while attention's train: the JSON keeps
+    attention's runs and the command exits non-zero naming each failed run and its error."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "scripts" / "mqar.py"), "--device", "cpu", "--arms", "mom,attention",
+           "--kv-pairs", "2", "--d-models", "16", "--seq-len", "16", "--vocab-size", "32", "--steps", "2",
+           "--batch-size", "4", "--num-train", "16", "--num-test", "8", "--lrs", "0.001,0.003", "--no-write",
+           "--num-memories", "1", "--topk", "2", "--jobs", "2", "--json", str(tmp_path / "r.json")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "RuntimeError: 2 of the grid's runs failed (2 finished, in the JSON): " in done.stderr
+    for lr in ("1e-03", "3e-03"):
+        assert f"kv=2 d=16 mom lr={lr}: ValueError: topk must be <= num_memories (1), got topk=2" in done.stderr
+    runs = json.loads((tmp_path / "r.json").read_text())["runs"]
+    assert sorted((r["arm"], r["lr"]) for r in runs) == [("attention", 0.001), ("attention", 0.003)]
 
 
 def test_compile_mode_needs_inductor_and_a_known_mode():

@@ -1,7 +1,6 @@
 """scripts/tune_kernels.py and the tile overrides it sets (`launch.OVERRIDES`), on CPU: the kernels
 run under the Triton interpreter in a subprocess, at a tiny shape."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -10,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("tune_kernels_cli", ROOT / "scripts" / "tune_kernels.py")
-tune = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tune)
+tune = load_script("tune_kernels")
 
 
 def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps():

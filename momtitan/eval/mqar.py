@@ -335,7 +335,9 @@ def train_mqar(args: MoMModelArgs, task: MQARTask, cfg: TrainConfig, *, log_ever
     every `cfg.check_every` steps); `steps_run` says where it stopped.
 
     `data` may pass pre-generated `(train_x, train_y, test_x, test_y)` to share them across arms;
-    `on_step` is called after every training step (a profiler's `step`).
+    `on_step` is called after every training step (a profiler's `step`). With `cfg.compile_backend`
+    dynamo's caches are reset first (`torch._dynamo.reset()`), so that many runs in one process do not
+    add up to its recompile limit; other compiled code of the process recompiles on its next call.
     """
     if args.vocab_size < task.vocab_size:
         raise ValueError(f"model vocab_size={args.vocab_size} is smaller than the task's vocab_size={task.vocab_size}")
