@@ -6,7 +6,9 @@ and with the
 16-byte divisibility hints a launch gives aligned pointers and head sizes; then the ptxas shipped in
 the Triton wheel reports, for the PTX, the registers per thread and the bytes spilled to local memory
 (and the seconds of Triton's compile, in a cache of its own: a kernel that spills heavily also
-compiles slowly, which is the first minutes of a GPU test of it).
+compiles slowly, which is the first minutes of a GPU test of it), and Triton reports the shared
+memory the kernel needs at the launcher's pipeline stages: over Hopper's 227 KB per block, the
+launch fails with OutOfResources (fp32 inputs need twice the buffers of bf16).
 A kernel at 255 registers that spills re-reads its spilled values from local memory on every use:
 the first thing to look at when a kernel is slower than its work says.
 
@@ -34,6 +36,8 @@ IO_ARGS = {"q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dv_ptr"}
 DTYPES = ("bf16", "fp16", "fp32")
 INT_PTR_ARGS = {"info_ptr", "seg_ptr", "r_ptr"}
 SIZE_ARGS = {"H", "K", "V"}
+HOPPER_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KB)
+TRITON_DEFAULT_STAGES = 3  # what a launch that passes no num_stages gets on CUDA
 
 
 def kernels():
@@ -47,8 +51,8 @@ def kernels():
     return found
 
 
-def constants(name: str, plan, warps: int | None) -> tuple[dict, int]:
-    """The constexpr values `launch.py` passes `name` for this plan, and its warps."""
+def constants(name: str, plan, warps: int | None, stages: int | None = None) -> tuple[dict, int, int]:
+    """The constexpr values `launch.py` passes `name` for this plan, its warps and its stages."""
     seq, grad = name in ("state_kernel", "state_bwd_kernel"), name == "grads_kernel"
     bv = plan.BVS if seq else plan.BVG if grad else plan.BV
     values = dict(C=plan.C, BK=plan.BK, NKB=plan.NKB, BKF=plan.BKF, BS=16, BV=bv, NVB=plan.BVF // bv,
@@ -56,13 +60,14 @@ def constants(name: str, plan, warps: int | None) -> tuple[dict, int]:
                   DOT_MODE=plan.dot_mode_state_bwd if name == "state_bwd_kernel" else plan.dot_mode)
     default_warps = (1 if name == "gates_kernel" else plan.warps_seq if seq else plan.warps_grad if grad
                      else plan.warps_chunk)
-    return values, warps or default_warps
+    default_stages = plan.stages_seq if seq else plan.stages_grad if grad else TRITON_DEFAULT_STAGES
+    return values, warps or default_warps, stages or default_stages
 
 
 def ptxas_report(fn, consts: dict, warps: int, stages: int, arch: int,
-                 dtype: str = "bf16") -> tuple[int, int, int, float]:
-    """(registers, spill store bytes, spill load bytes, seconds of Triton's compile to a cubin) of `fn`
-    compiled for sm_`arch`, its inputs and outputs in `dtype`."""
+                 dtype: str = "bf16") -> tuple[int, int, int, int, float]:
+    """(registers, spill store bytes, spill load bytes, shared memory bytes, seconds of Triton's compile
+    to a cubin) of `fn` compiled for sm_`arch`, its inputs and outputs in `dtype`."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -99,7 +104,7 @@ def ptxas_report(fn, consts: dict, warps: int, stages: int, arch: int,
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     if regs is None or spills is None:
         raise RuntimeError(f"ptxas printed no register report for {fn.__name__}:\n{text}")
-    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2)), seconds
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2)), compiled.metadata.shared, seconds
 
 
 def parse_args(argv=None):
@@ -107,7 +112,7 @@ def parse_args(argv=None):
     p.add_argument("--kernels", default="", help="comma list of kernel names (default: all)")
     p.add_argument("--heads", default="64,128,256", help="comma list of head dims")
     p.add_argument("--warps", default="", help="comma list of warps to try (default: the launcher's choice)")
-    p.add_argument("--stages", type=int, default=1)
+    p.add_argument("--stages", type=int, default=None, help="pipeline stages (default: the launcher's)")
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--dtype", default="bf16", choices=DTYPES, help="the inputs' dtype (sets the dot modes too)")
     a = p.parse_args(argv)
@@ -131,8 +136,8 @@ def main(argv=None) -> None:
     if unknown:
         raise ValueError(f"--kernels takes names from {sorted(found)}, got {unknown}")
     print(f"inputs {a.dtype}, sm_{a.arch}")
-    print("| kernel | head dim | warps | registers | spill stores / loads (bytes) | compile s |")
-    print("|---|---|---|---|---|---|")
+    print("| kernel | head dim | warps | stages | registers | spill stores / loads (bytes) | shared bytes | compile s |")
+    print("|---|---|---|---|---|---|---|---|")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
     # a Triton cache of our own, dropped at the end: a kernel found in the user's cache would print the
     # seconds of a cache hit, not of its compile
@@ -145,10 +150,12 @@ def main(argv=None) -> None:
                 plan = launch._Plan(x, x, x, None, x[..., 0], None, None, None, True, launch.DEFAULT_CHUNK)
                 for name in names:
                     for w in a.warp_list:
-                        consts, warps = constants(name, plan, w)
-                        regs, stores, loads, seconds = ptxas_report(found[name], consts, warps, a.stages, a.arch,
-                                                                    a.dtype)
-                        print(f"| {name} | {d} | {warps} | {regs} | {stores} / {loads} | {seconds:.1f} |", flush=True)
+                        consts, warps, stages = constants(name, plan, w, a.stages)
+                        regs, stores, loads, shared, seconds = ptxas_report(found[name], consts, warps, stages,
+                                                                            a.arch, a.dtype)
+                        over = " (over sm_90's limit)" if a.arch == 90 and shared > HOPPER_SHARED_BYTES else ""
+                        print(f"| {name} | {d} | {warps} | {stages} | {regs} | {stores} / {loads} | {shared}{over} "
+                              f"| {seconds:.1f} |", flush=True)
         finally:
             if before is None:
                 os.environ.pop("TRITON_CACHE_DIR", None)

@@ -5,7 +5,7 @@ choices and leaves the others at their defaults:
 
     seq    the sequential state passes (state_kernel, state_bwd_kernel): BVS, warps_seq, stages_seq
     chunk  the per-chunk forward kernels (prepare, output, local du): BV, warps_chunk
-    grad   the gradient kernel: BVG, warps_grad
+    grad   the gradient kernel: BVG, warps_grad, stages_grad
     storage  the per-chunk states h and dh, the WY factors W, U and the values u in the inputs' dtype
              instead of fp32 (each, then both)
     dots   the reverse state pass's dot operands in the inputs' 16-bit dtype instead of TF32
@@ -45,22 +45,23 @@ from momtitan.ops.triton.launch import TUNABLE  # noqa: E402
 RULES = {"linear": (False, False), "gated": (True, False), "delta": (False, True), "gated_delta": (True, True)}
 
 
-def default_choices(head_dim: int) -> dict:
-    """The plan's own choices for this head dim (a CPU plan of one token: they depend on shapes only)."""
+def default_choices(head_dim: int, dtype: str = "bfloat16") -> dict:
+    """The plan's own choices for this head dim and input dtype (a CPU plan of one token: they depend
+    on shapes and dtype only)."""
     import torch
 
     from momtitan.ops.triton import launch
 
-    x = torch.zeros(1, 1, 1, head_dim)
+    x = torch.zeros(1, 1, 1, head_dim, dtype=getattr(torch, dtype))
     plan = launch._Plan(x, x, x, None, None, None, None, None, False, launch.DEFAULT_CHUNK)
     return {name: getattr(plan, name) for name in TUNABLE}
 
 
-def candidates(groups: list[str], head_dim: int) -> list[dict]:
+def candidates(groups: list[str], head_dim: int, dtype: str = "bfloat16") -> list[dict]:
     """The overrides to try, group by group, nearest the defaults first (one choice changed, then two,
     ...: `--limit` keeps the nearest); tiles no wider than the padded head dim, and never a 16-wide
     tile at 8 warps (that pattern miscompiled on Triton 3.6, `launch.py`)."""
-    defaults = default_choices(head_dim)
+    defaults = default_choices(head_dim, dtype)
     tiles = [t for t in (16, 32, 64, 128) if t <= max(16, 1 << (head_dim - 1).bit_length())]
     out = []
     for group in groups:
@@ -70,7 +71,8 @@ def candidates(groups: list[str], head_dim: int) -> list[dict]:
         elif group == "chunk":
             grid = [dict(BV=t, warps_chunk=w) for t, w in itertools.product([t for t in tiles if t >= 32], (4, 8))]
         elif group == "grad":
-            grid = [dict(BVG=t, warps_grad=w) for t, w in itertools.product([t for t in tiles if t <= 64], (4, 8))]
+            grid = [dict(BVG=t, warps_grad=w, stages_grad=s)
+                    for t, w, s in itertools.product([t for t in tiles if t <= 64], (4, 8), (1, 2, 3))]
         elif group == "storage":
             grid = [dict(chunk_states_in_input_dtype=1), dict(wy_in_input_dtype=1),
                     dict(chunk_states_in_input_dtype=1, wy_in_input_dtype=1)]
@@ -244,7 +246,7 @@ def main(argv=None):
 
     import torch
 
-    todo = [dict(group="default")] + [c for group in a.groups for c in candidates([group], a.d)[: a.limit]]
+    todo = [dict(group="default")] + [c for group in a.groups for c in candidates([group], a.d, a.dtype)[: a.limit]]
     a.shape_args = ["--rule", a.rule, "--heads", a.heads, "--seq-len", str(a.seq_len), "--batch", str(a.batch),
                     "--dtype", a.dtype, "--seed", str(a.seed), "--warmup", str(a.warmup), "--reps", str(a.reps)]
     with tempfile.TemporaryDirectory() as a.workdir:

@@ -19,7 +19,7 @@ MAX_HEAD_DIM = 256
 # power of two from 16 to the padded head dim). Empty in normal use.
 _WARPS, _STAGES = (1, 2, 4, 8, 16), (1, 2, 3, 4)
 TUNABLE = {"BV": None, "BVG": None, "BVS": None, "warps_seq": _WARPS, "warps_chunk": _WARPS, "warps_grad": _WARPS,
-           "stages_seq": _STAGES, "chunk_states_in_input_dtype": (0, 1), "wy_in_input_dtype": (0, 1),
+           "stages_seq": _STAGES, "stages_grad": _STAGES, "chunk_states_in_input_dtype": (0, 1), "wy_in_input_dtype": (0, 1),
            "state_bwd_dots_in_input_dtype": (0, 1)}
 OVERRIDES: dict[str, int] = {}
 
@@ -77,6 +77,10 @@ class _Plan:
         self.warps_grad = 8 if chunk > 32 and self.BKF >= 64 and self.BVF >= 32 else 4
         # the sequential passes' loads wait for the previous chunk's dots: no software pipelining yet
         self.stages_seq = 1
+        # the gradient kernel's V/K-block loops are software-pipelined (Triton's default of 3 stages);
+        # with fp32 inputs 3 stages need 240 KB of shared memory, over Hopper's 227 KB per block, so 2
+        # (200 KB; `scripts/kernel_registers.py` prints each kernel's shared memory)
+        self.stages_grad = 2 if q.dtype == torch.float32 else 3
         # 1: the per-chunk start states h and their gradients dh (the largest intermediates, [NC, H, K, V])
         # are stored in the inputs' dtype (accumulated in fp32 in registers either way); 0: in fp32
         self.chunk_states_in_input_dtype = 0
@@ -197,7 +201,8 @@ def backward(p: _Plan, scale: float, do, dht):
         p.q, p.k, p.v, p.ptr(p.g), p.ptr(p.beta), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info,
         p.ptr(s["T"]), s["h"], dh, p.ptr(s["u"]), p.ptr(du if p.delta else None), do,
         dq, dk, dv, p.ptr(dg), p.ptr(db), scale, H, K, V,
-        C=C, BK=p.BK, NKB=p.NKB, BV=p.BVG, NVB=p.NVBG, DELTA=p.delta, num_warps=p.warps_grad, **p.flags(),
+        C=C, BK=p.BK, NKB=p.NKB, BV=p.BVG, NVB=p.NVBG, DELTA=p.delta, num_warps=p.warps_grad,
+        num_stages=p.stages_grad, **p.flags(),
     )
     if p.l2:
         dq = l2norm_bwd(p.q, p.rq, dq)  # in q's dtype
