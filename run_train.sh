@@ -44,7 +44,7 @@ fi
 exec "$PYTHON" -m torch.distributed.run \
     --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
     --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
-    -m torchtitan.train \
+    -m momtitan.train \
     --experimental.custom_import momtitan.train \
     --job.custom_config_module momtitan.train.job_config \
     "${ARGS[@]+"${ARGS[@]}"}"

@@ -54,7 +54,7 @@ def train(cache_dir, dump: Path, *overrides: str, nproc: int = 1, timeout: int =
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         "--rdzv_backend", "c10d", f"--rdzv_endpoint=localhost:{_free_port()}", "--local-ranks-filter", "0",
-        "-m", "torchtitan.train", "--experimental.custom_import", "momtitan.train",
+        "-m", "momtitan.train", "--experimental.custom_import", "momtitan.train",
         "--job.custom_config_module", "momtitan.train.job_config", *args,
     ]
     env = _env(cache_dir)

@@ -1,0 +1,24 @@
+"""`python -m momtitan.train`: torchtitan's trainer (`torchtitan.train.main`) with momtitan's TrainSpec,
+which leaves the process with `os._exit` once training has ended and the process groups are destroyed.
+
+Why not `-m torchtitan.train` (which also works): on CPU (gloo) a rank that finishes before its
+peers sometimes aborts in the interpreter's teardown, after its last step and after
+`destroy_process_group` ("terminate called without an active exception"; seen in this repo's
+two-rank CPU tests of FSDP and expert parallelism), and the run then exits non-zero.
+Skipping the teardown, once the logs are flushed, avoids that. A failure still raises and exits
+non-zero as before.
+"""
+
+import logging
+import os
+import sys
+
+import momtitan.train  # noqa: F401  (the CPU shims and the "mom" TrainSpec, before torchtitan's trainer)
+from torchtitan.train import Trainer, main
+
+if __name__ == "__main__":
+    main(Trainer)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
