@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -141,28 +142,21 @@ def main(argv=None) -> None:
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
     # a Triton cache of our own, dropped at the end: a kernel found in the user's cache would print the
     # seconds of a cache hit, not of its compile
-    before = os.environ.get("TRITON_CACHE_DIR")
-    with tempfile.TemporaryDirectory(prefix="kernel_registers_") as cache:
-        os.environ["TRITON_CACHE_DIR"] = cache
-        try:
-            for d in a.head_dims:
-                x = torch.zeros(1, 1, 1, d, dtype=torch_dtype)
-                # the plan's tiles, warps, stages and dot modes (its L2 flag is set in `constants`: a
-                # plan with qk_l2norm would launch the norm kernel on these CPU tensors)
-                plan = launch._Plan(x, x, x, None, x[..., 0], None, None, None, False, launch.DEFAULT_CHUNK)
-                for name in names:
-                    for w in a.warp_list:
-                        consts, warps, stages = constants(name, plan, w, a.stages)
-                        regs, stores, loads, shared, seconds = ptxas_report(found[name], consts, warps, stages,
-                                                                            a.arch, a.dtype)
-                        over = " (over sm_90's limit)" if a.arch == 90 and shared > HOPPER_SHARED_BYTES else ""
-                        print(f"| {name} | {d} | {warps} | {stages} | {regs} | {stores} / {loads} | {shared}{over} "
-                              f"| {seconds:.1f} |", flush=True)
-        finally:
-            if before is None:
-                os.environ.pop("TRITON_CACHE_DIR", None)
-            else:
-                os.environ["TRITON_CACHE_DIR"] = before
+    with tempfile.TemporaryDirectory(prefix="kernel_registers_") as cache, \
+            mock.patch.dict(os.environ, {"TRITON_CACHE_DIR": cache}):
+        for d in a.head_dims:
+            x = torch.zeros(1, 1, 1, d, dtype=torch_dtype)
+            # the plan's tiles, warps, stages and dot modes (its L2 flag is set in `constants`: a plan
+            # with qk_l2norm would launch the norm kernel on these CPU tensors)
+            plan = launch._Plan(x, x, x, None, x[..., 0], None, None, None, False, launch.DEFAULT_CHUNK)
+            for name in names:
+                for w in a.warp_list:
+                    consts, warps, stages = constants(name, plan, w, a.stages)
+                    regs, stores, loads, shared, seconds = ptxas_report(found[name], consts, warps, stages,
+                                                                        a.arch, a.dtype)
+                    over = " (over sm_90's limit)" if a.arch == 90 and shared > HOPPER_SHARED_BYTES else ""
+                    print(f"| {name} | {d} | {warps} | {stages} | {regs} | {stores} / {loads} | {shared}{over} "
+                          f"| {seconds:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -225,6 +225,11 @@ def lr_schedule(todo: list[tuple[int, int, str, float]], stop_at: float | None):
     return first, later
 
 
+def _failure_text(run, err: BaseException) -> str:
+    kv, d, arm, lr = run
+    return f"kv={kv} d={d} {arm} lr={lr:.0e}: {type(err).__name__}: {err}"
+
+
 def run_grid(g: dict, device: str, amp: str | None, seed: int, compile_blocks: bool,
              shard: tuple[int, int] = (0, 1), on_run=None, jobs: int = 1, compile_mode: str | None = None,
              stop_at: float | None = None) -> list[dict]:
@@ -256,7 +261,7 @@ def run_grid(g: dict, device: str, amp: str | None, seed: int, compile_blocks: b
 
     def failure(run, err: BaseException) -> None:
         failed.append((run, err))
-        print(f"  FAILED kv={run[0]} d={run[1]} {run[2]} lr={run[3]:.0e}: {type(err).__name__}: {err}", flush=True)
+        print(f"  FAILED {_failure_text(run, err)}", flush=True)
 
     if jobs == 1:
         while to_run:
@@ -295,7 +300,7 @@ def run_grid(g: dict, device: str, amp: str | None, seed: int, compile_blocks: b
         finally:
             pool.terminate()
     if failed:
-        names = "; ".join(f"kv={r[0]} d={r[1]} {r[2]} lr={r[3]:.0e}: {type(e).__name__}: {e}" for r, e in failed)
+        names = "; ".join(_failure_text(r, e) for r, e in failed)
         raise RuntimeError(f"{len(failed)} of the grid's runs failed ({len(runs)} finished, in the JSON): {names}") \
             from failed[0][1]
     return runs

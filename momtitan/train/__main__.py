@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-import momtitan.train  # noqa: F401  (the CPU shims and the "mom" TrainSpec, before torchtitan's trainer)
+# runpy has imported the package `momtitan.train` (its CPU shims, the "mom" TrainSpec) before this module
 from torchtitan.train import Trainer, main
 
 if __name__ == "__main__":
