@@ -146,7 +146,9 @@ def main(argv=None) -> None:
             mock.patch.dict(os.environ, {"TRITON_CACHE_DIR": cache}):
         for d in a.head_dims:
             x = torch.zeros(1, 1, 1, d, dtype=torch_dtype)
-            plan = launch._Plan(x, x, x, None, x[..., 0], None, None, None, True, launch.DEFAULT_CHUNK)
+            # the plan's tiles, warps, stages and dot modes (its L2 flag is set in `constants`: a plan
+            # with qk_l2norm would launch the norm kernel on these CPU tensors)
+            plan = launch._Plan(x, x, x, None, x[..., 0], None, None, None, False, launch.DEFAULT_CHUNK)
             for name in names:
                 for w in a.warp_list:
                     consts, warps, stages = constants(name, plan, w, a.stages)

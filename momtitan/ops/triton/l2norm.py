@@ -1,13 +1,16 @@
-"""The backward of the recurrence's fused q/k L2 norm, in one pass.
+"""The recurrence's fused q/k L2 norm: the reciprocal row norms it reads, and its backward, each in
+one pass.
 
-The kernels read q and k through reciprocal row norms `r = 1 / max(|x|, eps)` and return gradients
-w.r.t. the normalised rows, `dxn` (fp32). Through `xn = x * r`:
+The kernels read q and k through reciprocal row norms `r = 1 / max(|x|, eps)` (fp32, one per row;
+`reciprocal_norms`) and return gradients w.r.t. the normalised rows, `dxn` (fp32). Through
+`xn = x * r`:
 
     dx = r * (dxn - xn * <xn, dxn>)
 
-`l2norm_bwd_reference` is that formula in PyTorch (six full passes over fp32 tensors, plus the cast
-to x's dtype); `l2norm_bwd` computes it in one Triton kernel that reads x, r and dxn once and writes
-dx in x's dtype.
+`reciprocal_norms_reference` and `l2norm_bwd_reference` are the PyTorch forms (the norm an fp32
+reduction plus two elementwise passes; the backward six full passes over fp32 tensors, plus the
+cast to x's dtype); `reciprocal_norms` and `l2norm_bwd` compute them in one Triton kernel each, which
+reads its inputs once.
 """
 
 from __future__ import annotations
@@ -17,6 +20,36 @@ import triton
 import triton.language as tl
 
 from momtitan.ops.triton.common import pow2
+
+
+EPS = 1e-6  # as F.normalize(eps=1e-6) in the PyTorch recurrences
+
+
+def reciprocal_norms_reference(x: torch.Tensor) -> torch.Tensor:
+    """`x [..., K]` -> `1 / max(|x|, EPS)` over K, shape `[...]`, in fp32 (fp64 for fp64 inputs)."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    return torch.linalg.vector_norm(x, dim=-1).clamp_min(EPS).reciprocal()
+
+
+@triton.jit
+def rnorm_kernel(x_ptr, r_ptr, R, K, EPS: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BK)
+    m = (rows < R)[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    norm = tl.sqrt(tl.sum(x * x, 1))
+    tl.store(r_ptr + rows, 1.0 / tl.maximum(norm, EPS), mask=rows < R)
+
+
+def reciprocal_norms(x: torch.Tensor) -> torch.Tensor:
+    """`reciprocal_norms_reference` in one kernel; `x [..., K]` contiguous."""
+    K = x.shape[-1]
+    R = x.numel() // K
+    r = torch.empty(x.shape[:-1], device=x.device, dtype=torch.float32)
+    BK = pow2(K)
+    BR = max(1, 4096 // BK)
+    rnorm_kernel[(triton.cdiv(R, BR),)](x, r, R, K, EPS=EPS, BR=BR, BK=BK, num_warps=4)
+    return r
 
 
 def l2norm_bwd_reference(x: torch.Tensor, r: torch.Tensor, dxn: torch.Tensor) -> torch.Tensor:

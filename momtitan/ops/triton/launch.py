@@ -10,7 +10,7 @@ import torch
 from momtitan.ops.triton.bwd_kernels import grads_kernel, local_du_kernel, state_bwd_kernel
 from momtitan.ops.triton.common import DOT_MODES, chunk_map, pow2
 from momtitan.ops.triton.fwd_kernels import gates_kernel, output_kernel, prepare_kernel, state_kernel
-from momtitan.ops.triton.l2norm import l2norm_bwd
+from momtitan.ops.triton.l2norm import l2norm_bwd, reciprocal_norms
 
 DEFAULT_CHUNK = 64
 MAX_HEAD_DIM = 256
@@ -47,8 +47,7 @@ class _Plan:
         self.h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
         self.l2 = qk_l2norm
         if qk_l2norm:
-            self.rq = torch.linalg.vector_norm(self.q, dim=-1, dtype=torch.float32).clamp_min(1e-6).reciprocal()
-            self.rk = torch.linalg.vector_norm(self.k, dim=-1, dtype=torch.float32).clamp_min(1e-6).reciprocal()
+            self.rq, self.rk = reciprocal_norms(self.q), reciprocal_norms(self.k)
         else:
             self.rq = self.rk = None
         self.delta = beta is not None
