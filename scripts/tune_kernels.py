@@ -7,7 +7,7 @@ choices and leaves the others at their defaults:
     chunk  the per-chunk forward kernels (prepare, output, local du): BV, warps_chunk
     grad   the gradient kernel: BVG, warps_grad, stages_grad
     storage  the per-chunk states h and dh, the WY factors W, U and the values u in the inputs' dtype
-             instead of fp32 (each, then both)
+             or in fp32 (each choice changed, then both)
     dots   the reverse state pass's dot operands in the inputs' 16-bit dtype instead of TF32
 
 Each candidate runs in its own process (a miscompiled choice may fault or hang the process) and
@@ -74,8 +74,7 @@ def candidates(groups: list[str], head_dim: int, dtype: str = "bfloat16") -> lis
             grid = [dict(BVG=t, warps_grad=w, stages_grad=s)
                     for t, w, s in itertools.product([t for t in tiles if t <= 64], (4, 8), (1, 2, 3))]
         elif group == "storage":
-            grid = [dict(chunk_states_in_input_dtype=1), dict(wy_in_input_dtype=1),
-                    dict(chunk_states_in_input_dtype=1, wy_in_input_dtype=1)]
+            grid = [dict(chunk_states_in_input_dtype=c, wy_in_input_dtype=w) for c, w in itertools.product((0, 1), (0, 1))]
         elif group == "dots":
             grid = [dict(state_bwd_dots_in_input_dtype=1)]
         else:
@@ -163,14 +162,14 @@ def worker(a, overrides: dict) -> dict:
     return dict(overrides, fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, max_rel_diff=diffs[worst], worst=worst)
 
 
-def run_candidate(a, overrides: dict) -> dict:
+def run_candidate(a, overrides: dict, timeout: int) -> dict:
     """One candidate in its own process; a crash or a hang is its result."""
     cmd = [sys.executable, __file__, "--worker", json.dumps(overrides), *a.shape_args, "--workdir", a.workdir]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env, cwd=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired:
-        return dict(overrides, status=f"timeout {a.timeout} s")
+        return dict(overrides, status=f"timeout {timeout} s")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -252,7 +251,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as a.workdir:
         rows = []
         for overrides in todo:
-            rows.append(run_candidate(a, overrides))
+            # the default choices run first, compiling every kernel the others share: three timeouts
+            rows.append(run_candidate(a, overrides, a.timeout * (3 if not rows else 1)))
             print(json.dumps(rows[-1]), flush=True)
     if "fwd_ms" not in rows[0]:
         raise RuntimeError(f"the default choices did not run: {rows[0]['status']}")

@@ -17,12 +17,13 @@ tune = load_script("tune_kernels")
 
 def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps():
     assert tune.default_choices(128) == dict(BV=64, BVG=32, BVS=32, warps_seq=4, warps_chunk=8, warps_grad=8,
-                                             stages_seq=1, stages_grad=3, chunk_states_in_input_dtype=0,
-                                             wy_in_input_dtype=0, state_bwd_dots_in_input_dtype=0)
+                                             stages_seq=1, stages_grad=3, chunk_states_in_input_dtype=1,
+                                             wy_in_input_dtype=1, state_bwd_dots_in_input_dtype=0)
     assert tune.default_choices(128, "float32")["stages_grad"] == 2  # 3 need more shared memory than Hopper has
     assert tune.candidates(["storage"], head_dim=128) == [
-        dict(chunk_states_in_input_dtype=1, group="storage"), dict(wy_in_input_dtype=1, group="storage"),
-        dict(chunk_states_in_input_dtype=1, wy_in_input_dtype=1, group="storage")]
+        dict(chunk_states_in_input_dtype=0, wy_in_input_dtype=1, group="storage"),
+        dict(chunk_states_in_input_dtype=1, wy_in_input_dtype=0, group="storage"),
+        dict(chunk_states_in_input_dtype=0, wy_in_input_dtype=0, group="storage")]
     seq = tune.candidates(["seq"], head_dim=128)
     assert {c["BVS"] for c in seq} == {16, 32, 64, 128} and {c["stages_seq"] for c in seq} == {1, 2, 3}
     assert not any(c["BVS"] == 16 and c["warps_seq"] == 8 for c in seq)
