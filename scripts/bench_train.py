@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import math
 import os
 import re
 import signal
@@ -87,7 +88,7 @@ SUITES = {
     ],
 }
 
-STEP = re.compile(r"step:\s*(\d+)\s+loss:\s*([\d.]+).*?memory:\s*(-?[\d.]+)GiB.*?tps:\s*([\d,]+).*?mfu:\s*([\d.]+)%")
+STEP = re.compile(r"step:\s*(\d+)\s+loss:\s*([\d.]+|nan|-?inf).*?memory:\s*(-?[\d.]+)GiB.*?tps:\s*([\d,]+).*?mfu:\s*([\d.]+)%")
 A2A = re.compile(r"step:\s*(\d+)\s+ce:.*?a2a:\s*([\d.]+)ms\s*\(([\d.]+)%\)")  # expert-parallel runs only
 
 
@@ -230,9 +231,12 @@ def summarize(result: dict, warmup: int, one_gpu: dict | None = None, two_gpu: d
     efficiencies, tokens/s per GPU here over tokens/s per GPU there."""
     rows = [r for r in result["rows"] if r[0] > warmup]
     if not usable(result) or not rows:
-        return f"| {result['name']} | {result['ngpu']} | | failed (rc {result['rc']}) | | | | | | | |"
+        why = f"failed (rc {result['rc']})" if result["rc"] != 0 else "no step logged"
+        return f"| {result['name']} | {result['ngpu']} | | {why} | | | | | | | |"
     losses = {r[0]: r[1] for r in result["rows"]}
     first, last = min(losses), max(losses)
+    diverged = [step for step, loss in sorted(losses.items()) if not math.isfinite(loss)]
+    loss_cell = f"{losses[first]:.3f} → {losses[last]:.3f}" + (f" (non-finite from step {diverged[0]})" if diverged else "")
     tps = median_tps(result, warmup)
     mfu = statistics.median(r[4] for r in rows)
     mem = max(r[2] for r in rows)
@@ -240,7 +244,7 @@ def summarize(result: dict, warmup: int, one_gpu: dict | None = None, two_gpu: d
     a2a_cell = (f"{statistics.median(ms for ms, _ in a2a):.1f} ({statistics.median(p for _, p in a2a):.1f}%)"
                 if a2a else "-")
     steps = f"{last} of {result['steps']} (cut off)" if result["rc"] != 0 else f"{last}"
-    return (f"| {result['name']} | {result['ngpu']} | {steps} | {losses[first]:.3f} → {losses[last]:.3f} | {tps:,.0f} | "
+    return (f"| {result['name']} | {result['ngpu']} | {steps} | {loss_cell} | {tps:,.0f} | "
             f"{mfu:.1f} | {mem:.2f} | {a2a_cell} | {efficiency(tps, one_gpu, warmup)} | "
             f"{efficiency(tps, two_gpu, warmup)} | {result['wall']:.0f} |")
 

@@ -7,6 +7,7 @@ session, and returns the checks by name; `result` fails the test with the worker
 is missing.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -26,6 +27,39 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     nb = b.norm().item()
     return (a - b).norm().item() / nb if nb > 0 else (a - b).norm().item()
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Inside, every uninitialised tensor (`torch.empty`, `torch.empty_like`, `Tensor.new_empty`) starts
+    as NaN (floating dtypes) or -2**30 (int32/int64): an op that reads an element of a buffer it
+    never wrote then gives different results, where on a GPU it would read whatever was there."""
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def poison(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype in (torch.int32, torch.int64):
+            t.fill_(-(2**30))
+        return t
+
+    torch.empty = lambda *a, **kw: poison(empty(*a, **kw))
+    torch.empty_like = lambda *a, **kw: poison(empty_like(*a, **kw))
+    torch.Tensor.new_empty = lambda self, *a, **kw: poison(new_empty(self, *a, **kw))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like, torch.Tensor.new_empty = empty, empty_like, new_empty
+
+
+def unwritten_reads(results, *args) -> list[str]:
+    """The names of the results that change when every buffer the op allocates starts as NaN:
+    `results(*args)` returns `({name: tensor}, ...)`. A kernel that reads an element it never wrote
+    (on a GPU: whatever was there, so a fault that shows only sometimes) changes them."""
+    clean = results(*args)[0]
+    with poisoned_allocations():
+        poisoned = results(*args)[0]
+    return sorted(k for k in clean if not torch.equal(clean[k], poisoned[k]))
 
 
 def run_worker(test_file: str, timeout: int) -> dict:

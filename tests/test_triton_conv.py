@@ -25,7 +25,7 @@ import json
 import pytest
 import torch
 
-from tests.interpreter import DTYPES, assert_compiled_matches_eager, rel_err, result, run_worker
+from tests.interpreter import DTYPES, assert_compiled_matches_eager, rel_err, result, run_worker, unwritten_reads
 
 
 def make_inputs(spec, device, dtype, seed=0):
@@ -52,17 +52,15 @@ def make_inputs(spec, device, dtype, seed=0):
     return dict(x=x, weight=weight, initial_state=h0), extra
 
 
-def check_case(spec, device="cpu", dtype=torch.float32, seed=0, reference="naive"):
-    """Relative errors of the Triton op against the fp64 reference: y, final state, all grads;
-    and whether the result dtypes are those of the PyTorch path (y in x's dtype)."""
-    from momtitan.ops.conv import naive_short_conv, segmented_short_conv
+def triton_results(spec, device="cpu", dtype=torch.float32, seed=0):
+    """The Triton op's output, final state and every input gradient under random cotangents
+    (`{"y", "final_state", "d<input>"}`), and the inputs and cotangents that produced them."""
     from momtitan.ops.triton import triton_short_conv
 
     x, extra = make_inputs(spec, device, dtype, seed)
     names = [n for n, t in x.items() if t is not None]
     leaves = {n: x[n].detach().clone().requires_grad_(True) for n in names}
-    args = {n: leaves.get(n) for n in x}
-    y, final = triton_short_conv(args["x"], args["weight"], initial_state=args["initial_state"], **extra)
+    y, final = triton_short_conv(leaves["x"], leaves["weight"], initial_state=leaves.get("initial_state"), **extra)
     gen = torch.Generator().manual_seed(seed + 1)
     dy = torch.randn(y.shape, generator=gen).to(device)
     loss = (y.float() * dy).sum()
@@ -71,24 +69,30 @@ def check_case(spec, device="cpu", dtype=torch.float32, seed=0, reference="naive
         dfinal = torch.randn(final.shape, generator=gen).to(device)
         loss = loss + (final.float() * dfinal).sum()
     grads = torch.autograd.grad(loss, [leaves[n] for n in names])
+    out = {"y": y, **({"final_state": final} if final is not None else {}), **{"d" + n: g for n, g in zip(names, grads)}}
+    return out, (x, extra, names, dy, dfinal)
 
+
+def check_case(spec, device="cpu", dtype=torch.float32, seed=0, reference="naive"):
+    """Relative errors of the Triton op against the fp64 reference: y, final state, all grads;
+    and whether the result dtypes are those of the PyTorch path (y in x's dtype)."""
+    from momtitan.ops.conv import naive_short_conv, segmented_short_conv
+
+    out, (x, extra, names, dy, dfinal) = triton_results(spec, device, dtype, seed)
     ref_fn = naive_short_conv if reference == "naive" else segmented_short_conv
     ref = {n: x[n].detach().double().requires_grad_(True) for n in names}
     y2, final2 = ref_fn(ref["x"], ref["weight"], initial_state=ref.get("initial_state"), **extra)
     loss2 = (y2 * dy.double()).sum() + ((final2 * dfinal.double()).sum() if final2 is not None else 0)
     grads2 = torch.autograd.grad(loss2, [ref[n] for n in names])
-    errs = {"y": rel_err(y, y2)}
-    if final is not None:
-        errs["final_state"] = rel_err(final, final2)
-    for n, a, b in zip(names, grads, grads2):
-        errs["d" + n] = rel_err(a, b)
-    finite = all(torch.isfinite(t).all().item() for t in (y, *grads))
+    refs = {"y": y2, **({"final_state": final2} if "final_state" in out else {}), **{"d" + n: g for n, g in zip(names, grads2)}}
+    errs = {k: rel_err(v, refs[k]) for k, v in out.items()}
+    finite = all(torch.isfinite(t).all().item() for t in out.values())
 
     # dtypes as the PyTorch path gives them (it runs on the same inputs, any device): the conv
     # computes in x's dtype, whatever the weight's and the initial state's
     ys, fs = segmented_short_conv(x["x"], x["weight"], initial_state=x["initial_state"], **extra)
-    dtypes_ok = y.dtype == x["x"].dtype == ys.dtype and (final is None or final.dtype == fs.dtype)
-    dtypes_ok = dtypes_ok and all(g.dtype == leaves[n].dtype for n, g in zip(names, grads))
+    dtypes_ok = out["y"].dtype == x["x"].dtype == ys.dtype and ("final_state" not in out or out["final_state"].dtype == fs.dtype)
+    dtypes_ok = dtypes_ok and all(out["d" + n].dtype == x[n].dtype for n in names)
     return errs, finite, dtypes_ok
 
 
@@ -161,6 +165,8 @@ CPU_BF16_CASES = {
 }
 
 
+# scratch buffers poisoned with NaN (at the small tiles: partial T blocks, the backward's block loop)
+UNWRITTEN_READ_CASES = ["varlen_W4_silu", "batched_W2_none", "varlen_no_state_io", "T1"]
 SMALL_TILES = (8, 2)  # (BLOCK_T, BWD_PROGRAMS) for the interpreter
 
 
@@ -182,6 +188,8 @@ def _worker():
         _emit_case(name, spec)
     for name, spec in CPU_BF16_CASES.items():
         _emit_case(name, spec, torch.bfloat16)
+    for name in UNWRITTEN_READ_CASES:
+        _emit(f"unwritten_{name}", changed=unwritten_reads(triton_results, CPU_CASES[name]))
     ck.BLOCK_T, ck.BWD_PROGRAMS = default_tiles  # one partial T block
     _emit_case("default_tiles", CPU_CASES["varlen_W4_silu"])
     for W in (2, 4):
@@ -260,6 +268,12 @@ def test_interpreter_step(interpreter_results, name):
     assert r["y"] < tol_y and r["state"] < CPU_TOL and r["untouched_equal"] and r["dtype_ok"], r
 
 
+@pytest.mark.parametrize("name", UNWRITTEN_READ_CASES)
+def test_interpreter_reads_no_unwritten_scratch(interpreter_results, name):
+    """The same results, bit for bit, when every buffer the op allocates starts as NaN."""
+    assert result(interpreter_results, f"unwritten_{name}")["changed"] == []
+
+
 def test_interpreter_opcheck(interpreter_results):
     assert result(interpreter_results, "opcheck")["ok"]
 
@@ -271,6 +285,14 @@ def test_interpreter_compile_fullgraph(interpreter_results):
 
 # ---------------------------------------------------------------- GPU
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("W", [2, 4])
+def test_gpu_reads_no_unwritten_scratch(W):
+    """At the GPU's tiles: the same results, bit for bit, when every buffer the op allocates starts as NaN."""
+    spec = dict(shape=(1, 600, 64, W), cu=[0, 0, 90, 91, 91, 600, 600], reset=0.05)
+    assert unwritten_reads(triton_results, spec, "cuda", torch.bfloat16) == []
 
 
 @pytest.mark.gpu

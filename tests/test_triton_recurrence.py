@@ -22,7 +22,7 @@ import json
 import pytest
 import torch
 
-from tests.interpreter import DTYPES, assert_compiled_matches_eager, rel_err, result, run_worker
+from tests.interpreter import DTYPES, assert_compiled_matches_eager, rel_err, result, run_worker, unwritten_reads
 
 RULES = {"linear": (False, False), "gated": (True, False), "delta": (False, True), "gated_delta": (True, True)}
 
@@ -56,16 +56,15 @@ def make_inputs(spec, device, dtype, seed=0):
     return x, extra
 
 
-def check_case(spec, device="cpu", dtype=torch.float32, seed=0):
-    """Relative errors of the Triton op against the fp64 token loop: o, final state, all grads."""
-    from momtitan.ops.recurrence.naive import naive_linear_recurrence
+def triton_results(spec, device="cpu", dtype=torch.float32, seed=0):
+    """The Triton op's output, final state and every input gradient under random cotangents
+    (`{"o", "final_state", "d<input>"}`), and the inputs and cotangents that produced them."""
     from momtitan.ops.triton import triton_linear_recurrence
 
     x, extra = make_inputs(spec, device, dtype, seed)
     names = [n for n, t in x.items() if t is not None]
     leaves = {n: x[n].detach().clone().requires_grad_(True) for n in names}
-    args = {n: leaves.get(n) for n in x}
-    o, ht = triton_linear_recurrence(**args, **extra, chunk_size=spec.get("C", 64))
+    o, ht = triton_linear_recurrence(**{n: leaves.get(n) for n in x}, **extra, chunk_size=spec.get("C", 64))
     gen = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(o.shape, generator=gen).to(device)
     loss = (o.float() * do).sum()
@@ -74,17 +73,22 @@ def check_case(spec, device="cpu", dtype=torch.float32, seed=0):
         dht = torch.randn(ht.shape, generator=gen).to(device)
         loss = loss + (ht * dht).sum()
     grads = torch.autograd.grad(loss, [leaves[n] for n in names])
+    out = {"o": o, **({"final_state": ht} if ht is not None else {}), **{"d" + n: g for n, g in zip(names, grads)}}
+    return out, (x, extra, names, do, dht)
 
+
+def check_case(spec, device="cpu", dtype=torch.float32, seed=0):
+    """Relative errors of the Triton op against the fp64 token loop: o, final state, all grads."""
+    from momtitan.ops.recurrence.naive import naive_linear_recurrence
+
+    out, (x, extra, names, do, dht) = triton_results(spec, device, dtype, seed)
     ref_leaves = {n: x[n].detach().double().requires_grad_(True) for n in names}
     o2, ht2 = naive_linear_recurrence(**{n: ref_leaves.get(n) for n in x}, **extra)
     loss2 = (o2 * do.double()).sum() + ((ht2 * dht.double()).sum() if ht2 is not None else 0)
     grads2 = torch.autograd.grad(loss2, [ref_leaves[n] for n in names], allow_unused=True)
-    errs = {"o": rel_err(o, o2)}
-    if ht is not None:
-        errs["final_state"] = rel_err(ht, ht2)
-    for n, a, b in zip(names, grads, grads2):
-        errs["d" + n] = rel_err(a, torch.zeros_like(a) if b is None else b)
-    finite = all(torch.isfinite(t).all().item() for t in (o, *grads))
+    refs = {"o": o2, **({"final_state": ht2} if "final_state" in out else {}), **{"d" + n: g for n, g in zip(names, grads2)}}
+    errs = {k: rel_err(v, torch.zeros_like(v) if refs[k] is None else refs[k]) for k, v in out.items()}
+    finite = all(torch.isfinite(t).all().item() for t in out.values())
     return errs, finite
 
 
@@ -140,6 +144,10 @@ CPU_CASES = {
     "delta_strong_decay_resets": dict(rule="gated_delta", shape=(1, 36, 1, 16, 16), C=16, decay=6.0, reset=0.3),
 }
 
+# scratch buffers poisoned with NaN: varlen with empty segments and partial chunks, every rule, and
+# the sequential passes' K blocks partly past K
+UNWRITTEN_READ_CASES = [f"{r}_varlen_zero" for r in RULES] + ["gated_delta_four_k_blocks"]
+
 
 def _worker():
     torch.manual_seed(0)
@@ -149,6 +157,8 @@ def _worker():
     for rule in RULES:
         print(json.dumps({"check": f"step_{rule}", "errs": check_step(rule)}), flush=True)
     print(json.dumps({"check": "step_linear_no_l2", "errs": check_step("linear", l2=False)}), flush=True)
+    for name in UNWRITTEN_READ_CASES:
+        print(json.dumps({"check": f"unwritten_{name}", "changed": unwritten_reads(triton_results, CPU_CASES[name])}), flush=True)
     _worker_opcheck()
     _worker_compile()
     _worker_sac()
@@ -278,6 +288,12 @@ def test_interpreter_step(interpreter_results, name):
     assert r["o"] < CPU_TOL and r["state"] < CPU_TOL and r["untouched_equal"], r
 
 
+@pytest.mark.parametrize("name", UNWRITTEN_READ_CASES)
+def test_interpreter_reads_no_unwritten_scratch(interpreter_results, name):
+    """The same results, bit for bit, when every buffer the op allocates starts as NaN."""
+    assert result(interpreter_results, f"unwritten_{name}")["changed"] == []
+
+
 def test_interpreter_opcheck(interpreter_results):
     assert result(interpreter_results, "opcheck")["ok"]
 
@@ -318,6 +334,16 @@ def test_gpu_matrix(rule, d, dtype):
     for what, spec in (("varlen", varlen), ("batched", batched)):
         errs, finite = check_case(spec, "cuda", DTYPES[dtype])
         _assert_errs(errs, finite, tol_o, tol_g, f"{rule} d={d} {dtype} {what}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("d", [64, 256])
+def test_gpu_reads_no_unwritten_scratch(rule, d):
+    """At the GPU's tiles (chunk 64, up to four K blocks): the same results, bit for bit, when every
+    buffer the op allocates starts as NaN."""
+    spec = dict(rule=rule, shape=(1, 200, 2, d, d), cu=[0, 0, 70, 71, 71, 200], reset=0.02)
+    assert unwritten_reads(triton_results, spec, "cuda", torch.bfloat16) == []
 
 
 @pytest.mark.gpu
