@@ -155,6 +155,17 @@ def test_activation_checkpointing_full_and_selective_keep_the_losses(cache_dir, 
         assert losses[1] == pytest.approx(plain[1], abs=1e-5) and losses[2] == pytest.approx(plain[2], abs=1e-4)
 
 
+def test_nonfinite_probe_stops_a_diverging_run(cache_dir, tmp_path):
+    """`--debug.nonfinite_probe`: a learning rate of 1e30 sends the weights to ~1e30 after the first
+    step (whose forward is finite); the second forward overflows, and the run stops there naming the
+    module (torchtitan alone would log NaN losses to the end)."""
+    with pytest.raises(RuntimeError) as failed:
+        train(cache_dir, tmp_path, "--training.steps", "3", "--training.local_batch_size", "2", "--training.seq_len", "64",
+              "--checkpoint.no-enable", "--optimizer.lr", "1e30", "--debug.nonfinite_probe")
+    log = str(failed.value)
+    assert re.search(r"FloatingPointError: non-finite values first in the output of layers\.0\.mixer \(forward 2;", log), log
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("MOMTITAN_SLOW_TESTS"), reason="set MOMTITAN_SLOW_TESTS=1 (compiles, ~1 min)")
 def test_compiled_blocks_with_op_sac_match_eager(cache_dir, tmp_path):

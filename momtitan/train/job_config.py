@@ -49,6 +49,16 @@ class MQAR:
 
 
 @dataclass
+class Debug:
+    """Merged into torchtitan's `[debug]` section."""
+
+    nonfinite_probe: bool = False
+    """Stop at the first forward whose output holds a NaN or an infinity and name the module that
+    produced it first (`momtitan.train.nonfinite`; one host sync per forward)."""
+
+
+@dataclass
 class JobConfig:
     mom: MoM = field(default_factory=MoM)
     mqar: MQAR = field(default_factory=MQAR)
+    debug: Debug = field(default_factory=Debug)

@@ -11,6 +11,7 @@ from momtitan.train.args import MoMTitanArgs, build_model, titan_flavors
 from momtitan.train.data import build_dataloader
 from momtitan.train.loss import build_loss_fn
 from momtitan.train.metrics import build_metrics_processor
+from momtitan.train.nonfinite import NonFiniteProbe
 from momtitan.train.optimizer import build_optimizers
 from momtitan.train.tokenizer import build_tokenizer
 from momtitan.train.validate import build_validator
@@ -25,11 +26,19 @@ class FlavorTable(dict):
         raise ValueError(f"unknown model.flavor {key!r} for model 'mom'; known flavors: {sorted(self)}")
 
 
+def parallelize(model, parallel_dims, job_config):
+    """`parallelize_mom`, then the probe of `--debug.nonfinite_probe` on the parallelized model."""
+    model = parallelize_mom(model, parallel_dims, job_config)
+    if job_config.debug.nonfinite_probe:
+        NonFiniteProbe(model)
+    return model
+
+
 def make_train_spec() -> TrainSpec:
     return TrainSpec(
         model_cls=build_model,
         model_args=FlavorTable(titan_flavors()),
-        parallelize_fn=parallelize_mom,
+        parallelize_fn=parallelize,
         pipelining_fn=None,
         build_optimizers_fn=build_optimizers,
         build_lr_schedulers_fn=build_lr_schedulers,  # warmup, then linear/cosine decay to min_lr_factor
