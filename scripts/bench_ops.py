@@ -17,7 +17,8 @@ a fixed Triton. fla is skipped cleanly if it is not installed.
 
 Then one MoM layer (the 340M config: hidden 1024, 4 heads of 256, top-2 of 4 memories plus the
 shared one), bf16, fwd and fwd+bwd at B*T = 16K tokens: `momtitan.layers.mom.MoMLayer` (eager and
-compiled) against fla's `MomAttention`.
+compiled) against fla's `MomAttention`, the three measured in turn for `--layer-rounds` rounds (median
+and range).
 
 Writes the tables to docs/benchmarks.md, section "## Ops: linear_recurrence" (after every row, so a
 run cut off keeps what it measured). `--profile` prints the per-kernel CUDA time of one fwd+bwd of
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import statistics
 import sys
 import traceback
 from pathlib import Path
@@ -213,33 +215,58 @@ def layer_rows(args, fla_installed):
             if name in arms:
                 fn, layer = arms[name]
                 print_profile(f"{name}: B{B} T{T}", grad_step(fn, (x,), layer.parameters()), rows=25)
+    rounds = {}
+    for mode in ("fwd", "fwd+bwd"):
+        rounds[mode] = interleaved(list(arms), args.layer_rounds, lambda name, mode=mode: bench_one(
+            arms[name][0], (x,), mode == "fwd+bwd", arms[name][1].parameters()))
     rows = []
-    for name, (fn, layer) in arms.items():
-        res = {}
-        for mode in ("fwd", "fwd+bwd"):
-            try:
-                res[mode] = bench_one(fn, (x,), mode == "fwd+bwd", layer.parameters())
-            except Exception as e:  # noqa: BLE001 - report, keep going
-                res[mode] = f"error: {type(e).__name__}"
-                traceback.print_exc()
-        print(f"layer B{B} T{T} {name:36s} " + "  ".join(f"{m}: {r if isinstance(r, str) else f'{r:.3f} ms'}" for m, r in res.items()), flush=True)
-        rows.append((name, res))
-    ref = dict(rows).get("fla MomAttention")
+    for name in arms:
+        res = {mode: rounds[mode][name] for mode in rounds}
+        print(f"layer B{B} T{T} {name:36s} " + "  ".join(f"{m}: {_ms(r)}" for m, r in res.items()), flush=True)
+        rows.append((name, {m: statistics.median(r) if isinstance(r, list) else r for m, r in res.items()}, res))
+    ref = {name: res for name, res, _ in rows}.get("fla MomAttention")
     lines = [
         "",
         f"One MoM layer, 340M config (hidden {margs.hidden_size}, {margs.num_heads} heads of {margs.head_dim}, "
         f"top-{margs.topk} of {margs.num_memories} memories + shared), bf16, B x T = {B} x {T}; fwd+bwd "
-        "computes the gradients of the input and of every parameter; speed-up = fla ms / ours ms.",
+        "computes the gradients of the input and of every parameter; speed-up = fla ms / ours ms. "
+        f"Each cell: the median (and range) of {args.layer_rounds} rounds, the arms measured in turn in each "
+        "round, so that a drift of the machine (clocks, the host's other work) reaches every arm alike.",
         "",
         "| layer | fwd ms | fwd+bwd ms | fwd speed-up vs fla | fwd+bwd speed-up vs fla |",
         "|---|---|---|---|---|",
     ]
-    for name, res in rows:
-        cells = [res[m] if isinstance(res[m], str) else f"{res[m]:.3f}" for m in ("fwd", "fwd+bwd")]
+    for name, res, every in rows:
+        cells = [_ms(every[m], unit="") for m in ("fwd", "fwd+bwd")]
         ups = [f"{ref[m] / res[m]:.2f}x" if ref and not isinstance(ref[m], str) and not isinstance(res[m], str) else "-"
                for m in ("fwd", "fwd+bwd")]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {ups[0]} | {ups[1]} |")
     return lines
+
+
+def interleaved(names: list[str], rounds: int, measure) -> dict:
+    """`{name: [ms of each round]}`, calling `measure(name)` for every name in turn, `rounds` times; a
+    name whose measurement raises gets the error's text instead and is not measured again."""
+    out = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            if isinstance(out[name], str):
+                continue
+            try:
+                out[name].append(measure(name))
+            except Exception as e:  # noqa: BLE001 - report, keep going
+                out[name] = f"error: {type(e).__name__}"
+                traceback.print_exc()
+    return out
+
+
+def _ms(r, unit: str = " ms") -> str:
+    """A median and its range over rounds, `4.681 ms (4.650-4.702)`, or an error's text."""
+    if isinstance(r, str):
+        return r
+    if len(r) == 1:
+        return f"{r[0]:.3f}{unit}"
+    return f"{statistics.median(r):.3f}{unit} ({min(r):.3f}-{max(r):.3f})"
 
 
 def run(args, publish) -> str:
@@ -331,6 +358,7 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--layer-tokens", type=int, default=16384, help="B*T of the MoM layer comparison")
     ap.add_argument("--layer-batch", type=int, default=4)
+    ap.add_argument("--layer-rounds", type=int, default=3, help="rounds of the MoM layer arms, measured in turn")
     ap.add_argument("--profile", action="store_true", help="print per-kernel CUDA times at the first shape")
     ap.add_argument("--part", default="", help="name of this part of a split run (its own section)")
     ap.add_argument("--no-layer", action="store_true", help="skip the MoM layer comparison")
@@ -338,6 +366,8 @@ def main():
                     "(e.g. 'ours' or 'gated delta'); default all")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    if args.layer_rounds < 1:
+        raise ValueError(f"--layer-rounds must be >= 1, got {args.layer_rounds}")
     if not torch.cuda.is_available():
         print("bench_ops.py needs a CUDA device", file=sys.stderr)
         return 1

@@ -30,3 +30,20 @@ def test_ops_filter_rejects_an_unknown_name():
     args = bench.argparse.Namespace(ops="no such op", profile=False, heads="", no_layer=True)
     with pytest.raises(ValueError, match="--ops 'no such op' matches none of the ops"):
         bench.run(args, publish=lambda _: None)
+
+
+def test_layer_arms_are_measured_in_turn_and_summarised_by_their_median():
+    calls = []
+    times = {"ours": iter([5.0, 4.0, 4.5]), "fla": iter([9.0, 12.0, 10.0])}
+
+    def measure(name):
+        calls.append(name)
+        if name == "broken":
+            raise RuntimeError("no kernel")
+        return next(times[name])
+
+    out = bench.interleaved(["ours", "fla", "broken"], 3, measure)
+    assert calls == ["ours", "fla", "broken", "ours", "fla", "ours", "fla"]  # in turn; a failed arm once
+    assert out == {"ours": [5.0, 4.0, 4.5], "fla": [9.0, 12.0, 10.0], "broken": "error: RuntimeError"}
+    assert bench._ms(out["ours"]) == "4.500 ms (4.000-5.000)" and bench._ms([2.0], unit="") == "2.000"
+    assert bench._ms(out["broken"]) == "error: RuntimeError"
