@@ -32,8 +32,11 @@ from unittest import mock
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# inputs and outputs in the inputs' dtype (--dtype); every other pointer is fp32 (or int64, below)
-IO_ARGS = {"q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dv_ptr"}
+# inputs and outputs in the inputs' dtype (--dtype); the per-chunk states and the WY factors in the
+# dtypes the plan stores them in; every other pointer is fp32 (or int64, below)
+IO_ARGS = {"q_ptr", "k_ptr", "v_ptr", "beta_ptr", "do_ptr", "o_ptr", "dv_ptr"}
+CHUNK_STATE_ARGS = {"h_ptr", "dh_ptr"}
+WY_ARGS = {"w_ptr", "u_ptr", "uin_ptr", "unew_ptr"}
 DTYPES = ("bf16", "fp16", "fp32")
 INT_PTR_ARGS = {"info_ptr", "seg_ptr", "r_ptr"}
 SIZE_ARGS = {"H", "K", "V"}
@@ -56,19 +59,32 @@ def constants(name: str, plan, warps: int | None, stages: int | None = None) -> 
     """The constexpr values `launch.py` passes `name` for this plan, its warps and its stages."""
     seq, grad = name in ("state_kernel", "state_bwd_kernel"), name == "grads_kernel"
     bv = plan.BVS if seq else plan.BVG if grad else plan.BV
-    values = dict(C=plan.C, BK=plan.BK, NKB=plan.NKB, BKF=plan.BKF, BS=16, BV=bv, NVB=plan.BVF // bv,
+    values = dict(H=plan.H, K=plan.K, V=plan.V, C=plan.C, BK=plan.BK, NKB=plan.NKB, BKF=plan.BKF, BS=16, BV=bv, NVB=plan.BVF // bv,
                   HAS_G=True, HAS_RESET=False, L2=True, DELTA=True, HAS_H0=True, HAS_DHT=True, STORE_T=True,
                   DOT_MODE=plan.dot_mode_state_bwd if name == "state_bwd_kernel" else plan.dot_mode)
-    default_warps = (1 if name == "gates_kernel" else plan.warps_seq if seq else plan.warps_grad if grad
-                     else plan.warps_chunk)
+    default_warps = (1 if name == "gates_kernel" else 4 if name == "prepare_kernel" else plan.warps_seq if seq
+                     else plan.warps_grad if grad else plan.warps_chunk)
     default_stages = plan.stages_seq if seq else plan.stages_grad if grad else TRITON_DEFAULT_STAGES
     return values, warps or default_warps, stages or default_stages
 
 
+def pointer_dtypes(plan, dtype: str) -> dict[str, str]:
+    """The Triton dtype of each pointer argument that is not fp32 or int64, as the plan allocates them."""
+    name = {torch_dtype: short for short, torch_dtype in _torch_dtypes().items()}
+    return {**dict.fromkeys(IO_ARGS, dtype), **dict.fromkeys(CHUNK_STATE_ARGS, name[plan.chunk_state_dtype]),
+            **dict.fromkeys(WY_ARGS, name[plan.wy_dtype])}
+
+
+def _torch_dtypes() -> dict:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def ptxas_report(fn, consts: dict, warps: int, stages: int, arch: int,
-                 dtype: str = "bf16") -> tuple[int, int, int, int, float]:
+                 dtypes: dict[str, str]) -> tuple[int, int, int, int, float]:
     """(registers, spill store bytes, spill load bytes, shared memory bytes, seconds of Triton's compile
-    to a cubin) of `fn` compiled for sm_`arch`, its inputs and outputs in `dtype`."""
+    to a cubin) of `fn` compiled for sm_`arch`, pointer `arg` to `dtypes[arg]` (fp32 or int64 if absent)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -84,7 +100,7 @@ def ptxas_report(fn, consts: dict, warps: int, stages: int, arch: int,
         elif arg in SIZE_ARGS:
             sig[arg] = "i32"
         else:
-            sig[arg] = f"*{dtype}" if arg in IO_ARGS else "*i64" if arg in INT_PTR_ARGS else "*fp32"
+            sig[arg] = f"*{dtypes[arg]}" if arg in dtypes else "*i64" if arg in INT_PTR_ARGS else "*fp32"
         if arg in SIZE_ARGS or sig[arg].startswith("*"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     missing = used - consts.keys()
@@ -112,6 +128,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kernels", default="", help="comma list of kernel names (default: all)")
     p.add_argument("--heads", default="64,128,256", help="comma list of head dims")
+    p.add_argument("--num-heads", type=int, default=8,
+                   help="H, the plan's head count (the row strides; a compile-time constant in kernels that take it so)")
     p.add_argument("--warps", default="", help="comma list of warps to try (default: the launcher's choice)")
     p.add_argument("--stages", type=int, default=None, help="pipeline stages (default: the launcher's)")
     p.add_argument("--arch", type=int, default=90)
@@ -136,16 +154,18 @@ def main(argv=None) -> None:
     unknown = [n for n in names if n not in found]
     if unknown:
         raise ValueError(f"--kernels takes names from {sorted(found)}, got {unknown}")
+    if a.num_heads < 1:
+        raise ValueError(f"--num-heads must be >= 1, got {a.num_heads}")
     print(f"inputs {a.dtype}, sm_{a.arch}")
     print("| kernel | head dim | warps | stages | registers | spill stores / loads (bytes) | shared bytes | compile s |")
     print("|---|---|---|---|---|---|---|---|")
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
+    torch_dtype = _torch_dtypes()[a.dtype]
     # a Triton cache of our own, dropped at the end: a kernel found in the user's cache would print the
     # seconds of a cache hit, not of its compile
     with tempfile.TemporaryDirectory(prefix="kernel_registers_") as cache, \
             mock.patch.dict(os.environ, {"TRITON_CACHE_DIR": cache}):
         for d in a.head_dims:
-            x = torch.zeros(1, 1, 1, d, dtype=torch_dtype)
+            x = torch.zeros(1, 1, a.num_heads, d, dtype=torch_dtype)
             # the plan's tiles, warps, stages and dot modes (its L2 flag is set in `constants`: a plan
             # with qk_l2norm would launch the norm kernel on these CPU tensors)
             plan = launch._Plan(x, x, x, None, x[..., 0], None, None, None, False, launch.DEFAULT_CHUNK)
@@ -153,7 +173,7 @@ def main(argv=None) -> None:
                 for w in a.warp_list:
                     consts, warps, stages = constants(name, plan, w, a.stages)
                     regs, stores, loads, shared, seconds = ptxas_report(found[name], consts, warps, stages,
-                                                                        a.arch, a.dtype)
+                                                                        a.arch, pointer_dtypes(plan, a.dtype))
                     over = " (over sm_90's limit)" if a.arch == 90 and shared > HOPPER_SHARED_BYTES else ""
                     print(f"| {name} | {d} | {warps} | {stages} | {regs} | {stores} / {loads} | {shared}{over} "
                           f"| {seconds:.1f} |", flush=True)
