@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from momtitan.ops.recurrence.naive import QK_NORM_EPS
+
 from momtitan.ops.segments import bucket_of_index, token_segments, uniform_cu_seqlens
 
 
@@ -53,7 +55,7 @@ def chunk_linear_recurrence(
     k = k.reshape(total, H, K).to(dtype)
     v = v.reshape(total, H, V).to(dtype)
     if qk_l2norm:
-        q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
+        q, k = F.normalize(q, dim=-1, eps=QK_NORM_EPS), F.normalize(k, dim=-1, eps=QK_NORM_EPS)
 
     # Padded layout: sequence n occupies chunks [pad_start[n] / C, pad_end[n] / C).
     lengths = cu[1:] - cu[:-1]

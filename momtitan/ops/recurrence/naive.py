@@ -9,12 +9,15 @@ Per sequence and head, with a state `S [K, V]`:
     o_t = scale * S^T q_t
 
 Python loops over sequences and tokens, host reads of `cu_seqlens`: slow, obvious, and only for tests.
+With `qk_l2norm`, q and k are first divided by `max(|x|, QK_NORM_EPS)` row by row.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+QK_NORM_EPS = 1e-6  # the q/k L2 norm's floor, shared by every path (PyTorch and Triton)
 
 
 def naive_linear_recurrence(
@@ -26,7 +29,7 @@ def naive_linear_recurrence(
     scale = K**-0.5 if scale is None else scale
     state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if qk_l2norm:
-        q, k = F.normalize(q.to(state_dtype), dim=-1, eps=1e-6), F.normalize(k.to(state_dtype), dim=-1, eps=1e-6)
+        q, k = F.normalize(q.to(state_dtype), dim=-1, eps=QK_NORM_EPS), F.normalize(k.to(state_dtype), dim=-1, eps=QK_NORM_EPS)
     if cu_seqlens is None:
         bounds = [(b, 0, T) for b in range(B)]
     else:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from momtitan.ops.recurrence.naive import QK_NORM_EPS
+
 
 def linear_recurrence_step(
     q: torch.Tensor,
@@ -41,7 +43,7 @@ def linear_recurrence_step(
     out_dtype, dtype = v.dtype, state.dtype
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if qk_l2norm:
-        q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
+        q, k = F.normalize(q, dim=-1, eps=QK_NORM_EPS), F.normalize(k, dim=-1, eps=QK_NORM_EPS)
     S = state.index_select(0, index)
     if g is not None:
         S = S * torch.exp(g.to(dtype))[..., None, None]

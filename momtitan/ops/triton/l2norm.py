@@ -19,16 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
+from momtitan.ops.recurrence.naive import QK_NORM_EPS
 from momtitan.ops.triton.common import pow2
 
 
-EPS = 1e-6  # as F.normalize(eps=1e-6) in the PyTorch recurrences
-
-
 def reciprocal_norms_reference(x: torch.Tensor) -> torch.Tensor:
-    """`x [..., K]` -> `1 / max(|x|, EPS)` over K, shape `[...]`, in fp32 (fp64 for fp64 inputs)."""
+    """`x [..., K]` -> `1 / max(|x|, QK_NORM_EPS)` over K, shape `[...]`, in fp32 (fp64 for fp64 inputs)."""
     x = x.to(torch.promote_types(x.dtype, torch.float32))
-    return torch.linalg.vector_norm(x, dim=-1).clamp_min(EPS).reciprocal()
+    return torch.linalg.vector_norm(x, dim=-1).clamp_min(QK_NORM_EPS).reciprocal()
 
 
 @triton.jit
@@ -48,7 +46,7 @@ def reciprocal_norms(x: torch.Tensor) -> torch.Tensor:
     r = torch.empty(x.shape[:-1], device=x.device, dtype=torch.float32)
     BK = pow2(K)
     BR = max(1, 4096 // BK)
-    rnorm_kernel[(triton.cdiv(R, BR),)](x, r, R, K, EPS=EPS, BR=BR, BK=BK, num_warps=4)
+    rnorm_kernel[(triton.cdiv(R, BR),)](x, r, R, K, EPS=QK_NORM_EPS, BR=BR, BK=BK, num_warps=4)
     return r
 
 

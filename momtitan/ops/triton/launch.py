@@ -68,9 +68,11 @@ class _Plan:
         # sequential passes: 4 warps at every head dim. At 8 warps (d >= 128) the blocked passes hit
         # an illegal memory access on an H100 with 16-bit inputs and the delta rules (Triton 3.6;
         # the W.S dot spread over all 8 warps beside [4, 2] state-update dots), and delta-128-fp16
-        # passed at 4; 4 warps take more registers (d = 128: 238 against 178) but do not spill
+        # passed at 4; at 4 warps they do not spill at d <= 128 (`scripts/kernel_registers.py`)
         self.warps_seq = 4
         self.warps_chunk = 4 if small else 8
+        self.warps_prepare = 4  # its 16-row dots: never at 8 warps (the pattern above)
+        self.warps_gates = 1  # per (chunk, head) one C-row scan
         # the gradient kernel at d = 64 too: its ~10 live C x C tiles spill 1560 B per thread at 4 warps
         # and 108 B at 8 (ptxas, sm_90); the tiles stay 32 wide, not the 16-wide tiles that miscompiled
         self.warps_grad = 8 if chunk > 32 and self.BKF >= 64 and self.BVF >= 32 else 4
@@ -139,7 +141,7 @@ def states(p: _Plan, for_backward: bool = False) -> dict:
         prepare_kernel[(NC, H)](
             p.k, p.v, p.ptr(p.g), p.beta, p.ptr(p.reset), p.ptr(p.rk), p.info, W, U, p.ptr(T),
             H, K, V, C=C, BS=16, BK=p.BK, NKB=p.NKB, BV=p.BV, NVB=p.NVB, STORE_T=for_backward,
-            num_warps=4, **p.flags(),  # 16-row dots: never at 8 warps (see _Plan)
+            num_warps=p.warps_prepare, **p.flags(),
         )
         u = torch.empty(NC * C, H, V, device=dev, dtype=p.wy_dtype)
     ke = torch.empty(NC * C, H, device=dev, dtype=f32)
@@ -147,7 +149,7 @@ def states(p: _Plan, for_backward: bool = False) -> dict:
     cend = torch.empty(NC, H, device=dev, dtype=f32)
     gates_kernel[(NC, H)](
         p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, ke, qc, cend, H, C=C,
-        HAS_G=p.g is not None, HAS_RESET=p.reset is not None, L2=p.l2, num_warps=1,
+        HAS_G=p.g is not None, HAS_RESET=p.reset is not None, L2=p.l2, num_warps=p.warps_gates,
     )
     h = torch.empty(NC, H, K, V, device=dev, dtype=p.chunk_state_dtype)
     ht = torch.empty(p.N, H, K, V, device=dev, dtype=f32)

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from momtitan.ops.recurrence.naive import QK_NORM_EPS
 from momtitan.ops.triton.common import pow2
 
 
@@ -16,7 +17,7 @@ from momtitan.ops.triton.common import pow2
 def step_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, index_ptr, o_ptr,
     scale, H, K, V,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, HAS_BETA: tl.constexpr, L2: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, HAS_BETA: tl.constexpr, L2: tl.constexpr, EPS: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -30,8 +31,8 @@ def step_kernel(
     kv = tl.load(k_ptr + (r * H + h) * K + kk, mask=km, other=0.0).to(tl.float32)
     vt = tl.load(v_ptr + (r * H + h) * V + vv, mask=vm, other=0.0).to(tl.float32)
     if L2:
-        qv = qv / tl.maximum(tl.sqrt(tl.sum(qv * qv, 0)), 1e-6)
-        kv = kv / tl.maximum(tl.sqrt(tl.sum(kv * kv, 0)), 1e-6)
+        qv = qv / tl.maximum(tl.sqrt(tl.sum(qv * qv, 0)), EPS)
+        kv = kv / tl.maximum(tl.sqrt(tl.sum(kv * kv, 0)), EPS)
     sptr = state_ptr + ((row * H + h) * K + kk[:, None]) * V + vv[None, :]
     smask = km[:, None] & vm[None, :]
     S = tl.load(sptr, mask=smask, other=0.0).to(tl.float32)
@@ -67,7 +68,7 @@ def linear_recurrence_step_op(
         q.contiguous(), k.contiguous(), v.contiguous(),
         g.contiguous() if g is not None else dummy, beta.contiguous() if beta is not None else dummy,
         state, index.contiguous(), o, scale, H, K, V,
-        BK=BK, BV=BV, HAS_G=g is not None, HAS_BETA=beta is not None, L2=qk_l2norm,
+        BK=BK, BV=BV, HAS_G=g is not None, HAS_BETA=beta is not None, L2=qk_l2norm, EPS=QK_NORM_EPS,
         num_warps=4 if BK * BV <= 4096 else 8,
     )
     return o
