@@ -34,7 +34,7 @@ from momtitan.ops.triton.common import (
 @triton.jit
 def local_du_kernel(
     q_ptr, k_ptr, g_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr, do_ptr, dul_ptr,
-    scale, H, K, V,
+    scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
@@ -67,7 +67,7 @@ def local_du_kernel(
 def state_bwd_kernel(
     q_ptr, k_ptr, ke_ptr, qc_ptr, cend_ptr, seg_ptr, w_ptr, do_ptr, dht_ptr, dul_ptr,
     dh_ptr, du_ptr, dh0_ptr,
-    scale, H, K, V,
+    scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr,
     HAS_DHT: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
@@ -108,7 +108,7 @@ def grads_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr,
     t_ptr, h_ptr, dh_ptr, u_ptr, du_ptr, do_ptr,
     dq_ptr, dk_ptr, dv_ptr, dg_ptr, db_ptr,
-    scale, H, K, V,
+    scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DELTA: tl.constexpr,
     DOT_MODE: tl.constexpr,

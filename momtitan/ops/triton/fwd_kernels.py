@@ -9,6 +9,10 @@
 3. `output_kernel`   per (chunk, head, V-block): o = scale * ((carry*q) h + (q k^T * D) u).
 
 q/k L2 normalisation is fused: kernels scale rows by precomputed reciprocal norms `rq`, `rk`.
+The head count H and head dims K, V are compile-time constants, as the tiles are (one compile per
+model width): the row strides fold into the address arithmetic and the masks past K and V vanish
+where the tiles cover them exactly, which frees registers in the sequential passes
+(`scripts/kernel_registers.py`).
 Tensors in token layout are `[total, H, *]`; W, U, u live in the padded layout `[NC*C, H, *]`.
 """
 
@@ -61,7 +65,7 @@ def _store_block(t_ptr, c, h, H, x, r: tl.constexpr, q: tl.constexpr, C: tl.cons
 @triton.jit
 def prepare_kernel(
     k_ptr, v_ptr, g_ptr, beta_ptr, r_ptr, rk_ptr, info_ptr, w_ptr, u_ptr, t_ptr,
-    H, K, V,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, STORE_T: tl.constexpr,
     DOT_MODE: tl.constexpr,
@@ -194,7 +198,7 @@ def gates_kernel(
 def state_kernel(
     k_ptr, v_ptr, ke_ptr, cend_ptr, seg_ptr, w_ptr, uin_ptr, h0_ptr,
     h_ptr, unew_ptr, ht_ptr,
-    H, K, V,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr,
     HAS_H0: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
@@ -227,7 +231,7 @@ def state_kernel(
 @triton.jit
 def output_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr, h_ptr, u_ptr, o_ptr,
-    scale, H, K, V,
+    scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DELTA: tl.constexpr,
     DOT_MODE: tl.constexpr,
