@@ -60,7 +60,7 @@ def constants(name: str, plan, warps: int | None, stages: int | None = None) -> 
     seq, grad = name in ("state_kernel", "state_bwd_kernel"), name == "grads_kernel"
     bv = plan.BVS if seq else plan.BVG if grad else plan.BV
     values = dict(H=plan.H, K=plan.K, V=plan.V, C=plan.C, BK=plan.BK, NKB=plan.NKB, BKF=plan.BKF, BS=16, BV=bv, NVB=plan.BVF // bv,
-                  HAS_G=True, HAS_RESET=False, L2=True, DELTA=True, HAS_H0=True, HAS_DHT=True, STORE_T=True,
+                  HAS_G=True, HAS_RESET=False, L2=True, DELTA=True, HAS_H0=True, HAS_DHT=True,
                   DOT_MODE=plan.dot_mode_state_bwd if name == "state_bwd_kernel" else plan.dot_mode)
     default_warps = {"gates_kernel": plan.warps_gates, "prepare_kernel": plan.warps_prepare}.get(
         name, plan.warps_seq if seq else plan.warps_grad if grad else plan.warps_chunk)

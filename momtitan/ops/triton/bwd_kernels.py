@@ -194,7 +194,7 @@ def grads_kernel(
         km = kk < K
         acc_qs = tl.zeros([C, BK], dtype=tl.float32)  # dO S0^T
         acc_ek = tl.zeros([C, BK], dtype=tl.float32)  # u dS1^T
-        acc_bk = tl.zeros([C, BK], dtype=tl.float32)  # dbv S0^T
+        acc_us = tl.zeros([C, BK], dtype=tl.float32)  # du S0^T (dbv S0^T = T^T du S0^T after the V loop)
         for vb in tl.range(0, NVB):
             vv = vb * BV + tl.arange(0, BV)
             vm = vv < V
@@ -212,8 +212,10 @@ def grads_kernel(
             dcC += tl.sum(tl.sum(S0 * dS1, 1), 0)
             if DELTA:
                 dub = tl.load(du_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0)
-                acc_bk += mdot(mdot(tl.trans(Tm), dub, DOT_MODE), tl.trans(S0), DOT_MODE)
+                acc_us += mdot(dub, tl.trans(S0), DOT_MODE)
         m1 = valid[:, None] & km[None, :]
+        if DELTA:
+            acc_bk = mdot(tl.trans(Tm), acc_us, DOT_MODE)  # dbv S0^T: one T^T dot per K block
         qb = tl.load(q_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=m1, other=0.0).to(tl.float32) * rq[:, None]
         kbt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=m1, other=0.0).to(tl.float32) * rk[:, None]
         dq = scale * carry[:, None] * acc_qs + scale * mdot(dPD, kbt, DOT_MODE)

@@ -1,8 +1,9 @@
 """Forward Triton kernels of the chunked linear recurrence (algorithm: `recurrence/chunk.py`).
 
 1. `prepare_kernel`  per (chunk, head), in 16-row blocks: A, T = (I + A)^-1 (diagonal blocks by
-   forward substitution, the rest by 16-wide dots), and the WY factors W = T (beta*carry*k),
-   U = T (beta*v)   (delta rules only).
+   forward substitution, the rest by 16-wide dots), stored whole ([NC, H, C, C], fp32; the backward
+   reads it too) and read back as one [C, C] tile for the WY factors W = T (beta*carry*k),
+   U = T (beta*v), one full-width dot per column block   (delta rules only).
 2. `gates_kernel`    per (chunk, head): the row weights of the sequential passes (no scans in their loops).
    `state_kernel`    per (segment, head, V-block): the sequential pass over the segment's chunks;
    stores each chunk's start state h, the corrected values u = U - W h (delta rules), the final state.
@@ -49,13 +50,6 @@ def _a_block(KK, g_r, g_c, run_r, run_c, s_r, s_c, DIAG: tl.constexpr, BS: tl.co
 
 
 @triton.jit
-def _store_rows(ptr, c, h, H, D, dd, x, r: tl.constexpr, C: tl.constexpr, BS: tl.constexpr):
-    """Store `x [BS, len(dd)]` as rows `[r*BS, (r+1)*BS)` of padded chunk `c` of `[NC*C, H, D]`."""
-    j = c * C + r * BS + tl.arange(0, BS)
-    tl.store(ptr + (j[:, None] * H + h) * D + dd[None, :], x.to(ptr.dtype.element_ty), mask=(dd < D)[None, :])
-
-
-@triton.jit
 def _store_block(t_ptr, c, h, H, x, r: tl.constexpr, q: tl.constexpr, C: tl.constexpr, BS: tl.constexpr):
     """Store `x [BS, BS]` as block (r, q) of chunk `c`'s `[C, C]` matrix in `T [NC, H, C, C]`."""
     ii = tl.arange(0, BS)
@@ -67,11 +61,12 @@ def prepare_kernel(
     k_ptr, v_ptr, g_ptr, beta_ptr, r_ptr, rk_ptr, info_ptr, w_ptr, u_ptr, t_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr,
-    HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, STORE_T: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr,
     DOT_MODE: tl.constexpr,
 ):
-    """Per (chunk, head), in blocks of BS rows (NB = C / BS = 1, 2 or 4): the blocks of A, of
-    T = (I + A)^-1 (`inverse_blocks`), and W = T (beta*carry*rk*k), U = T (beta*v) row block by row block."""
+    """Per (chunk, head), in blocks of BS rows (NB = C / BS = 1, 2 or 4): the blocks of A and of
+    T = (I + A)^-1 (`inverse_blocks`), stored; then W = T (beta*carry*rk*k) and U = T (beta*v) from T
+    read back whole."""
     NB: tl.constexpr = C // BS
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -83,16 +78,16 @@ def prepare_kernel(
     rk = row_scales(rk_ptr, tok, valid, h, H, L2)
     wk = rk * b * carry
 
-    # per row block: log-decay, run ids, beta, rk, W's row weights (blocks past NB are placeholders)
-    g0, run0, b0, rk0, wk0 = rows_of(gamma, 0, C, BS), rows_of(run, 0, C, BS), rows_of(b, 0, C, BS), rows_of(rk, 0, C, BS), rows_of(wk, 0, C, BS)
-    g1, run1, b1, rk1, wk1 = g0, run0, b0, rk0, wk0
-    g2, run2, b2, rk2, wk2 = g0, run0, b0, rk0, wk0
-    g3, run3, b3, rk3, wk3 = g0, run0, b0, rk0, wk0
+    # per row block: log-decay, run ids, beta, rk (blocks past NB are placeholders)
+    g0, run0, b0, rk0 = rows_of(gamma, 0, C, BS), rows_of(run, 0, C, BS), rows_of(b, 0, C, BS), rows_of(rk, 0, C, BS)
+    g1, run1, b1, rk1 = g0, run0, b0, rk0
+    g2, run2, b2, rk2 = g0, run0, b0, rk0
+    g3, run3, b3, rk3 = g0, run0, b0, rk0
     if NB >= 2:
-        g1, run1, b1, rk1, wk1 = rows_of(gamma, 1, C, BS), rows_of(run, 1, C, BS), rows_of(b, 1, C, BS), rows_of(rk, 1, C, BS), rows_of(wk, 1, C, BS)
+        g1, run1, b1, rk1 = rows_of(gamma, 1, C, BS), rows_of(run, 1, C, BS), rows_of(b, 1, C, BS), rows_of(rk, 1, C, BS)
     if NB >= 4:
-        g2, run2, b2, rk2, wk2 = rows_of(gamma, 2, C, BS), rows_of(run, 2, C, BS), rows_of(b, 2, C, BS), rows_of(rk, 2, C, BS), rows_of(wk, 2, C, BS)
-        g3, run3, b3, rk3, wk3 = rows_of(gamma, 3, C, BS), rows_of(run, 3, C, BS), rows_of(b, 3, C, BS), rows_of(rk, 3, C, BS), rows_of(wk, 3, C, BS)
+        g2, run2, b2, rk2 = rows_of(gamma, 2, C, BS), rows_of(run, 2, C, BS), rows_of(b, 2, C, BS), rows_of(rk, 2, C, BS)
+        g3, run3, b3, rk3 = rows_of(gamma, 3, C, BS), rows_of(run, 3, C, BS), rows_of(b, 3, C, BS), rows_of(rk, 3, C, BS)
 
     # the lower blocks of k k^T
     Z = tl.zeros([BS, BS], dtype=tl.float32)
@@ -131,49 +126,34 @@ def prepare_kernel(
         A33 = _a_block(KK33, g3, g3, run3, run3, s3, rk3, True, BS)
     X00, X10, X11, X20, X21, X22, X30, X31, X32, X33 = inverse_blocks(
         A00, A10, A11, A20, A21, A22, A30, A31, A32, A33, NB, BS)
-    if STORE_T:
-        for r in tl.static_range(NB):  # the zero upper blocks
-            for q in tl.static_range(r + 1, NB):
-                _store_block(t_ptr, c, h, H, Z, r, q, C, BS)
-        _store_block(t_ptr, c, h, H, X00, 0, 0, C, BS)
-        if NB >= 2:
-            _store_block(t_ptr, c, h, H, X10, 1, 0, C, BS)
-            _store_block(t_ptr, c, h, H, X11, 1, 1, C, BS)
-        if NB >= 4:
-            _store_block(t_ptr, c, h, H, X20, 2, 0, C, BS)
-            _store_block(t_ptr, c, h, H, X21, 2, 1, C, BS)
-            _store_block(t_ptr, c, h, H, X22, 2, 2, C, BS)
-            _store_block(t_ptr, c, h, H, X30, 3, 0, C, BS)
-            _store_block(t_ptr, c, h, H, X31, 3, 1, C, BS)
-            _store_block(t_ptr, c, h, H, X32, 3, 2, C, BS)
-            _store_block(t_ptr, c, h, H, X33, 3, 3, C, BS)
-
-    # W = T (wk * k) and U = T (beta * v)
-    for kb in tl.static_range(NKB):
-        _t_times(k_ptr, w_ptr, K, kb * BK + tl.arange(0, BK), wk0, wk1, wk2, wk3, X00, X10, X11, X20, X21, X22, X30,
-                 X31, X32, X33, tok0, nvalid, c, h, H, NB, C, BS, DOT_MODE)
-    for vb in tl.static_range(NVB):
-        _t_times(v_ptr, u_ptr, V, vb * BV + tl.arange(0, BV), b0, b1, b2, b3, X00, X10, X11, X20, X21, X22, X30,
-                 X31, X32, X33, tok0, nvalid, c, h, H, NB, C, BS, DOT_MODE)
-
-
-@triton.jit
-def _t_times(x_ptr, out_ptr, D, dd, s0, s1, s2, s3, X00, X10, X11, X20, X21, X22, X30, X31, X32, X33,
-             tok0, nvalid, c, h, H, NB: tl.constexpr, C: tl.constexpr, BS: tl.constexpr, DOT_MODE: tl.constexpr):
-    """Store the columns `dd` of T (s * x) for one chunk, row block by row block, skipping T's zero
-    upper blocks; T is given by its lower blocks, s (row weights of x) by its row blocks."""
-    x0 = _rows_tile(x_ptr, tok0, nvalid, h, H, D, dd, 0, BS) * s0[:, None]
-    _store_rows(out_ptr, c, h, H, D, dd, mdot(X00, x0, DOT_MODE), 0, C, BS)
+    for r in tl.static_range(NB):  # the zero upper blocks
+        for q in tl.static_range(r + 1, NB):
+            _store_block(t_ptr, c, h, H, Z, r, q, C, BS)
+    _store_block(t_ptr, c, h, H, X00, 0, 0, C, BS)
     if NB >= 2:
-        x1 = _rows_tile(x_ptr, tok0, nvalid, h, H, D, dd, 1, BS) * s1[:, None]
-        _store_rows(out_ptr, c, h, H, D, dd, mdot(X10, x0, DOT_MODE) + mdot(X11, x1, DOT_MODE), 1, C, BS)
+        _store_block(t_ptr, c, h, H, X10, 1, 0, C, BS)
+        _store_block(t_ptr, c, h, H, X11, 1, 1, C, BS)
     if NB >= 4:
-        x2 = _rows_tile(x_ptr, tok0, nvalid, h, H, D, dd, 2, BS) * s2[:, None]
-        x3 = _rows_tile(x_ptr, tok0, nvalid, h, H, D, dd, 3, BS) * s3[:, None]
-        _store_rows(out_ptr, c, h, H, D, dd, mdot(X20, x0, DOT_MODE) + mdot(X21, x1, DOT_MODE) + mdot(X22, x2, DOT_MODE),
-                    2, C, BS)
-        _store_rows(out_ptr, c, h, H, D, dd, mdot(X30, x0, DOT_MODE) + mdot(X31, x1, DOT_MODE) + mdot(X32, x2, DOT_MODE)
-                    + mdot(X33, x3, DOT_MODE), 3, C, BS)
+        _store_block(t_ptr, c, h, H, X20, 2, 0, C, BS)
+        _store_block(t_ptr, c, h, H, X21, 2, 1, C, BS)
+        _store_block(t_ptr, c, h, H, X22, 2, 2, C, BS)
+        _store_block(t_ptr, c, h, H, X30, 3, 0, C, BS)
+        _store_block(t_ptr, c, h, H, X31, 3, 1, C, BS)
+        _store_block(t_ptr, c, h, H, X32, 3, 2, C, BS)
+        _store_block(t_ptr, c, h, H, X33, 3, 3, C, BS)
+
+    # registers cannot join the blocks into one tile: T goes through memory, the barrier making every
+    # thread's stores visible to the whole block before the loads (they hit L1/L2)
+    tl.debug_barrier()
+    i = tl.arange(0, C)
+    Tm = tl.load(t_ptr + ((c * H + h) * C + i[:, None]) * C + i[None, :])
+    # W = T (wk * k) and U = T (beta * v): one [C, C] x [C, BK or BV] dot per column block
+    for kb in tl.static_range(NKB):
+        x = load_rows(k_ptr, tok0, valid, h, H, K, kb * BK, BK, C).to(tl.float32) * wk[:, None]
+        store_rows(w_ptr, c * C, valid, h, H, K, kb * BK, mdot(Tm, x, DOT_MODE), BK, C)
+    for vb in tl.static_range(NVB):
+        x = load_rows(v_ptr, tok0, valid, h, H, V, vb * BV, BV, C).to(tl.float32) * b[:, None]
+        store_rows(u_ptr, c * C, valid, h, H, V, vb * BV, mdot(Tm, x, DOT_MODE), BV, C)
 
 
 @triton.jit
@@ -255,11 +235,11 @@ def output_kernel(
         kt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)
         QK += mdot(qt, tl.trans(kt), DOT_MODE)
         S0 = tl.load(h_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], mask=km[:, None] & vm[None, :] & (nvalid > 0), other=0.0)
-        qS += mdot(qt.to(tl.float32) * (rq * carry)[:, None], S0, DOT_MODE)
+        qS += mdot(qt, S0, DOT_MODE)  # rows weighted after the loop: q stays in its dtype for the dot
     P = QK * (rq[:, None] * rk[None, :]) * decay_matrix(gamma, run, C)
     if DELTA:
         u = tl.load(u_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=valid[:, None] & vm[None, :], other=0.0)
     else:
         u = tl.load(v_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=valid[:, None] & vm[None, :], other=0.0)
-    o = scale * (qS + mdot(P, u.to(tl.float32), DOT_MODE))
+    o = scale * (qS * (rq * carry)[:, None] + mdot(P, u.to(tl.float32), DOT_MODE))
     tl.store(o_ptr + (tok[:, None] * H + h) * V + vv[None, :], o.to(o_ptr.dtype.element_ty), mask=valid[:, None] & vm[None, :])

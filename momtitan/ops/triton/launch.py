@@ -126,10 +126,10 @@ class _Plan:
         return dict(HAS_G=self.g is not None, HAS_RESET=self.reset is not None, L2=self.l2, DOT_MODE=self.dot_mode)
 
 
-def states(p: _Plan, for_backward: bool = False) -> dict:
+def states(p: _Plan) -> dict:
     """The chunk start states `h`, the final states `ht`, and for the delta rules the corrected values
-    `u` and the WY factor `W` (plus `T = (I + A)^-1` when `for_backward`): all the backward needs, which
-    recomputes them rather than keeping them from the forward."""
+    `u`, the WY factor `W` and `T = (I + A)^-1`: all the backward needs, which recomputes them rather
+    than keeping them from the forward."""
     H, K, V, C, NC = p.H, p.K, p.V, p.C, p.NC
     dev = p.q.device
     f32 = torch.float32
@@ -137,10 +137,10 @@ def states(p: _Plan, for_backward: bool = False) -> dict:
     if p.delta:
         W = torch.empty(NC * C, H, K, device=dev, dtype=p.wy_dtype)
         U = torch.empty(NC * C, H, V, device=dev, dtype=p.wy_dtype)
-        T = torch.empty(NC, H, C, C, device=dev, dtype=f32) if for_backward else None
+        T = torch.empty(NC, H, C, C, device=dev, dtype=f32)
         prepare_kernel[(NC, H)](
             p.k, p.v, p.ptr(p.g), p.beta, p.ptr(p.reset), p.ptr(p.rk), p.info, W, U, p.ptr(T),
-            H, K, V, C=C, BS=16, BK=p.BK, NKB=p.NKB, BV=p.BV, NVB=p.NVB, STORE_T=for_backward,
+            H, K, V, C=C, BS=16, BK=p.BK, NKB=p.NKB, BV=p.BV, NVB=p.NVB,
             num_warps=p.warps_prepare, **p.flags(),
         )
         u = torch.empty(NC * C, H, V, device=dev, dtype=p.wy_dtype)
@@ -178,7 +178,7 @@ def backward(p: _Plan, scale: float, do, dht):
     H, K, V, C, NC, total = p.H, p.K, p.V, p.C, p.NC, p.total
     dev = p.q.device
     f32 = torch.float32
-    s = states(p, for_backward=True)  # the output itself is not needed
+    s = states(p)  # the output itself is not needed
     do = do.reshape(total, H, V).contiguous()
     dht = dht.to(f32).contiguous() if dht is not None else None
     dh = torch.empty(NC, H, K, V, device=dev, dtype=p.chunk_state_dtype)
