@@ -167,7 +167,7 @@ CPU_BF16_CASES = {
 
 # scratch buffers poisoned with NaN (at the small tiles: partial T blocks, the backward's block loop)
 UNWRITTEN_READ_CASES = ["varlen_W4_silu", "batched_W2_none", "varlen_no_state_io", "T1"]
-SMALL_TILES = (8, 8, 2)  # (BLOCK_T, BWD_BLOCK_T, BWD_PROGRAMS) for the interpreter
+SMALL_TILES = (8, 2)  # (BLOCK_T, BWD_PROGRAMS) for the interpreter
 
 
 def _emit(check, **fields):
@@ -182,21 +182,21 @@ def _emit_case(name, spec, dtype=torch.float32):
 def _worker():
     import momtitan.ops.triton.conv_kernels as ck
 
-    default_tiles = (ck.BLOCK_T, ck.BWD_BLOCK_T, ck.BWD_PROGRAMS)
-    ck.BLOCK_T, ck.BWD_BLOCK_T, ck.BWD_PROGRAMS = SMALL_TILES
+    default_tiles = (ck.BLOCK_T, ck.BWD_PROGRAMS)
+    ck.BLOCK_T, ck.BWD_PROGRAMS = SMALL_TILES
     for name, spec in CPU_CASES.items():
         _emit_case(name, spec)
     for name, spec in CPU_BF16_CASES.items():
         _emit_case(name, spec, torch.bfloat16)
     for name in UNWRITTEN_READ_CASES:
         _emit(f"unwritten_{name}", changed=unwritten_reads(triton_results, CPU_CASES[name]))
-    ck.BLOCK_T, ck.BWD_BLOCK_T, ck.BWD_PROGRAMS = default_tiles  # one partial T block
+    ck.BLOCK_T, ck.BWD_PROGRAMS = default_tiles  # one partial T block
     _emit_case("default_tiles", CPU_CASES["varlen_W4_silu"])
     for W in (2, 4):
         for act in ("silu", None):
             _emit(f"step_W{W}_{act or 'none'}", errs=check_step(W, act))
     _emit("step_x_fp16_state_fp32", errs=check_step(4, "silu", dtype=torch.float16))
-    ck.BLOCK_T, ck.BWD_BLOCK_T, ck.BWD_PROGRAMS = SMALL_TILES
+    ck.BLOCK_T, ck.BWD_PROGRAMS = SMALL_TILES
     _worker_opcheck()
     _worker_compile()
 

@@ -15,17 +15,15 @@ Kernels (every token tile is [BT, BD], D contiguous; the grid is (T blocks, D bl
 
 1. `conv_fwd_kernel`      y = act(sum_s w_s * tap_s), act = SiLU or identity.
 2. `conv_final_kernel`    per (segment, D block): the final window [N, D, W-1].
-3. `conv_bwd_kernel`      per (T split, D block, batch), looping over the split's T blocks:
+3. `conv_bwd_da_kernel`   SiLU only: recomputes the pre-activation a and stores da = dy * silu'(a)
+                          (fp32); without an activation da is dy itself and this kernel is skipped.
+4. `conv_bwd_kernel`      per (T split, D block, batch), looping over the split's T blocks:
                           dx[t] = sum_s w_s * da[t+s] (taps that see x[t]) + d(final state) where
                           x[t] is in a segment's final window; and one fp32 partial of dweight per
                           program, summed over programs by the host (a fixed order: deterministic).
-                          da = dy * silu'(a) with SiLU (dy itself without): the pre-activation a of
-                          each token t+s is recomputed from x (cache hits) rather than stored, which
-                          would cost an fp32 [B*T, D] write and W reads of it.
-4. `conv_bwd_dh0_kernel`  per (segment, D block): d(initial_state) from the first W-1 tokens'
-                          da (recomputed the same way) and from d(final state) of segments
-                          shorter than W-1.
-5. `conv_step_kernel`     the decode step: per (row, D block) reads the window `state[index[r]]`,
+5. `conv_bwd_dh0_kernel`  per (segment, D block): d(initial_state) from the first W-1 tokens'
+                          da and from d(final state) of segments shorter than W-1.
+6. `conv_step_kernel`     the decode step: per (row, D block) reads the window `state[index[r]]`,
                           writes it back shifted by x (in place), returns act(window . w).
 
 Dtypes: as `segmented.py`, the conv computes in x's dtype (the host rounds the weight and the
@@ -44,10 +42,8 @@ from momtitan.ops.segments import token_segments
 from momtitan.ops.triton.common import pow2
 
 # Tile choices (module level so the interpreter tests can shrink them).
-BLOCK_T = 64          # tokens per tile of the forward
+BLOCK_T = 64          # tokens per tile
 MAX_BLOCK_D = 64      # channels per tile
-BWD_BLOCK_T = 32      # tokens per tile of the backward, which holds W recomputed da tiles
-BWD_WARPS = 8
 BWD_PROGRAMS = 1024   # rough target of conv_bwd_kernel programs: bounds the dweight partials
 
 
@@ -151,26 +147,26 @@ def conv_final_kernel(
 
 
 @triton.jit
-def _da(x_ptr, w_ptr, h0_ptr, reset_ptr, dy_ptr, tok, n, start, tmask, dd, dmask, D,
-        W: tl.constexpr, HAS_H0: tl.constexpr, HAS_RESET: tl.constexpr, SILU: tl.constexpr):
-    """The pre-activation's gradient at the tokens `tok` (of segment `n`, first token `start`; 0 where
-    `tmask` is false), [BT, BD] fp32: dy * silu'(a) with the pre-activation a recomputed, or dy."""
+def conv_bwd_da_kernel(
+    x_ptr, w_ptr, h0_ptr, reset_ptr, seg_ptr, cu_ptr, dy_ptr, da_ptr, T, D,
+    W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_H0: tl.constexpr, HAS_RESET: tl.constexpr,
+):
+    b, t, tmask, tok, dd, dmask = _tile(T, D, BT, BD)
+    n, start, end = _token_segments(seg_ptr, cu_ptr, b, tok, tmask, T, VARLEN)
+    a = _preact(x_ptr, w_ptr, h0_ptr, reset_ptr, tok, n, start, tmask, dd, dmask, D, W, HAS_H0, HAS_RESET)
     m = tmask[:, None] & dmask[None, :]
     dy = tl.load(dy_ptr + tok[:, None] * D + dd[None, :], mask=m, other=0.0).to(tl.float32)
-    if SILU:
-        a = _preact(x_ptr, w_ptr, h0_ptr, reset_ptr, tok, n, start, tmask, dd, dmask, D, W, HAS_H0, HAS_RESET)
-        sig = tl.sigmoid(a)
-        dy = dy * sig * (1.0 + a * (1.0 - sig))
-    return dy
+    sig = tl.sigmoid(a)
+    tl.store(da_ptr + tok[:, None] * D + dd[None, :], dy * sig * (1.0 + a * (1.0 - sig)), mask=m)
 
 
 @triton.jit
 def conv_bwd_kernel(
-    x_ptr, w_ptr, h0_ptr, reset_ptr, seg_ptr, cu_ptr, dy_ptr, dfinal_ptr, dx_ptr, dwp_ptr,
+    x_ptr, w_ptr, h0_ptr, reset_ptr, seg_ptr, cu_ptr, da_ptr, dfinal_ptr, dx_ptr, dwp_ptr,
     T, D, span, n_split,
     W: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
     VARLEN: tl.constexpr, HAS_H0: tl.constexpr, HAS_RESET: tl.constexpr, HAS_DFINAL: tl.constexpr,
-    SILU: tl.constexpr,
 ):
     ts = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
@@ -186,7 +182,7 @@ def conv_bwd_kernel(
         tok = b * T + t
         n, start, end = _token_segments(seg_ptr, cu_ptr, b, tok, tmask, T, VARLEN)
         m = tmask[:, None] & dmask[None, :]
-        da = _da(x_ptr, w_ptr, h0_ptr, reset_ptr, dy_ptr, tok, n, start, tmask, dd, dmask, D, W, HAS_H0, HAS_RESET, SILU)
+        da = tl.load(da_ptr + tok[:, None] * D + dd[None, :], mask=m, other=0.0).to(tl.float32)
 
         # dweight: sum over tokens of da * (what tap s read), as in the forward
         xt = tl.load(x_ptr + tok[:, None] * D + dd[None, :], mask=m, other=0.0).to(tl.float32)
@@ -209,9 +205,8 @@ def conv_bwd_kernel(
             if HAS_RESET:
                 rr = tl.load(reset_ptr + tk, mask=tmask & inside, other=0)
                 open_ = open_ & (rr == 0)
-            # token t+s lies in t's segment: same n and start
-            dat = _da(x_ptr, w_ptr, h0_ptr, reset_ptr, dy_ptr, tk, n, start, open_ & inside, dd, dmask, D, W, HAS_H0,
-                      HAS_RESET, SILU)
+            mt = (open_ & inside)[:, None] & dmask[None, :]
+            dat = tl.load(da_ptr + tk[:, None] * D + dd[None, :], mask=mt, other=0.0).to(tl.float32)
             dx += dat * _weight(w_ptr, dd, dmask, W - 1 - s, W)[None, :]
         tl.store(dx_ptr + tok[:, None] * D + dd[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
 
@@ -221,9 +216,8 @@ def conv_bwd_kernel(
 
 @triton.jit
 def conv_bwd_dh0_kernel(
-    x_ptr, w_ptr, h0_ptr, reset_ptr, cu_ptr, dy_ptr, dfinal_ptr, dh0_ptr, D,
+    w_ptr, reset_ptr, cu_ptr, da_ptr, dfinal_ptr, dh0_ptr, D,
     W: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr, HAS_RESET: tl.constexpr, HAS_DFINAL: tl.constexpr,
-    SILU: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     dd = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -233,10 +227,6 @@ def conv_bwd_dh0_kernel(
     start = tl.load(cu_ptr + n).to(tl.int64)
     end = tl.load(cu_ptr + n + 1).to(tl.int64)
     acc = tl.zeros([BJ, BD], dtype=tl.float32)
-    # da of the segment's first W-1 tokens, as rows of one [BJ, BD] tile
-    first = start + jj
-    DA = _da(x_ptr, w_ptr, h0_ptr, reset_ptr, dy_ptr, first, first * 0 + n, first * 0 + start, jm & (first < end), dd,
-             dmask, D, W, True, HAS_RESET, SILU)
     open_ = tl.full([], 1, tl.int1)
     # token start+k reads slot j with tap s = W-1-j+k (weight column j-k) for j >= k, unless a
     # reset at start .. start+k hides the cache
@@ -246,7 +236,7 @@ def conv_bwd_dh0_kernel(
         if HAS_RESET:
             rr = tl.load(reset_ptr + tk, mask=inside, other=0)
             open_ = open_ & (rr == 0)
-        dak = tl.sum(tl.where((jj == k)[:, None] & inside & open_, DA, 0.0), 0)
+        dak = tl.load(da_ptr + tk * D + dd, mask=dmask & inside & open_, other=0.0).to(tl.float32)
         wm = (jm & (jj >= k))[:, None] & dmask[None, :]
         wv = tl.load(w_ptr + dd[None, :] * W + (jj - k)[:, None], mask=wm, other=0.0).to(tl.float32)
         acc += wv * dak[None, :]
@@ -310,11 +300,9 @@ class _ConvPlan:
         self.reset = reset.reshape(self.total).contiguous().view(torch.uint8) if reset is not None else None
         self.seg = token_segments(self.cu, self.total) if self.varlen else None
         self.BT = BLOCK_T
-        self.BWD_BT = BWD_BLOCK_T
         self.BD = min(pow2(D), MAX_BLOCK_D)
         self.ND = triton.cdiv(D, self.BD)
         self.NT = triton.cdiv(T, self.BT)
-        self.BWD_NT = triton.cdiv(T, self.BWD_BT)
         self.dummy = torch.empty(1, device=dev, dtype=torch.float32)
 
     def ptr(self, t):
@@ -330,9 +318,9 @@ class _ConvPlan:
 
     def bwd_split(self):
         """`(n_split, span)`: conv_bwd_kernel's T splits, about BWD_PROGRAMS programs in all, each
-        `span` tokens (whole backward T blocks)."""
-        n_split = max(1, min(self.BWD_NT, triton.cdiv(BWD_PROGRAMS, max(1, self.B * self.ND))))
-        span = max(1, triton.cdiv(self.BWD_NT, n_split)) * self.BWD_BT
+        `span` tokens (whole T blocks)."""
+        n_split = max(1, min(self.NT, triton.cdiv(BWD_PROGRAMS, max(1, self.B * self.ND))))
+        span = max(1, triton.cdiv(self.NT, n_split)) * self.BT
         return max(1, triton.cdiv(self.T, span)), span
 
 
@@ -357,14 +345,20 @@ def conv_backward(p: _ConvPlan, silu: bool, dy: torch.Tensor, dfinal: torch.Tens
     h0, reset, seg, cu = p.common()
     dy = dy.reshape(p.total, p.D).contiguous()
     dfinal = dfinal.contiguous() if dfinal is not None else None
+    if p.empty:
+        da = p.dummy
+    elif silu:
+        da = torch.empty(p.total, p.D, device=p.x.device, dtype=torch.float32)
+        conv_bwd_da_kernel[(p.NT, p.ND, p.B)](p.x, p.w, h0, reset, seg, cu, dy, da, p.T, p.D, **p.flags())
+    else:
+        da = dy
     dx = p.x.new_empty(p.B, p.T, p.D)
     n_split, span = p.bwd_split()
     dwp = torch.zeros(p.B * n_split, p.D, p.W, device=p.x.device, dtype=torch.float32)
     if not p.empty:
         conv_bwd_kernel[(n_split, p.ND, p.B)](
-            p.x, p.w, h0, reset, seg, cu, dy, p.ptr(dfinal), dx, dwp, p.T, p.D, span, n_split,
-            BW=pow2(p.W, 2), HAS_DFINAL=dfinal is not None, SILU=silu, num_warps=BWD_WARPS,
-            **{**p.flags(), "BT": p.BWD_BT},
+            p.x, p.w, h0, reset, seg, cu, da, p.ptr(dfinal), dx, dwp, p.T, p.D, span, n_split,
+            BW=pow2(p.W, 2), HAS_DFINAL=dfinal is not None, **p.flags(),
         )
     dw = dwp.sum(0).to(p.weight_dtype)
     if p.h0 is None:
@@ -372,9 +366,8 @@ def conv_backward(p: _ConvPlan, silu: bool, dy: torch.Tensor, dfinal: torch.Tens
     dh0 = p.h0.new_empty(p.h0.shape, dtype=p.state_dtype)
     if p.D > 0:
         conv_bwd_dh0_kernel[(p.N, p.ND)](
-            p.x, p.w, p.h0, reset, cu, dy, p.ptr(dfinal), dh0, p.D,
+            p.w, reset, cu, da, p.ptr(dfinal), dh0, p.D,
             W=p.W, BJ=pow2(p.W - 1, 2), BD=p.BD, HAS_RESET=p.reset is not None, HAS_DFINAL=dfinal is not None,
-            SILU=silu,
         )
     return dx, dw, dh0
 
