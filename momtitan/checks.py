@@ -16,6 +16,26 @@ def require_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def require_optional_float(name: str, value) -> None:
+    """ValueError naming `name` and `value` unless `value` is None or a number (not a bool)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"{name} must be a float or None, got {value!r}")
+
+
+def require_same_device(reference: str, like: torch.Tensor, **tensors) -> None:
+    """ValueError naming the first of `tensors` (None skipped) not on `like`'s device; checked up front,
+    a mismatch would otherwise fail deep inside a kernel launch."""
+    for name, x in tensors.items():
+        if x is not None and x.device != like.device:
+            raise ValueError(f"{name} must be on {reference}'s device {like.device}, got {x.device}")
+
+
+def autograd_records(*tensors) -> bool:
+    """True when autograd is recording and one of `tensors` (None skipped) requires grad: the fused
+    decode-step kernels have no backward, so such calls keep the PyTorch path."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def existing_folder(path, what: str = "checkpoint path") -> Path:
     """`path` as a Path; FileNotFoundError if it is missing or not a folder."""
     path = Path(path)

@@ -92,8 +92,14 @@ def check_case(spec, device="cpu", dtype=torch.float32, seed=0):
     return errs, finite
 
 
-def check_step(rule, device="cpu", dtype=torch.float32, l2=True, compiled=False):
-    """The fused step kernel against the PyTorch step, on CPU copies; rows not indexed untouched."""
+def _permuted(x):
+    """`x [R, H, D]` as a dense view with the heads outermost in memory (strides of a [H, R, D] tensor)."""
+    return x.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def check_step(rule, device="cpu", dtype=torch.float32, l2=True, compiled=False, permuted=False):
+    """The fused step kernel against the PyTorch step, on CPU copies; rows not indexed untouched.
+    `permuted`: q, k, v as dense views whose row order in memory is not [R, H, D]'s."""
     from momtitan.ops.recurrence.step import linear_recurrence_step
     from momtitan.ops.triton import triton_linear_recurrence_step
 
@@ -111,7 +117,8 @@ def check_step(rule, device="cpu", dtype=torch.float32, l2=True, compiled=False)
     fn = triton_linear_recurrence_step
     if compiled:
         fn = torch.compile(fn, fullgraph=True)
-    o = fn(dev(q), dev(k), dev(v), dev(g), dev(beta), st, index.to(device), qk_l2norm=l2)
+    layout = _permuted if permuted else (lambda t: t)
+    o = fn(layout(dev(q)), layout(dev(k)), layout(dev(v)), dev(g), dev(beta), st, index.to(device), qk_l2norm=l2)
     ref_state = state.clone()
     cast = lambda t: None if t is None else t.to(dtype).double()  # noqa: E731
     ref_state64 = ref_state.double()
@@ -157,6 +164,7 @@ def _worker():
     for rule in RULES:
         print(json.dumps({"check": f"step_{rule}", "errs": check_step(rule)}), flush=True)
     print(json.dumps({"check": "step_linear_no_l2", "errs": check_step("linear", l2=False)}), flush=True)
+    print(json.dumps({"check": "step_permuted", "errs": check_step("gated_delta", permuted=True)}), flush=True)
     for name in UNWRITTEN_READ_CASES:
         print(json.dumps({"check": f"unwritten_{name}", "changed": unwritten_reads(triton_results, CPU_CASES[name])}), flush=True)
     _worker_opcheck()
@@ -172,6 +180,9 @@ def _worker_opcheck():
         x[n].requires_grad_(True)
     fwd_args = (x["q"], x["k"], x["v"], x["g"], x["beta"], x["initial_state"], extra["cu_seqlens"], extra["reset"], 0.3, True, 16)
     torch.library.opcheck(torch.ops.momtitan.linear_recurrence_fwd, fwd_args)
+    # dense but permuted q, k, v ([B, H, T, D] memory order): the fakes must give the real outputs' strides
+    permuted = [x[n].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True) for n in ("q", "k", "v")]
+    torch.library.opcheck(torch.ops.momtitan.linear_recurrence_fwd, (*permuted, *fwd_args[3:]))
     plain = make_inputs(dict(rule="linear", shape=(2, 9, 1, 16, 16), h0=False), "cpu", torch.float32)[0]
     torch.library.opcheck(
         torch.ops.momtitan.linear_recurrence_fwd,
@@ -191,6 +202,8 @@ def _worker_opcheck():
         torch.tensor([3, 1]), 0.25, True,
     )
     torch.library.opcheck(torch.ops.momtitan.linear_recurrence_step, step_args)
+    torch.library.opcheck(torch.ops.momtitan.linear_recurrence_step,
+                          (*(_permuted(t) for t in step_args[:3]), *step_args[3:]))
     print(json.dumps({"check": "opcheck", "ok": True}), flush=True)
 
 
@@ -282,7 +295,7 @@ def test_interpreter_matches_naive_fp64(interpreter_results, name):
     assert not bad, f"{name}: relative errors above {CPU_TOL}: {bad} (all: {r['errs']})"
 
 
-@pytest.mark.parametrize("name", [f"step_{r}" for r in RULES] + ["step_linear_no_l2"])
+@pytest.mark.parametrize("name", [f"step_{r}" for r in RULES] + ["step_linear_no_l2", "step_permuted"])
 def test_interpreter_step(interpreter_results, name):
     r = result(interpreter_results, name)["errs"]
     assert r["o"] < CPU_TOL and r["state"] < CPU_TOL and r["untouched_equal"], r

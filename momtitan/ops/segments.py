@@ -19,6 +19,13 @@ def uniform_cu_seqlens(batch: int, seq_len: int, device: torch.device) -> torch.
     return torch.arange(batch + 1, device=device, dtype=torch.int64) * seq_len
 
 
+def padded_num_chunks(total: int, num_segments: int, chunk: int) -> int:
+    """Chunks of the padded layout in which each of `num_segments` segments of `total` tokens in all
+    starts on a chunk boundary: at most `ceil((total + num_segments*(chunk-1)) / chunk)`, from shapes
+    alone (at least 1)."""
+    return max(1, -(-(total + num_segments * (chunk - 1)) // chunk))
+
+
 def bucket_of_index(ends: torch.Tensor, n: int) -> torch.Tensor:
     """For each index `i < n`, how many of the non-decreasing `ends` are `<= i`: the bucket of `i`
     when bucket `j` covers `[ends[j-1], ends[j])`. `[n]` int64.

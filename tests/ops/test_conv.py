@@ -63,3 +63,42 @@ def test_output_keeps_the_input_dtype_with_fp32_weights():
     assert torch.allclose(y.double(), ref, rtol=3e-2, atol=3e-2)
     y.float().sum().backward()
     assert weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("cu", [None, [0, 0, 0]])
+def test_empty_stream_hands_back_the_initial_window(cu):
+    """No token at all: every segment's final window is its initial one (zeros without one), as the
+    token-by-token reference says; the PyTorch path used to index the empty stream."""
+    w = torch.randn(4, 3, dtype=torch.float64)
+    B = 2 if cu is None else 1
+    h0 = torch.randn(2, 4, 2, dtype=torch.float64)
+    cu = None if cu is None else torch.tensor(cu)
+    x = torch.randn(B, 0, 4, dtype=torch.float64)
+    for initial in (h0, None):
+        y, final = short_conv(x, w, cu_seqlens=cu, initial_state=initial, output_final_state=True)
+        _, ref = naive_short_conv(x, w, cu_seqlens=cu, initial_state=initial, output_final_state=True)
+        assert y.shape == (B, 0, 4)
+        assert torch.equal(final, ref) and torch.equal(final, h0 if initial is not None else torch.zeros_like(h0))
+
+
+def test_bad_conv_and_step_arguments_are_named():
+    x, w = torch.randn(1, 5, 4), torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"weight must have W >= 1 taps, got shape \(4, 0\)"):
+        short_conv(x, torch.randn(4, 0))
+    with pytest.raises(ValueError, match=r"x must be a floating-point tensor, got dtype torch.int64"):
+        short_conv(x.long(), w)
+    with pytest.raises(ValueError, match=r"reset must be a torch.Tensor or None, got list"):
+        short_conv(x, w, reset=[False] * 5)
+    with pytest.raises(ValueError, match=r"cu_seqlens must be a \[N\+1\] tensor with N >= 1, got shape \(1,\)"):
+        short_conv(x, w, cu_seqlens=torch.tensor([0]))
+    state, index = torch.zeros(3, 4, 2), torch.tensor([2, 0])
+    with pytest.raises(ValueError, match=r"state must be \[S, D, W-1\] with D, W-1 = 4, 2, got \(3, 4, 3\)"):
+        short_conv_step(torch.randn(2, 4), w, torch.zeros(3, 4, 3), index)
+    with pytest.raises(ValueError, match=r"index must be an int32/int64 \[R = 2\] tensor, got torch.float32 \(2,\)"):
+        short_conv_step(torch.randn(2, 4), w, state, index.float())
+    with pytest.raises(ValueError, match=r"weight must be \[D = 4, W >= 1\], got \(5, 3\)"):
+        short_conv_step(torch.randn(2, 4), torch.randn(5, 3), state, index)
+    with pytest.raises(ValueError, match=r"activation must be 'silu' or None, got 'relu'"):
+        short_conv_step(torch.randn(2, 4), w, state, index, activation="relu")
+    with pytest.raises(ValueError, match=r"weight must be on x's device meta, got cpu"):
+        short_conv(x.to("meta"), w)

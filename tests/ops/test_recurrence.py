@@ -99,3 +99,30 @@ def test_step_updates_only_indexed_states(rule):
         assert_close("state", table[s], final[0], 1e-12)
     untouched = [s for s in range(S) if s not in index.tolist()]
     assert torch.equal(table[untouched], before[untouched])
+
+
+def test_bad_step_and_recurrence_arguments_are_named():
+    R, S, H, K, V = 2, 4, 2, 8, 6
+    q, k, v = torch.randn(R, H, K), torch.randn(R, H, K), torch.randn(R, H, V)
+    state, index = torch.zeros(S, H, K, V), torch.tensor([3, 1])
+    with pytest.raises(ValueError, match=r"state must be \[S, H, K, V\] with H, K, V = 2, 8, 6, got \(4, 2, 6, 8\)"):
+        linear_recurrence_step(q, k, v, None, None, torch.zeros(S, H, V, K), index)
+    with pytest.raises(ValueError, match=r"index must be an int32/int64 \[R = 2\] tensor, got torch.int64 \(3,\)"):
+        linear_recurrence_step(q, k, v, None, None, state, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"beta must be \[R, H\] = \(2, 2\) or None, got torch.Size\(\[2\]\)"):
+        linear_recurrence_step(q, k, v, None, torch.rand(2), state, index)
+    with pytest.raises(ValueError, match=r"k must be \[R, H, K\] = \(2, 2, 8\)"):
+        linear_recurrence_step(q, k[:1], v, None, None, state, index)
+    with pytest.raises(ValueError, match=r"scale must be a float or None, got True"):
+        linear_recurrence_step(q, k, v, None, None, state, index, scale=True)
+    x = torch.randn(1, 5, H, K)
+    with pytest.raises(ValueError, match=r"the head dims K and V must be >= 1, got q \(1, 5, 2, 0\)"):
+        linear_recurrence(x[..., :0], x[..., :0], x)
+    with pytest.raises(ValueError, match=r"cu_seqlens must hold N\+1 >= 2 offsets, got 1"):
+        linear_recurrence(x, x, x, cu_seqlens=torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"scale must be a float or None, got True"):
+        linear_recurrence(x, x, x, scale=True)
+    with pytest.raises(ValueError, match=r"v must be on q's device meta, got cpu"):  # meta: a second device anywhere
+        linear_recurrence(x.to("meta"), x.to("meta"), x)
+    with pytest.raises(ValueError, match=r"index must be on state's device meta, got cpu"):
+        linear_recurrence_step(q.to("meta"), k.to("meta"), v.to("meta"), None, None, state.to("meta"), index)

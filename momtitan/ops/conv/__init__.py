@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from momtitan.checks import require_same_device
 from momtitan.ops.conv.naive import naive_short_conv
 from momtitan.ops.conv.segmented import segmented_short_conv
 from momtitan.ops.conv.step import short_conv_step
@@ -37,11 +38,22 @@ def short_conv(
         raise ValueError(f"x must be a [B, T, D] tensor, got {getattr(x, 'shape', type(x).__name__)}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight must be [D={x.shape[-1]}, W], got {getattr(weight, 'shape', type(weight).__name__)}")
+    if weight.shape[1] < 1:
+        raise ValueError(f"weight must have W >= 1 taps, got shape {tuple(weight.shape)}")
+    for name, t in (("x", x), ("weight", weight)):
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if activation not in ("silu", None):
         raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+    for name, t in (("cu_seqlens", cu_seqlens), ("reset", reset), ("initial_state", initial_state)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    require_same_device("x", x, weight=weight, cu_seqlens=cu_seqlens, reset=reset, initial_state=initial_state)
     if cu_seqlens is not None:
         if x.shape[0] != 1:
             raise ValueError(f"with cu_seqlens the batch size must be 1, got x of shape {tuple(x.shape)}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be a [N+1] tensor with N >= 1, got shape {tuple(cu_seqlens.shape)}")
         if not torch.compiler.is_compiling():
             validate_cu_seqlens(cu_seqlens, x.shape[1])
     if reset is not None and (reset.dtype != torch.bool or reset.shape != x.shape[:2]):

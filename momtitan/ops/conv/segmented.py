@@ -42,12 +42,14 @@ def segmented_short_conv(x, weight, *, cu_seqlens=None, reset=None, initial_stat
 
     final_state = None
     if output_final_state:
+        old = cache if cache is not None else flat.new_zeros(N, W - 1, D)
+        if total == 0:  # no tokens: every segment is empty and hands back its initial window
+            return y, old.transpose(1, 2).contiguous()
         lengths = cu[1:] - cu[:-1]
         last = (cu[1:] - 1).clamp(min=0)
         src = cu[1:, None] - (W - 1) + torch.arange(W - 1, device=x.device)  # [N, W-1]
         inside = src >= run_start[last][:, None]
         window = torch.where(inside[..., None], flat[src.clamp(min=0)], 0.0)
-        old = cache if cache is not None else flat.new_zeros(N, W - 1, D)
         slot = W - 1 + src - cu[:-1, None]
         from_cache = ~inside & ~hard[last][:, None] & (slot >= 0)
         window = torch.where(from_cache[..., None], old[torch.arange(N, device=x.device)[:, None], slot.clamp(min=0, max=W - 2)], window)

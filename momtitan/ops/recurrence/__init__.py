@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from momtitan.checks import require_optional_float, require_same_device
 from momtitan.ops.recurrence.chunk import chunk_linear_recurrence
 from momtitan.ops.recurrence.naive import naive_linear_recurrence
 from momtitan.ops.recurrence.step import linear_recurrence_step
@@ -48,6 +49,8 @@ def check_recurrence_inputs(q, k, v, g, beta, initial_state, cu_seqlens, reset, 
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     B, T, H, K = q.shape
+    if K == 0 or v.shape[-1] == 0:
+        raise ValueError(f"the head dims K and V must be >= 1, got q {tuple(q.shape)} and v {tuple(v.shape)}")
     for name, x in (("g", g), ("beta", beta)):
         if x is None:
             continue
@@ -65,6 +68,8 @@ def check_recurrence_inputs(q, k, v, g, beta, initial_state, cu_seqlens, reset, 
             raise ValueError(f"with cu_seqlens the batch size must be 1 (packed sequences), got q of shape {tuple(q.shape)}")
         if cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+        if cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must hold N+1 >= 2 offsets, got {cu_seqlens.numel()}")
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None:
         expected = (N, H, K, v.shape[-1])
@@ -72,8 +77,8 @@ def check_recurrence_inputs(q, k, v, g, beta, initial_state, cu_seqlens, reset, 
             got = tuple(initial_state.shape) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
             raise ValueError(f"initial_state must be [N, H, K, V] = {expected}, got {got}")
         _check_float("initial_state", initial_state)
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise ValueError(f"scale must be a float or None, got {scale!r}")
+    require_optional_float("scale", scale)
+    require_same_device("q", q, k=k, v=v, g=g, beta=beta, initial_state=initial_state, cu_seqlens=cu_seqlens, reset=reset)
 
 
 def linear_recurrence(

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from momtitan.ops.recurrence.naive import QK_NORM_EPS
 
-from momtitan.ops.segments import bucket_of_index, token_segments, uniform_cu_seqlens
+from momtitan.ops.segments import bucket_of_index, padded_num_chunks, token_segments, uniform_cu_seqlens
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,7 +63,7 @@ def chunk_linear_recurrence(
     pad_start = pad_end - (lengths + C - 1) // C * C
     seg = token_segments(cu, total)
     dest = pad_start[seg] + torch.arange(total, device=device) - cu[seg]
-    NC = max(1, -(-(total + N * (C - 1)) // C))
+    NC = padded_num_chunks(total, N, C)
 
     def to_chunks(x):  # [total, ...] -> [NC, H, C, ...] (heads first), zeros in the padding
         x = x.new_zeros(NC * C, *x.shape[1:]).index_copy(0, dest, x)

@@ -14,15 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
-from momtitan.ops.segments import bucket_of_index
+from momtitan.ops.segments import bucket_of_index, padded_num_chunks
 
 # Dot modes: 0 = fp32 operands, 3xTF32 products (about fp32 accuracy, on tensor cores); 1 = bf16 operands; 2 = fp16 operands;
 # 3 = fp32 operands, one TF32 product (used where 16-bit operands miscompile, see launch.py).
 DOT_MODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def padded_num_chunks(total: int, num_segments: int, chunk: int) -> int:
-    return max(1, -(-(total + num_segments * (chunk - 1)) // chunk))
 
 
 def chunk_map(cu_seqlens: torch.Tensor, total: int, chunk: int):
@@ -197,10 +193,10 @@ def blocks_plus_cols_times(S1, S2, S3, S4, decay, ptr, row0, valid, h, H, K, Y, 
 
 
 @triton.jit
-def row_scales(r_ptr, tok, valid, h, H, L2: tl.constexpr):
+def row_scales(norm_ptr, tok, valid, h, H, L2: tl.constexpr):
     """Each row's reciprocal L2 norm (q or k) when `L2`, else 1; 0 on rows past the chunk's end."""
     if L2:
-        r = tl.load(r_ptr + tok * H + h, mask=valid, other=0.0)
+        r = tl.load(norm_ptr + tok * H + h, mask=valid, other=0.0)
     else:
         r = tl.where(valid, 1.0, 0.0)
     return r

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from momtitan.ops.segments import token_segments
+from momtitan.ops.segments import token_segments, uniform_cu_seqlens
 from momtitan.ops.triton.common import pow2
 
 # Tile choices (module level so the interpreter tests can shrink them).
@@ -290,7 +290,7 @@ class _ConvPlan:
         self.empty = self.total == 0 or D == 0  # nothing for the per-token kernels to do
         dev = x.device
         self.varlen = cu_seqlens is not None
-        self.cu = cu_seqlens.contiguous() if cu_seqlens is not None else torch.arange(B + 1, device=dev, dtype=torch.int64) * T
+        self.cu = cu_seqlens.contiguous() if cu_seqlens is not None else uniform_cu_seqlens(B, T, dev)
         self.N = self.cu.numel() - 1
         self.x = x.reshape(self.total, D).contiguous()
         self.w = weight.to(x.dtype).contiguous()

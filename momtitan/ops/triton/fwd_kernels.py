@@ -10,8 +10,8 @@
 3. `output_kernel`   per (chunk, head, V-block): o = scale * ((carry*q) h + (q k^T * D) u).
 
 q/k L2 normalisation is fused: kernels scale rows by precomputed reciprocal norms `rq`, `rk`.
-The head count H and head dims K, V are compile-time constants, as the tiles are (one compile per
-model width): the row strides fold into the address arithmetic and the masks past K and V vanish
+In the six chunk kernels (all but `gates_kernel`) the head count H and head dims K, V are
+compile-time constants, as the tiles are (one compile per model width): the row strides fold into the address arithmetic and the masks past K and V vanish
 where the tiles cover them exactly, which frees registers in the sequential passes
 (`scripts/kernel_registers.py`).
 Tensors in token layout are `[total, H, *]`; W, U, u live in the padded layout `[NC*C, H, *]`.
@@ -142,8 +142,9 @@ def prepare_kernel(
         _store_block(t_ptr, c, h, H, X32, 3, 2, C, BS)
         _store_block(t_ptr, c, h, H, X33, 3, 3, C, BS)
 
-    # registers cannot join the blocks into one tile: T goes through memory, the barrier making every
-    # thread's stores visible to the whole block before the loads (they hit L1/L2)
+    # T goes through memory to become one [C, C] tile (simpler than joining the ten register blocks
+    # with tl.join / tl.permute; the backward reads T anyway); the barrier makes every thread's stores
+    # visible to the whole block before the loads, which hit L1/L2
     tl.debug_barrier()
     i = tl.arange(0, C)
     Tm = tl.load(t_ptr + ((c * H + h) * C + i[:, None]) * C + i[None, :])

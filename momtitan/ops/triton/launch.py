@@ -10,6 +10,7 @@ import torch
 from momtitan.ops.triton.bwd_kernels import grads_kernel, local_du_kernel, state_bwd_kernel
 from momtitan.ops.triton.common import DOT_MODES, chunk_map, pow2
 from momtitan.ops.triton.fwd_kernels import gates_kernel, output_kernel, prepare_kernel, state_kernel
+from momtitan.ops.segments import uniform_cu_seqlens
 from momtitan.ops.triton.l2norm import l2norm_bwd, reciprocal_norms
 
 DEFAULT_CHUNK = 64
@@ -35,7 +36,7 @@ class _Plan:
         self.C = chunk
         dev = q.device
         if cu_seqlens is None:
-            cu_seqlens = torch.arange(B + 1, device=dev, dtype=torch.int64) * T
+            cu_seqlens = uniform_cu_seqlens(B, T, dev)
         self.N = cu_seqlens.numel() - 1
         self.info, self.seg, self.NC = chunk_map(cu_seqlens, self.total, chunk)
         self.q = q.reshape(self.total, H, K).contiguous()
@@ -73,8 +74,9 @@ class _Plan:
         self.warps_chunk = 4 if small else 8
         self.warps_prepare = 4  # its 16-row dots: never at 8 warps (the pattern above)
         self.warps_gates = 1  # per (chunk, head) one C-row scan
-        # the gradient kernel at d = 64 too: its ~10 live C x C tiles spill 1560 B per thread at 4 warps
-        # and 108 B at 8 (ptxas, sm_90); the tiles stay 32 wide, not the 16-wide tiles that miscompiled
+        # the gradient kernel at d = 64 too: its ~10 live C x C tiles spill over a KB per thread at 4 warps
+        # and ~100 B at 8 (scripts/kernel_registers.py); the tiles stay 32 wide, not the 16-wide tiles that
+        # miscompiled
         self.warps_grad = 8 if chunk > 32 and self.BKF >= 64 and self.BVF >= 32 else 4
         # the sequential passes' loads wait for the previous chunk's dots: no software pipelining yet
         self.stages_seq = 1
@@ -139,7 +141,7 @@ def states(p: _Plan) -> dict:
         U = torch.empty(NC * C, H, V, device=dev, dtype=p.wy_dtype)
         T = torch.empty(NC, H, C, C, device=dev, dtype=f32)
         prepare_kernel[(NC, H)](
-            p.k, p.v, p.ptr(p.g), p.beta, p.ptr(p.reset), p.ptr(p.rk), p.info, W, U, p.ptr(T),
+            p.k, p.v, p.ptr(p.g), p.beta, p.ptr(p.reset), p.ptr(p.rk), p.info, W, U, T,
             H, K, V, C=C, BS=16, BK=p.BK, NKB=p.NKB, BV=p.BV, NVB=p.NVB,
             num_warps=p.warps_prepare, **p.flags(),
         )

@@ -34,7 +34,7 @@ def linear_recurrence_fwd(
 @linear_recurrence_fwd.register_fake
 def _(q, k, v, g, beta, initial_state, cu_seqlens, reset, scale, qk_l2norm, chunk_size):
     N = _num_segments(q, cu_seqlens)
-    return torch.empty_like(v), q.new_empty(N, q.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
+    return v.new_empty(v.shape), q.new_empty(N, q.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
 
 
 @torch.library.custom_op("momtitan::linear_recurrence_bwd", mutates_args=())
@@ -54,10 +54,10 @@ def linear_recurrence_bwd(
 
 @linear_recurrence_bwd.register_fake
 def _(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, reset, scale, qk_l2norm, chunk_size):
-    dg = torch.empty_like(g) if g is not None else q.new_empty(_EMPTY)
-    db = torch.empty_like(beta) if beta is not None else q.new_empty(_EMPTY)
-    dh0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(_EMPTY, dtype=torch.float32)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, db, dh0
+    dg = g.new_empty(g.shape) if g is not None else q.new_empty(_EMPTY)
+    db = beta.new_empty(beta.shape) if beta is not None else q.new_empty(_EMPTY)
+    dh0 = initial_state.new_empty(initial_state.shape) if initial_state is not None else q.new_empty(_EMPTY, dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dg, db, dh0
 
 
 def _setup_context(ctx, inputs, output):

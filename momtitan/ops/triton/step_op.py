@@ -58,7 +58,7 @@ def linear_recurrence_step_op(
     V = v.shape[-1]
     if not state.is_contiguous():
         raise ValueError("the Triton decode step needs a contiguous state table")
-    o = torch.empty_like(v)
+    o = v.new_empty(v.shape)  # contiguous: the kernel writes row r, head h at (r * H + h) * V
     if R == 0:
         return o
     BK = pow2(K)
@@ -76,7 +76,7 @@ def linear_recurrence_step_op(
 
 @linear_recurrence_step_op.register_fake
 def _(q, k, v, g, beta, state, index, scale, qk_l2norm):
-    return torch.empty_like(v)
+    return v.new_empty(v.shape)
 
 
 def triton_linear_recurrence_step(q, k, v, g, beta, state, index, *, scale=None, qk_l2norm=False):
