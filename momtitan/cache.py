@@ -32,6 +32,7 @@ class AttentionLayerState:
 class ModelCache:
     layers: list
     position: torch.Tensor  # 0-dim int64: tokens seen so far
+    batch_size: int         # B: the sequences it holds (the model checks its inputs against it)
 
     @classmethod
     def allocate(cls, args: MoMModelArgs, batch_size: int, device=None, dtype=torch.float32, max_len: int | None = None):
@@ -56,4 +57,4 @@ class ModelCache:
                     torch.zeros(streams, args.num_heads, args.head_dim, args.head_v_dim, device=device, dtype=state_dtype),
                     torch.zeros(streams, conv_dim, args.conv_size - 1, device=device, dtype=dtype),
                 ))
-        return cls(layers, torch.zeros((), dtype=torch.int64, device=device))
+        return cls(layers, torch.zeros((), dtype=torch.int64, device=device), batch_size)

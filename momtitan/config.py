@@ -17,6 +17,14 @@ def _round_up(x: int, multiple: int) -> int:
     return (x + multiple - 1) // multiple * multiple
 
 
+def _derived_intermediate_size(hidden_size: int, hidden_ratio: float) -> int:
+    """The MLP width when `intermediate_size` is not given (fla's rule): 2/3 of hidden_size *
+    hidden_ratio, rounded up to a multiple of 256."""
+    if isinstance(hidden_ratio, bool) or not isinstance(hidden_ratio, (int, float)) or not hidden_ratio > 0:
+        raise ValueError(f"hidden_ratio must be a positive number, got {hidden_ratio!r}")
+    return _round_up(int(hidden_size * hidden_ratio * 2 / 3), 256)
+
+
 @dataclass
 class MoMModelArgs:
     vocab_size: int = 32000
@@ -52,7 +60,7 @@ class MoMModelArgs:
     def __post_init__(self):
         self.attn_layers = tuple(int(i) for i in self.attn_layers)
         if self.intermediate_size is None:
-            self.intermediate_size = _round_up(int(self.hidden_size * self.hidden_ratio * 2 / 3), 256)
+            self.intermediate_size = _derived_intermediate_size(self.hidden_size, self.hidden_ratio)
         self.validate()
 
     def validate(self) -> None:
@@ -73,6 +81,8 @@ class MoMModelArgs:
         for i in self.attn_layers:
             if not 0 <= i < self.num_hidden_layers:
                 raise ValueError(f"attn_layers must hold layer indices in [0, {self.num_hidden_layers}), got {self.attn_layers}")
+        if self.attn_num_kv_heads is not None:
+            require_positive_int("attn_num_kv_heads", self.attn_num_kv_heads)
         kv_heads = self.attn_num_kv_heads or self.attn_num_heads
         if self.attn_num_heads % kv_heads or self.hidden_size % self.attn_num_heads:
             raise ValueError(
@@ -103,6 +113,10 @@ class MoMModelArgs:
         return self.memory_rule in ("gated_delta", "delta")
 
     def replace(self, **changes) -> "MoMModelArgs":
+        """A copy with `changes`, validated. Changing hidden_size or hidden_ratio derives the MLP
+        width again (as construction does), unless `changes` sets intermediate_size too."""
+        if "hidden_size" in changes or "hidden_ratio" in changes:
+            changes.setdefault("intermediate_size", None)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:

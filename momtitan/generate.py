@@ -50,9 +50,23 @@ def padding_doc_starts(attention_mask: torch.Tensor, *, allow_right_padding: boo
     starts = mask & ~F.pad(mask, (1, 0))[:, :-1]
     if bool((starts.sum(1) > 1).any()):
         raise ValueError("attention_mask must hold one run of ones per row (left or right padding), not holes")
-    if not allow_right_padding and bool((~mask[:, -1] & mask.any(1)).any()):
+    if not allow_right_padding and has_right_padding(mask):
         raise ValueError("right padding cannot be used with a cache (the padding would enter the state); pad on the left")
     return starts
+
+
+def has_right_padding(attention_mask: torch.Tensor) -> bool:
+    """Whether a row of a `[B, T]` 0/1 attention mask ends in padding after a real token (one host sync)."""
+    mask = attention_mask.bool()
+    return bool((~mask[:, -1] & mask.any(1)).any())
+
+
+def uses_cuda_graphs(mode: str | None) -> bool:
+    """Whether torch.compile's inductor `mode` records CUDA graphs on CUDA ("reduce-overhead" and
+    "max-autotune" do; None, inductor's default mode, does not)."""
+    import torch._inductor
+
+    return mode is not None and torch._inductor.list_mode_options(mode).get("triton.cudagraphs", False)
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -129,10 +143,10 @@ class Generator:
         self.model = model
         device = next(model.parameters()).device
         self.compiled = device.type == "cuda" if compile is None else compile
-        self.cuda_graphs = self.compiled and device.type == "cuda" and mode in (None, "reduce-overhead")
+        if self.compiled and mode is None and device.type == "cuda":
+            mode = "reduce-overhead"
+        self.cuda_graphs = self.compiled and device.type == "cuda" and uses_cuda_graphs(mode)
         if self.compiled:
-            if mode is None and device.type == "cuda":
-                mode = "reduce-overhead"
             self._step = torch.compile(_decode_and_sample, mode=mode, backend=backend, fullgraph=True, dynamic=False)
         else:
             self._step = _decode_and_sample
@@ -178,8 +192,11 @@ class Generator:
         if model.training:
             raise ValueError("generate needs the model in eval mode (call model.eval())")
         require_positive_int("max_new_tokens", max_new_tokens)
-        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+        require_positive_int("sync_every", sync_every)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0: no limit), got {top_k!r}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [B, T] with T > 0, got shape {tuple(input_ids.shape)}")
         param = next(model.parameters())

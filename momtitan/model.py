@@ -92,8 +92,12 @@ class MoMTransformer(nn.Module):
         those positions of each sequence only (logits `[B, P, vocab]`), e.g. a task's answer
         positions, which saves the output projection and its softmax at every other position."""
         _check_tokens(tokens, self.args.vocab_size)
-        if doc_starts is not None and (doc_starts.shape != tokens.shape or doc_starts.dtype != torch.bool):
-            raise ValueError(f"doc_starts must be a bool tensor of shape {tuple(tokens.shape)}, got {doc_starts.dtype} {tuple(doc_starts.shape)}")
+        _check_mask("doc_starts", doc_starts, tokens)
+        _check_mask("valid", valid, tokens)
+        if cache is not None:
+            _check_cache(cache, tokens)
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an integer >= 0 (0: every position), got {logits_to_keep!r}")
         if logits_at is not None:
             if logits_to_keep:
                 raise ValueError(f"pass logits_to_keep or logits_at, not both (got logits_to_keep={logits_to_keep})")
@@ -121,8 +125,10 @@ class MoMTransformer(nn.Module):
 
     def decode_step(self, tokens: torch.Tensor, cache: ModelCache) -> torch.Tensor:
         """One token per sequence, `tokens [B, 1]` -> logits `[B, 1, vocab]`; advances `cache` in place."""
-        if tokens.dim() != 2 or tokens.shape[1] != 1:
+        _check_tokens(tokens, self.args.vocab_size)
+        if tokens.shape[1] != 1:
             raise ValueError(f"decode_step takes tokens of shape [B, 1], got {tuple(tokens.shape)}")
+        _check_cache(cache, tokens)
         h = self.tok_embeddings(tokens)
         for i, block in enumerate(self.layers.values()):
             h = block.step(h, cache.layers[i], cache.position)
@@ -135,6 +141,26 @@ def _check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"tokens must be a [B, T] tensor, got {getattr(tokens, 'shape', type(tokens).__name__)}")
     if tokens.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"tokens must be int64 or int32, got {tokens.dtype}")
+    # An id outside the vocabulary would fail inside the embedding with an unnamed IndexError. The
+    # check reads the ids: free on the CPU, a host sync per step on an accelerator, where training and
+    # decoding stay sync-free and a bad id ends in the embedding's device-side assert instead (and
+    # compiled code never checks values).
+    if tokens.device.type == "cpu" and not torch.compiler.is_compiling() and tokens.numel():
+        low, high = torch.stack(torch.aminmax(tokens)).tolist()
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"tokens must be ids in [0, vocab_size={vocab_size}), got ids in [{low}, {high}]")
+
+
+def _check_mask(name: str, mask: torch.Tensor | None, tokens: torch.Tensor) -> None:
+    """ValueError naming `name` unless `mask` is None or a bool tensor of the tokens' shape."""
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != tokens.shape or mask.dtype != torch.bool):
+        raise ValueError(f"{name} must be a bool tensor of shape {tuple(tokens.shape)}, got "
+                         f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+
+
+def _check_cache(cache: ModelCache, tokens: torch.Tensor) -> None:
+    if cache.batch_size != tokens.shape[0]:
+        raise ValueError(f"cache holds batch size {cache.batch_size}, got tokens of batch size {tokens.shape[0]}")
 
 
 def recurrence_flops_per_token(args: MoMModelArgs, chunk_size: int = 64) -> int:

@@ -200,3 +200,20 @@ def test_fla_parity_eval_logits(tmp_path, T):
         expected = theirs(input_ids=tokens, use_cache=False).logits.float()
         actual = ours(tokens).logits.float()
     assert_close("fla vs momtitan logits", actual, expected, 2e-3)
+
+
+@pytest.mark.parametrize("fmt", ["momtitan", "fla"])
+def test_load_model_keeps_the_stored_dtype_and_fp32_decay(tmp_path, fmt):
+    """A bf16 folder loads as bf16 when no dtype is given (as stored); A_log and dt_bias stay fp32
+    in either format, with or without a dtype."""
+    args, model = tiny()
+    ckpt = tmp_path / "checkpoint"
+    save_training_checkpoint(ckpt, model, 1)
+    hf = dcp_to_hf(ckpt, tmp_path / "hf", args, fmt=fmt, dtype=torch.bfloat16)
+    for dtype, expected in ((None, torch.bfloat16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)):
+        loaded = load_model(hf, dtype=dtype)
+        params = dict(loaded.model.named_parameters())
+        assert params["tok_embeddings.weight"].dtype == expected, dtype
+        assert params["layers.0.mixer.A_log"].dtype == params["layers.0.mixer.dt_bias"].dtype == torch.float32, dtype
+    fp32 = dcp_to_hf(ckpt, tmp_path / "hf32", args, fmt=fmt)
+    assert load_model(fp32).model.tok_embeddings.weight.dtype == torch.float32

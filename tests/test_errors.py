@@ -73,3 +73,12 @@ def test_dtype_names_are_checked_with_the_argument_name():
     assert as_dtype("bfloat16") is torch.bfloat16 and as_dtype(torch.float16) is torch.float16 and as_dtype(None) is None
     with pytest.raises(ValueError, match=r"softmax_dtype must be one of \['bfloat16', .*\], got 'fp8'"):
         as_dtype("fp8", "softmax_dtype")
+
+
+def test_config_rejects_bad_attention_kv_heads_and_hidden_ratio():
+    with pytest.raises(ValueError, match=r"attn_num_kv_heads must be a positive integer, got -2"):
+        MoMModelArgs(attn_num_kv_heads=-2)
+    with pytest.raises(ValueError, match=r"attn_num_kv_heads must be a positive integer, got 0"):
+        MoMModelArgs(attn_num_kv_heads=0)
+    with pytest.raises(ValueError, match=r"hidden_ratio must be a positive number, got -1"):
+        MoMModelArgs(hidden_ratio=-1)

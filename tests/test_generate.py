@@ -6,7 +6,7 @@ import torch._dynamo
 
 from momtitan.config import get_flavor
 from momtitan.cache import ModelCache
-from momtitan.generate import Generator, padding_doc_starts, prefill, sample_tokens
+from momtitan.generate import Generator, padding_doc_starts, prefill, sample_tokens, uses_cuda_graphs
 from momtitan.model import MoMTransformer
 
 VOCAB = 2048
@@ -142,3 +142,20 @@ def test_cuda_graph_decoding_equals_eager(attn_layers):
     assert torch.equal(out, compiled.generate(prompt, 24, attention_mask=mask))  # graph replays on a new cache
     kwargs = dict(temperature=0.7, top_k=50, seed=3)
     assert torch.equal(compiled.generate(prompt, 16, **kwargs), eager.generate(prompt, 16, **kwargs))
+
+
+def test_cuda_graph_modes_follow_inductor():
+    assert uses_cuda_graphs("reduce-overhead") and uses_cuda_graphs("max-autotune")
+    assert not uses_cuda_graphs(None) and not uses_cuda_graphs("default")
+    assert not uses_cuda_graphs("max-autotune-no-cudagraphs")
+
+
+def test_generate_rejects_bad_sync_every_and_top_k():
+    gen = Generator(tiny_model(), compile=False)
+    prompt = torch.randint(3, VOCAB, (1, 4))
+    with pytest.raises(ValueError, match=r"sync_every must be a positive integer, got 0"):
+        gen.generate(prompt, 4, eos_token_id=2, sync_every=0)
+    with pytest.raises(ValueError, match=r"top_k must be an integer >= 0 \(0: no limit\), got 2.5"):
+        gen.generate(prompt, 4, temperature=1.0, top_k=2.5)
+    with pytest.raises(ValueError, match=r"top_k must be .* got -1"):
+        gen.generate(prompt, 4, top_k=-1)

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import momtitan.hf  # noqa: F401  (registers the Auto classes)
 from momtitan.config import get_flavor
+from momtitan.generate import generate
 from momtitan.hf import MoMCache, MoMConfig, MoMForCausalLM
 from momtitan.model import MoMTransformer
 from tests.conftest import assert_close
@@ -195,3 +196,40 @@ def test_generate_cli_streams_the_greedy_tokens(tmp_path, capsys):
     printed = [int(t) for t in capsys.readouterr().out.split()]
     expected = greedy_reference(model.model, torch.tensor([prompt]), 4)[0, len(prompt):].tolist()
     assert printed == expected
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_resize_token_embeddings_then_generate(tie):
+    model = tiny_hf(tie_word_embeddings=tie).float()
+    model.resize_token_embeddings(VOCAB + 52)
+    assert model.model.args.vocab_size == model.config.vocab_size == VOCAB + 52
+    assert model.model.tok_embeddings.weight.shape[0] == VOCAB + 52
+    if not tie:
+        assert model.get_output_embeddings().weight.shape[0] == VOCAB + 52
+    prompt = torch.tensor([[5, VOCAB + 40, 17]])  # a new token id
+    assert model(prompt).logits.shape == (1, 3, VOCAB + 52)
+    out = generate(model, prompt, 4, compile=False, temperature=1.0, seed=0)  # noise of the new width
+    assert out.shape == (1, 4) and (out < VOCAB + 52).all()
+
+
+def test_default_cache_is_skipped_for_a_right_padded_forward_and_decode_masks_are_checked():
+    model = tiny_hf()
+    tokens = torch.randint(3, VOCAB, (2, 8))
+    right = torch.ones_like(tokens)
+    right[1, -3:] = 0
+    out = model(tokens, attention_mask=right)  # eval mode: use_cache defaults to True
+    assert out.past_key_values is None
+    assert_close("right-padded logits", out.logits, model(tokens, attention_mask=right, use_cache=False).logits, 0)
+    left = torch.ones_like(tokens)
+    left[1, :2] = 0
+    cache = model(tokens, attention_mask=left).past_key_values
+    assert isinstance(cache, MoMCache)
+    step = torch.randint(3, VOCAB, (2, 1))
+    with pytest.raises(ValueError, match=r"attention_mask has a 0 in its last 1 column\(s\)"):
+        model(step, attention_mask=torch.cat([left, torch.tensor([[1], [0]])], 1), past_key_values=cache)
+    with pytest.raises(ValueError, match=r"cache holds batch size 2, got tokens of batch size 1"):
+        model(step[:1], past_key_values=cache)
+
+
+def test_config_takes_attn_layers_none():
+    assert MoMConfig(attn_layers=None).to_model_args().attn_layers == ()

@@ -157,3 +157,47 @@ def test_logits_at_equals_those_positions_and_checks_its_argument():
         model(tokens, logits_at=at[0])
     with pytest.raises(ValueError, match="not both"):
         model(tokens, logits_to_keep=2, logits_at=at)
+
+
+def test_cache_of_another_batch_size_is_refused():
+    model = tiny_model()
+    cache = ModelCache.allocate(model.args, 3, dtype=torch.float64)
+    tokens = torch.randint(0, 2048, (2, 4))
+    with pytest.raises(ValueError, match=r"cache holds batch size 3, got tokens of batch size 2"):
+        model(tokens, cache=cache)
+    with pytest.raises(ValueError, match=r"cache holds batch size 3, got tokens of batch size 2"):
+        model.decode_step(tokens[:, :1], cache)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    model = tiny_model()
+    cache = ModelCache.allocate(model.args, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"tokens must be ids in \[0, vocab_size=2048\), got ids in \[3, 2048\]"):
+        model(torch.tensor([[3, 2048]]))
+    with pytest.raises(ValueError, match=r"got ids in \[-1, 5\]"):
+        model(torch.tensor([[5, -1]]))
+    with pytest.raises(ValueError, match=r"got ids in \[4096, 4096\]"):
+        model.decode_step(torch.tensor([[4096]]), cache)
+
+
+def test_forward_rejects_bad_masks_and_logits_to_keep():
+    model = tiny_model()
+    tokens = torch.randint(0, 2048, (2, 5))
+    with pytest.raises(ValueError, match=r"valid must be a bool tensor of shape \(2, 5\), got torch.int64 \(2, 5\)"):
+        model(tokens, valid=torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"valid must be a bool tensor of shape \(2, 5\), got torch.bool \(2, 4\)"):
+        model(tokens, valid=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"logits_to_keep must be an integer >= 0 \(0: every position\), got -1"):
+        model(tokens, logits_to_keep=-1)
+    with pytest.raises(ValueError, match=r"logits_to_keep must be .* got 1.5"):
+        model(tokens, logits_to_keep=1.5)
+
+
+def test_replace_derives_the_mlp_width_again():
+    from momtitan.config import MoMModelArgs
+
+    args = MoMModelArgs(hidden_ratio=3)
+    assert args.replace(hidden_size=2048).intermediate_size == MoMModelArgs(hidden_size=2048, hidden_ratio=3).intermediate_size
+    assert args.replace(hidden_ratio=4).intermediate_size == MoMModelArgs(hidden_ratio=4).intermediate_size
+    assert args.replace(hidden_size=2048, intermediate_size=512).intermediate_size == 512  # set explicitly: kept
+    assert args.replace(num_heads=8).intermediate_size == args.intermediate_size

@@ -92,3 +92,16 @@ def test_unpicked_memory_gets_no_gradient_and_layer_backward_runs():
     out.sum().backward()
     assert torch.count_nonzero(layer.memories.k_proj.grad[3]) == 0
     assert torch.count_nonzero(layer.memories.k_proj.grad[:3]) > 0
+
+
+def test_output_norm_reads_a_higher_precision_combined_output_uncast():
+    """fp32 memory outputs with a bf16 gate (as under autocast): the gated norm computes in fp32
+    anyway, so the fp32 values must reach it as they are, not rounded to bf16 first."""
+    args = get_flavor("debug")
+    layer = MoMLayer(args).bfloat16()
+    layer.reset_parameters()
+    x = torch.randn(2, 5, args.hidden_size, dtype=torch.bfloat16)
+    o = torch.randn(2, 5, layer.value_dim)
+    gate = layer.g_proj(x).view(2, 5, layer.num_heads, layer.head_v)
+    expected = layer.o_proj(layer.o_norm(o.view(2, 5, layer.num_heads, layer.head_v), gate).reshape(2, 5, -1))
+    assert torch.equal(layer._output(o, x), expected)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from momtitan.config import MoMModelArgs
+from momtitan.generate import uses_cuda_graphs
 from momtitan.model import MoMTransformer
 from momtitan.checks import require_positive_int
 
@@ -184,7 +185,8 @@ def build_model_args(
         mom         E memories, top-k routed, plus the shared memory: E+1 states, k+1 active per token
         gdn_active  one memory with (k+1)*num_heads heads: the state MoM touches per token
         gdn_total   one memory with (E+1)*num_heads heads: the state MoM stores
-        attention   softmax attention at every layer (heads of `attn_head_dim`), no recurrent state
+        attention   softmax attention at every layer (heads of `attn_head_dim`, or one head of
+                    d_model if d_model < attn_head_dim), no recurrent state
     """
     if arm not in ARMS:
         raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
@@ -192,9 +194,10 @@ def build_model_args(
     head_dim = head_dim or d_model // num_heads
     if head_dim <= 0:
         raise ValueError(f"head_dim must be positive, got {head_dim} (d_model={d_model}, num_heads={num_heads})")
-    attn_heads = max(1, d_model // attn_head_dim)
-    if d_model % attn_heads:
+    require_positive_int("attn_head_dim", attn_head_dim)
+    if d_model > attn_head_dim and d_model % attn_head_dim:
         raise ValueError(f"d_model={d_model} must be a multiple of attn_head_dim={attn_head_dim} (or smaller than it)")
+    attn_heads = max(1, d_model // attn_head_dim)
     common = dict(
         vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=num_layers, head_dim=head_dim,
         memory_rule="gated_delta", intermediate_size=max(1, int(round(mlp_ratio * d_model))),
@@ -279,7 +282,7 @@ class TrainConfig:
 
     @property
     def cuda_graphs(self) -> bool:
-        return self.compile_mode in ("reduce-overhead", "max-autotune")
+        return uses_cuda_graphs(self.compile_mode)
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):

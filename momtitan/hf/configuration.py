@@ -28,7 +28,7 @@ class MoMConfig(PretrainedConfig):
     def __init__(self, pad_token_id: int | None = None, use_cache: bool = True, **kwargs):
         for field, name in CONFIG_NAMES.items():
             value = kwargs.pop(name, _DEFAULTS[field])
-            setattr(self, name, list(value) if field == "attn_layers" else value)
+            setattr(self, name, list(value or ()) if field == "attn_layers" else value)  # None: no attention layers
         self.pad_token_id = pad_token_id
         self.use_cache = use_cache
         super().__init__(**kwargs)

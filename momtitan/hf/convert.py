@@ -92,10 +92,8 @@ def _apply_overrides(base: MoMModelArgs, overrides: dict) -> MoMModelArgs:
     overrides = dict(overrides)
     if "attn_layers" in overrides:
         overrides["attn_layers"] = tuple(overrides["attn_layers"] or ())
-    if "hidden_size" in overrides or "hidden_ratio" in overrides:
-        overrides.setdefault("intermediate_size", None)  # derive the MLP width again, as training does
     try:
-        return dataclasses.replace(base, **overrides)
+        return base.replace(**overrides)  # derives the MLP width again if the width or ratio changes
     except TypeError as e:
         raise ValueError(f"invalid model field value: {e}") from e
 
@@ -317,12 +315,15 @@ def write_hf(state_dict: dict[str, torch.Tensor], args: MoMModelArgs, folder: Pa
     if dtype is not None:
         state_dict = {k: v if (k.endswith(FP32_PARAMS) or not v.is_floating_point()) else v.to(dtype)
                       for k, v in state_dict.items()}
+    # config.json records the weights' dtype, so load_model without a dtype loads them as stored
+    stored = state_dict["tok_embeddings.weight"].dtype
     if fmt == "momtitan":
-        config = MoMConfig.from_model_args(args, architectures=["MoMForCausalLM"])
+        config = MoMConfig.from_model_args(args, architectures=["MoMForCausalLM"], dtype=stored)
         config.save_pretrained(folder)
         tensors = momtitan_to_hf_keys(state_dict)
-    else:
-        (folder / "config.json").write_text(json.dumps(fla_config(args), indent=2) + "\n")
+    else:  # "torch_dtype": the name fla's configs, and every transformers version, read
+        cfg = fla_config(args, torch_dtype=str(stored).removeprefix("torch."))
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         tensors = to_fla(state_dict, args)
     GenerationConfig(bos_token_id=args.bos_token_id, eos_token_id=args.eos_token_id).save_pretrained(folder)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -380,21 +381,25 @@ def hf_to_dcp(hf_folder, output, *, overwrite: bool = False) -> Path:
 
 
 def load_model(path, *, device=None, dtype: torch.dtype | None = None):
-    """A `MoMForCausalLM` (eval mode) from an HF folder in either format."""
+    """A `MoMForCausalLM` (eval mode) from an HF folder in either format, in `dtype` (None: the
+    dtype its config.json records, else fp32); A_log and dt_bias stay fp32 either way."""
     from momtitan.hf.modeling import MoMForCausalLM
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {folder}")
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    if model_type == MoMConfig.model_type:
-        model = MoMForCausalLM.from_pretrained(folder, dtype=dtype)
+    cfg = json.loads((folder / "config.json").read_text())
+    dtype = as_dtype(dtype or cfg.get("dtype") or cfg.get("torch_dtype") or torch.float32)
+    if cfg.get("model_type") == MoMConfig.model_type:
+        model = MoMForCausalLM.from_pretrained(folder, dtype=dtype)  # creates A_log, dt_bias in fp32
     else:
         args, state_dict, _ = read_hf(folder)
         model = MoMForCausalLM(MoMConfig.from_model_args(args))
         model.load_state_dict(momtitan_to_hf_keys(state_dict))
-        if dtype is not None:
-            model = model.to(dtype)
+        model = model.to(dtype)
+        for name, param in model.named_parameters():  # back to fp32, as from_pretrained leaves them
+            if name.endswith(FP32_PARAMS):
+                param.data = param.data.float()
     return model.to(device).eval()
 
 

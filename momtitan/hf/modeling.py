@@ -26,34 +26,33 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from momtitan.cache import AttentionLayerState, ModelCache
 from momtitan.config import MoMModelArgs
-from momtitan.generate import padding_doc_starts
+from momtitan.generate import has_right_padding, padding_doc_starts
 from momtitan.hf.configuration import MoMConfig
 from momtitan.model import MoMTransformer
 
 
 class MoMCache(Cache):
-    """`past_key_values` of `MoMForCausalLM`: momtitan's `ModelCache`, its batch size and a host-side
-    count of the tokens seen (so no step reads a device scalar to decide prefill vs decode)."""
+    """`past_key_values` of `MoMForCausalLM`: momtitan's `ModelCache` and a host-side count of the
+    tokens seen (so no step reads a device scalar to decide prefill vs decode)."""
 
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, state: ModelCache, batch_size: int, seen_tokens: int = 0):
+    def __init__(self, state: ModelCache, seen_tokens: int = 0):
         super().__init__(layers=[])
         self.state = state
-        self._batch_size = batch_size
         self.seen_tokens = seen_tokens
 
     @classmethod
     def allocate(cls, args: MoMModelArgs, batch_size: int, device=None, dtype=torch.float32, max_len: int | None = None) -> "MoMCache":
-        return cls(ModelCache.allocate(args, batch_size, device=device, dtype=dtype, max_len=max_len), batch_size)
+        return cls(ModelCache.allocate(args, batch_size, device=device, dtype=dtype, max_len=max_len))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
     @property
     def batch_size(self) -> int:
-        return self._batch_size
+        return self.state.batch_size
 
     def ensure_capacity(self, length: int) -> None:
         """Grow the attention layers' KV cache to hold `length` positions (MoM state never grows)."""
@@ -69,7 +68,7 @@ class MoMCache(Cache):
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep and reorder sequences: new row i is old row `rows[i]` (rows may repeat)."""
-        B = self._batch_size
+        B = self.state.batch_size
         for layer in self.state.layers:
             if isinstance(layer, AttentionLayerState):
                 for name in ("k", "v", "doc"):
@@ -80,7 +79,7 @@ class MoMCache(Cache):
                     t = getattr(layer, name)
                     picked = t.view(t.shape[0] // B, B, *t.shape[1:]).index_select(1, rows.to(t.device))
                     setattr(layer, name, picked.reshape(-1, *t.shape[1:]).contiguous())
-        self._batch_size = rows.numel()
+        self.state.batch_size = rows.numel()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.select_rows(beam_idx)
@@ -90,7 +89,7 @@ class MoMCache(Cache):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         device = self.state.position.device
-        self.select_rows(torch.arange(self._batch_size, device=device).repeat_interleave(repeats))
+        self.select_rows(torch.arange(self.state.batch_size, device=device).repeat_interleave(repeats))
 
 
 @dataclass
@@ -144,9 +143,14 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.tok_embeddings = value
+        # the vocabulary follows the embedding (resize_token_embeddings): token checks, sampling
+        self.model.args = self.model.args.replace(vocab_size=value.num_embeddings)
 
     def get_output_embeddings(self) -> nn.Linear | None:
         return self.model.output  # None with tied embeddings: the head reads tok_embeddings.weight
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.model.output = value
 
     def forward(
         self,
@@ -166,7 +170,8 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         shifted inside, -100 and padded positions ignored) + aux_loss_scale * aux_loss.
 
         `attention_mask` may hold left padding (or, without a cache, right padding). With
-        `use_cache` (default in eval mode) the returned `past_key_values` continues the sequences.
+        `use_cache` (default in eval mode, unless the first forward is right-padded) the returned
+        `past_key_values` continues the sequences.
         """
         if inputs_embeds is not None:
             raise ValueError("MoMForCausalLM takes input_ids, not inputs_embeds")
@@ -175,24 +180,29 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         if input_ids is None or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', input_ids)}")
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        use_cache = (self.config.use_cache and not self.training) if use_cache is None else use_cache
         B, T = input_ids.shape
         cache = past_key_values
         if cache is not None and not isinstance(cache, MoMCache):
             raise ValueError(f"past_key_values must be a MoMCache, got {type(cache).__name__}")
+        new = None  # the attention mask's columns of input_ids
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
+                raise ValueError(f"attention_mask must be [B, >= T] = [{B}, >= {T}], got {tuple(attention_mask.shape)}")
+            new = attention_mask[:, -T:]
+        if use_cache is None:  # the default: a cache in eval mode, unless right padding would enter it
+            use_cache = (self.config.use_cache and not self.training
+                         and (cache is not None or new is None or not has_right_padding(new)))
         if cache is None and use_cache:
             cache = MoMCache.allocate(self.model.args, B, device=input_ids.device, dtype=self.dtype, max_len=T + 256)
         fresh = cache is None or cache.seen_tokens == 0
 
         doc_starts = None
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
-                raise ValueError(f"attention_mask must be [B, >= T] = [{B}, >= {T}], got {tuple(attention_mask.shape)}")
-            new = attention_mask[:, -T:]
+        if new is not None:
             if fresh:
                 doc_starts = padding_doc_starts(new, allow_right_padding=cache is None)
-            elif T > 1 and not bool(new.bool().all()):
-                raise ValueError("padding is only allowed in the first forward of a cache (pad prompts on the left)")
+            elif not bool(new.bool().all()):  # a host sync per call, decode steps included
+                raise ValueError(f"attention_mask has a 0 in its last {T} column(s): padding is only allowed in the "
+                                 "first forward of a cache (pad prompts on the left)")
 
         if cache is not None:
             cache.ensure_capacity(cache.seen_tokens + T)
@@ -200,7 +210,7 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
             logits = self.model.decode_step(input_ids, cache.state)
             aux, load = None, None
         else:
-            valid = None if attention_mask is None else attention_mask[:, -T:].bool()
+            valid = None if new is None else new.bool()
             keep = 0 if labels is not None else logits_to_keep
             out = self.model(input_ids, doc_starts=doc_starts, cache=None if cache is None else cache.state,
                              valid=valid, logits_to_keep=keep)
@@ -212,7 +222,7 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         if labels is not None:
             labels = labels.to(logits.device)
             if attention_mask is not None:
-                labels = labels.masked_fill(attention_mask[:, -T:].to(labels.device) == 0, -100)
+                labels = labels.masked_fill(new.to(labels.device) == 0, -100)
             targets = torch.cat([labels[:, 1:], labels.new_full((B, 1), -100)], dim=1)
             compute = torch.promote_types(logits.dtype, torch.float32)  # fp32 for bf16, fp64 stays
             loss = F.cross_entropy(logits.to(compute).reshape(B * T, -1), targets.reshape(-1), ignore_index=-100)

@@ -153,10 +153,21 @@ class MoMLayer(nn.Module):
             g = -torch.exp(self.A_log.to(a.dtype)) * F.softplus(a + self.dt_bias.to(a.dtype))
         return beta, g
 
+    def _conv_input(self, q: torch.Tensor, proj: torch.Tensor):
+        """`(q | k | v, beta, g)` of a stream's rows: the short conv's input channels and the gates,
+        from q and the rows' k | v | extra projections (extra: the beta and decay columns)."""
+        k, v, extra = proj.split([self.key_dim, self.value_dim, proj.shape[-1] - self.key_dim - self.value_dim], dim=-1)
+        return torch.cat([q, k, v], dim=-1), *self._gates(extra)
+
+    def _split_qkv(self, qkv: torch.Tensor):
+        """The short conv's output channels -> `(q, k, v)`."""
+        return qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+
     def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         shape = o.shape[:-1]
         gate = self.g_proj(x).view(*shape, self.num_heads, self.head_v)
-        o = self.o_norm(o.view(*shape, self.num_heads, self.head_v).to(gate.dtype), gate)
+        # uncast: the norm computes in at least fp32 and returns the gate's dtype
+        o = self.o_norm(o.view(*shape, self.num_heads, self.head_v), gate)
         return self.o_proj(o.reshape(*shape, self.value_dim))
 
     # ---- training / prefill ------------------------------------------------------------------
@@ -214,14 +225,13 @@ class MoMLayer(nn.Module):
         else:
             proj, q = torch.cat([routed, shared]), torch.cat([routed_q, shared_q])
         rows = q.shape[0]
-        k, v, extra = proj.split([self.key_dim, self.value_dim, proj.shape[-1] - self.key_dim - self.value_dim], dim=-1)
+        qkv, beta, g = self._conv_input(q, proj)
         reset = None if reset is None else reset[None]
         qkv, conv_final = _short_conv(
-            torch.cat([q, k, v], dim=-1)[None], self.conv_weight, cu_seqlens=cu_seqlens, reset=reset,
+            qkv[None], self.conv_weight, cu_seqlens=cu_seqlens, reset=reset,
             initial_state=None if state is None else state.conv, output_final_state=state is not None,
         )
-        q, k, v = qkv[0].split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        beta, g = self._gates(extra)
+        q, k, v = self._split_qkv(qkv[0])
         o, final = _linear_recurrence(
             q.view(1, rows, H, K), k.view(1, rows, H, K), v.view(1, rows, H, V),
             None if g is None else g.view(1, rows, H), None if beta is None else beta.view(1, rows, H),
@@ -248,10 +258,8 @@ class MoMLayer(nn.Module):
             proj = torch.cat([proj, F.linear(flat, self.shared_weight())])
             q = torch.cat([q, q_tok])
             index = torch.cat([index, E * B + torch.arange(B, device=x.device)])
-        k, v, extra = proj.split([self.key_dim, self.value_dim, proj.shape[-1] - self.key_dim - self.value_dim], dim=-1)
-        qkv = short_conv_step(torch.cat([q, k, v], dim=-1), self.conv_weight, state.conv, index)
-        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        beta, g = self._gates(extra)
+        qkv, beta, g = self._conv_input(q, proj)
+        q, k, v = self._split_qkv(short_conv_step(qkv, self.conv_weight, state.conv, index))
         rows = q.shape[0]
         o = linear_recurrence_step(
             q.view(rows, H, K), k.view(rows, H, K), v.view(rows, H, V), g, beta, state.recurrent, index,
