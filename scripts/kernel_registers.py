@@ -140,6 +140,15 @@ def parse_args(argv=None):
         a.warp_list = [int(x) for x in a.warps.split(",") if x.strip()] or [None]
     except ValueError:
         p.error(f"--heads and --warps take comma lists of integers, got {a.heads!r} and {a.warps!r}")
+    from momtitan.ops.triton.launch import MAX_HEAD_DIM
+
+    if not a.head_dims or not all(1 <= d <= MAX_HEAD_DIM for d in a.head_dims):
+        raise ValueError(f"--heads takes head dims from 1 to {MAX_HEAD_DIM} (the Triton kernels' range), "
+                         f"got {a.heads!r}")
+    if not all(w is None or (w >= 1 and w & (w - 1) == 0) for w in a.warp_list):
+        raise ValueError(f"--warps takes powers of two (Triton's num_warps), got {a.warps!r}")
+    if a.stages is not None and a.stages < 1:
+        raise ValueError(f"--stages must be >= 1, got {a.stages}")
     return a
 
 

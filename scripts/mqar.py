@@ -109,7 +109,8 @@ def parse_args(argv=None):
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="run the I-th of N interleaved parts of the grid and write only its JSON")
     p.add_argument("--merge", default=None, metavar="A.json,B.json",
-                   help="train nothing: write the markdown and plot of the shards' JSONs")
+                   help="train nothing: write the markdown and plot of the shards' JSONs (in the quick run's section "
+                        "or the full grid's, as they were trained)")
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes training runs side by side on the device (default 1)")
     p.add_argument("--mps", action="store_true",
@@ -157,7 +158,7 @@ def grid_from_args(a) -> dict:
     g["arms"] = _list(a.arms, str)
     for arm in g["arms"]:
         if arm not in ARMS:
-            raise SystemExit(f"unknown arm {arm!r}; choose from {ARMS}")
+            raise ValueError(f"--arms: unknown arm {arm!r}; choose from {ARMS}")
     g["num_memories"], g["topk"] = a.num_memories, a.topk
     if a.stop_at is not None and not 0 < a.stop_at <= 1:
         raise ValueError(f"--stop-at must be in (0, 1], got {a.stop_at}")
@@ -519,14 +520,15 @@ def merge(a) -> list[dict]:
     parts = [json.loads(Path(f).read_text()) for f in a.merge.split(",") if f.strip()]
     if not parts:
         raise ValueError(f"--merge needs JSON files, got {a.merge!r}")
-    grids = [part["grid"] for part in parts]
+    # quick or full as the JSONs say (JSONs written before they said it: as --quick says)
+    grids = [(part["grid"], part["meta"].get("quick", a.quick)) for part in parts]
     if any(grid != grids[0] for grid in grids):
         raise ValueError(f"--merge: the JSONs {a.merge!r} come from different grids")
-    g, runs = grids[0], [r for part in parts for r in part["runs"]]
+    (g, quick), runs = grids[0], [r for part in parts for r in part["runs"]]
     meta = dict(parts[0]["meta"], wall_s=max(part["meta"]["wall_s"] for part in parts),
                 part_walls_s=[part["meta"]["wall_s"] for part in parts] if len(parts) > 1 else None,
                 command=" ; ".join(part["meta"]["command"] for part in parts) + f" ; python scripts/mqar.py --merge {a.merge}")
-    return write_outputs(a, g, runs, meta, quick=False)
+    return write_outputs(a, g, runs, meta, quick)
 
 
 def write_outputs(a, g: dict, runs: list[dict], meta: dict, quick: bool) -> list[dict]:
@@ -634,7 +636,8 @@ def train_and_report(a, device: str, argv):
         return profile_run(a, g, device, compile_blocks, n_runs)
     dev_name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     meta = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), device=dev_name, host=platform.node(),
-                torch=torch.__version__, wall_s=0.0, amp=a.amp, compile=compile_blocks, compile_mode=a.compile_mode,
+                torch=torch.__version__, wall_s=0.0, quick=a.quick, amp=a.amp, compile=compile_blocks,
+                compile_mode=a.compile_mode,
                 command="python scripts/mqar.py " + " ".join(sys.argv[1:] if argv is None else argv))
     part = f"_shard{a.shard_index}of{a.num_shards}" if a.num_shards > 1 else ""
     json_path = Path(a.json or ROOT / "outputs" / "mqar" / f"mqar_{'quick' if a.quick else 'full'}{part}.json")

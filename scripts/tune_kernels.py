@@ -229,9 +229,13 @@ def parse_args(argv=None):
         a.H, a.d = (int(x) for x in a.heads.lower().split("x"))
     except ValueError:
         raise ValueError(f"--heads must be H x d such as 32x128, got {a.heads!r}") from None
-    for name in ("seq_len", "batch", "reps", "H", "d"):
+    for name in ("seq_len", "batch", "reps", "timeout", "H", "d"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.limit is not None and a.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {a.limit}")
+    if not a.tolerance >= 0:  # NaN too: no difference would ever pass it
+        raise ValueError(f"--tolerance must be >= 0, got {a.tolerance}")
     a.groups = [g for g in a.groups.split(",") if g]
     return a
 
@@ -254,8 +258,10 @@ def main(argv=None):
             # the default choices run first, compiling every kernel the others share: three timeouts
             rows.append(run_candidate(a, overrides, a.timeout * (3 if not rows else 1)))
             print(json.dumps(rows[-1]), flush=True)
-    if "fwd_ms" not in rows[0]:
-        raise RuntimeError(f"the default choices did not run: {rows[0]['status']}")
+            # their results are the others' reference: without them the next candidate would become
+            # the reference and differ by 0 from itself
+            if "fwd_ms" not in rows[0]:
+                raise RuntimeError(f"the default choices did not run: {rows[0]['status']}")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (Triton interpreter)"
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "triton"))
     text = table(a, rows, device, versions)

@@ -50,14 +50,60 @@ def test_compiled_ep_blocks_match_and_compile_the_routed_rows(flags):
     assert len(re.findall(r"compiled graphs: \d+, routed rows compiled: True", out)) == 2, out
 
 
+def _dims(dp_replicate: int, dp_shard: int, ep: int):
+    from torchtitan.distributed import ParallelDims
+
+    return ParallelDims(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=1, tp=1, pp=1, ep=ep, etp=1,
+                        world_size=dp_replicate * dp_shard)
+
+
 def test_bad_degrees_are_rejected_with_their_values():
-    from momtitan.parallel.expert_parallel import check_expert_parallel_degree
+    from momtitan.parallel.expert_parallel import check_expert_parallel_degree, check_expert_parallel_mesh
 
     with pytest.raises(ValueError, match=r"num_memories \(3\) must be divisible by expert_parallel_degree, got 2"):
-        check_expert_parallel_degree(3, 2, world_size=2)
-    with pytest.raises(ValueError, match=r"expert_parallel_degree 3 must divide the world size 4"):
-        check_expert_parallel_degree(6, 3, world_size=4)
-    check_expert_parallel_degree(4, 2, world_size=4)
+        check_expert_parallel_degree(3, 2)
+    check_expert_parallel_degree(4, 2)
+    # ep 4 divides the world (replicate 2 x shard 2) but not dp_shard: torchtitan's efsdp would be 2 // 4 = 0
+    dims = _dims(dp_replicate=2, dp_shard=2, ep=4)
+    with pytest.raises(ValueError, match=r"parallelism.expert_parallel_degree \(4\) x expert_tensor_parallel_degree "
+                                         r"\(1\) must divide data_parallel_shard_degree \(2\) x "
+                                         r"context_parallel_degree \(1\) x tensor_parallel_degree \(1\) = 2"):
+        check_expert_parallel_mesh(dims)
+    assert not dims._meshes  # checked without a mesh
+    check_expert_parallel_mesh(_dims(dp_replicate=2, dp_shard=2, ep=2))
+    check_expert_parallel_mesh(_dims(dp_replicate=2, dp_shard=1, ep=1))
+
+
+def test_trainer_checks_the_degrees_before_the_mesh_is_built(monkeypatch):
+    """`MoMTrainer.init_distributed` (what `python -m momtitan.train` runs) rejects the degrees as soon as
+    torchtitan has made its ParallelDims, before anything builds a mesh from them."""
+    from torchtitan.train import Trainer
+
+    from momtitan.train.trainer import MoMTrainer
+
+    dims = _dims(dp_replicate=2, dp_shard=2, ep=4)
+    monkeypatch.setattr(Trainer, "init_distributed", lambda self: dims)
+    with pytest.raises(ValueError, match=r"expert_parallel_degree \(4\)"):
+        MoMTrainer.init_distributed(object.__new__(MoMTrainer))
+    assert not dims._meshes
+
+
+def test_memories_shard_on_their_rows_when_efsdp_outnumbers_them():
+    """FSDP shards an ep rank's E/ep memories on dim 0 while every efsdp rank gets at least one, and on
+    dim 1 (each memory's rows) past that, where dim 0 would leave ranks holding only padding."""
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor import Shard
+
+    from momtitan.parallel.parallelize import memories_shard_placement
+
+    def mesh(*sizes):  # (dp_replicate,) efsdp
+        return SimpleNamespace(ndim=len(sizes), size=lambda dim: sizes[dim])
+
+    assert memories_shard_placement(mesh(2), local_memories=2) is None
+    assert memories_shard_placement(mesh(4, 2), local_memories=2) is None  # dp_replicate does not count
+    placement = memories_shard_placement(mesh(4), local_memories=2)
+    assert placement(torch.nn.Parameter(torch.zeros(2, 3, 4))) == Shard(1)
 
 
 SAC_OP = ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"]

@@ -44,3 +44,13 @@ def test_bad_arguments_raise():
         kr.main(["--kernels", "nope", "--heads", "64"])
     with pytest.raises(SystemExit):
         kr.parse_args(["--heads", "a,b"])
+    with pytest.raises(ValueError, match=r"--heads takes head dims from 1 to 256 .*, got '64,0'"):
+        kr.parse_args(["--heads", "64,0"])
+    with pytest.raises(ValueError, match=r"--heads takes head dims from 1 to 256 .*, got '512'"):
+        kr.parse_args(["--heads", "512"])
+    with pytest.raises(ValueError, match=r"--warps takes powers of two .*, got '4,3'"):
+        kr.parse_args(["--warps", "4,3"])
+    with pytest.raises(ValueError, match=r"--warps takes powers of two .*, got '0'"):
+        kr.parse_args(["--warps", "0"])
+    with pytest.raises(ValueError, match="--stages must be >= 1, got 0"):
+        kr.parse_args(["--stages", "0"])

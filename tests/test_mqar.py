@@ -144,6 +144,19 @@ def test_arms_build_and_run():
         build_model_args("mamba", 32, vocab_size=64, seq_len=32)
 
 
+def test_attention_heads_are_attn_head_dim_wide():
+    def head_dim(d_model, **kwargs):
+        args = build_model_args("attention", d_model, vocab_size=64, seq_len=32, **kwargs)
+        return args.hidden_size // args.attn_num_heads
+
+    assert head_dim(96) == 32 and head_dim(80, attn_head_dim=16) == 16
+    assert head_dim(16) == 16  # smaller than attn_head_dim: one head of d_model
+    with pytest.raises(ValueError, match=r"d_model=80 must be a multiple of attn_head_dim=32"):
+        build_model_args("attention", 80, vocab_size=64, seq_len=32)
+    with pytest.raises(ValueError, match=r"attn_head_dim must be a positive integer, got 0"):
+        build_model_args("attention", 80, vocab_size=64, seq_len=32, attn_head_dim=0)
+
+
 class _Oracle(torch.nn.Module):
     """Answers every query from the pairs at the start of its sequence (or always token 0)."""
 
@@ -259,6 +272,24 @@ def test_mqar_shards_split_the_grid_and_merge(tmp_path):
     assert "| 2 | 16 | mom |" in out.read_text() and "| 2 | 16 | attention |" in out.read_text()
     with pytest.raises(ValueError, match="--shard"):
         cli.main(common + ["--shard", "2/2"])
+
+
+def test_merging_quick_runs_writes_the_quick_section(tmp_path):
+    """--merge writes into the section of the grid its JSONs ran: quick JSONs leave the full grid's alone."""
+    cli = _cli()
+    cli.main(["--device", "cpu", "--quick", "--arms", "mom", "--kv-pairs", "2", "--d-models", "16", "--seq-len", "16",
+              "--vocab-size", "32", "--steps", "2", "--batch-size", "4", "--num-train", "16", "--num-test", "8",
+              "--json", str(tmp_path / "quick.json"), "--no-write"])
+    out = tmp_path / "q.md"
+    out.write_text("# Quality\n\n<!-- mqar-full:begin -->\nthe full grid\n<!-- mqar-full:end -->\n")
+    cli.main(["--merge", str(tmp_path / "quick.json"), "--markdown", str(out), "--plot", str(tmp_path / "p.png")])
+    text = out.read_text()
+    assert "the full grid" in text and "<!-- mqar-quick:begin -->" in text and "CPU quick run" in text
+
+
+def test_unknown_arm_raises_valueerror():
+    with pytest.raises(ValueError, match=r"--arms: unknown arm 'bogus'"):
+        _cli().main(["--device", "cpu", "--quick", "--arms", "mom,bogus", "--no-write"])
 
 
 def test_mqar_merges_seeds_into_medians(tmp_path):

@@ -39,6 +39,30 @@ def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps
         tune.parse_args(["--heads", "32"])
 
 
+@pytest.mark.parametrize("flags, match", [(["--limit", "0"], "--limit must be >= 1, got 0"),
+                                          (["--timeout", "0"], "--timeout must be >= 1, got 0"),
+                                          (["--tolerance", "-1"], "--tolerance must be >= 0, got -1.0"),
+                                          (["--tolerance", "nan"], "--tolerance must be >= 0, got nan")])
+def test_bad_options_raise(flags, match):
+    with pytest.raises(ValueError, match=match):
+        tune.parse_args(flags)
+
+
+def test_a_failed_default_stops_the_run_before_the_candidates(monkeypatch):
+    """The default choices' results are the reference: if they fail, no candidate is measured (the first
+    one would otherwise become the reference and differ by 0 from itself)."""
+    ran = []
+
+    def fail(a, overrides, timeout):
+        ran.append(overrides["group"])
+        return dict(overrides, status="failed (rc 1): boom")
+
+    monkeypatch.setattr(tune, "run_candidate", fail)
+    with pytest.raises(RuntimeError, match=r"the default choices did not run: failed \(rc 1\): boom"):
+        tune.main(["--heads", "1x32", "--groups", "seq", "--limit", "2", "--no-write"])
+    assert ran == ["default"]
+
+
 def test_overrides_reach_the_plan_and_bad_ones_raise(monkeypatch):
     from momtitan.ops.triton import launch
 

@@ -110,12 +110,24 @@ def _exchange_rows(rows: torch.Tensor, sizes: SplitSizes, group_name: str, home:
     return torch.ops.momtitan.ep_all_to_all_rows(rows, out_sizes, in_sizes, group_name)
 
 
-def check_expert_parallel_degree(num_memories: int, ep: int, world_size: int) -> None:
-    """Fail at start, with the values, on degrees that cannot work."""
-    if ep < 1 or world_size % ep:
-        raise ValueError(f"expert_parallel_degree {ep} must divide the world size {world_size}")
+def check_expert_parallel_degree(num_memories: int, ep: int) -> None:
+    """Every ep rank holds an equal block of each MoM layer's memories."""
     if num_memories % ep:
         raise ValueError(f"num_memories ({num_memories}) must be divisible by expert_parallel_degree, got {ep}")
+
+
+def check_expert_parallel_mesh(parallel_dims) -> None:
+    """torchtitan's layout borrows ep (and etp) from dp_shard * cp * tp, leaving efsdp = their quotient.
+    Checked before the device mesh is built (`momtitan.train.trainer.MoMTrainer`): torchtitan builds it
+    from the floored quotient and fails without naming the options."""
+    p = parallel_dims
+    shards = p.dp_shard * p.cp * p.tp
+    if p.ep > 1 and shards % (p.ep * p.etp):
+        raise ValueError(
+            f"parallelism.expert_parallel_degree ({p.ep}) x expert_tensor_parallel_degree ({p.etp}) must divide "
+            f"data_parallel_shard_degree ({p.dp_shard}) x context_parallel_degree ({p.cp}) x tensor_parallel_degree "
+            f"({p.tp}) = {shards}: expert parallelism takes its ranks from these"
+        )
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
@@ -125,7 +137,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
         layer = block.mixer
         if not isinstance(layer, MoMLayer):
             continue
-        check_expert_parallel_degree(layer.num_memories, ep, torch.distributed.get_world_size())
+        check_expert_parallel_degree(layer.num_memories, ep)
         rank = ep_mesh.get_local_rank()
         for name, param in list(layer.memories.named_parameters(recurse=False)):
             # each rank keeps its own block of memories; no communication, so this works on meta too

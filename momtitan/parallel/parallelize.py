@@ -5,16 +5,17 @@ The same recipe as torchtitan's llama3, applied to `MoMTransformer`'s blocks, in
 2. `torch.compile(block, fullgraph=True)` per block (`--compile.enable`);
 3. data parallelism: FSDP2 `fully_shard` per block, on the embeddings and on the final norm + head,
    then on the root, with `MixedPrecisionPolicy(param_dtype=training.mixed_precision_param,
-   reduce_dtype=float32)`; HSDP when `data_parallel_replicate_degree > 1` as well; DDP when only
-   replicating.
+   reduce_dtype=training.mixed_precision_reduce)`; HSDP when `data_parallel_replicate_degree > 1` as
+   well; DDP when only replicating.
 Expert parallelism (`parallelism.expert_parallel_degree = ep`, borrowed from dp_shard) comes first:
 each MoM layer's memories are sharded over the `ep` mesh and its routed rows travel by all-to-all
 (`momtitan.parallel.expert_parallel`); FSDP then shards the memories over the `efsdp` mesh (the
-rest of dp_shard) and everything else over the full `fsdp` mesh. Under EP the all-to-alls (their
-split sizes are data) make three graph breaks per MoM layer, so blocks compile with `fullgraph=False`,
-and steps 1 and 2 swap (`apply_ac_and_compile` says why).
-Tensor, context and pipeline parallelism are not implemented for MoM and are refused with a
-ValueError.
+rest of dp_shard; under HSDP with `dp_replicate` in front) and everything else over the full `fsdp`
+mesh. Under EP the all-to-alls (their split sizes are data) make three graph breaks per MoM layer,
+so blocks compile with `fullgraph=False`, and steps 1 and 2 swap (`apply_ac_and_compile` says why).
+Tensor and context parallelism are not implemented for MoM and are refused here with a ValueError.
+Pipeline parallelism never gets here: the TrainSpec has no `pipelining_fn`, and torchtitan's trainer
+stops first ("RuntimeError: Pipeline Parallel is enabled but mom does not support pipelining").
 
 Gradients: torchtitan divides the loss by the global token count itself, so FSDP's own gradient
 division is switched off (divide factor 1), and DDP's averaging is replaced by a plain sum. FSDP on CPU (gloo) needs two more changes, made by
@@ -29,6 +30,7 @@ import torch._inductor.config
 import torch.nn as nn
 import torch.utils.checkpoint
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.tools.logging import logger
@@ -109,7 +111,6 @@ def _check_supported(parallel_dims) -> None:
     for name, enabled in (
         ("tensor_parallel_degree", parallel_dims.tp_enabled),
         ("context_parallel_degree", parallel_dims.cp_enabled),
-        ("pipeline_parallel_degree", parallel_dims.pp_enabled),
     ):
         if enabled:
             raise ValueError(f"parallelism.{name} > 1 is not supported for the MoM model; use FSDP/HSDP/DDP")
@@ -164,10 +165,22 @@ def apply_ac_and_compile(model: nn.Module, ac, *, compile_backend=None, expert_p
         checkpoint()
 
 
+def memories_shard_placement(memories_mesh, local_memories: int):
+    """FSDP's `shard_placement_fn` for an ep rank's `local_memories` (E/ep) stacked memories: None
+    (dim 0, one block of memories per efsdp rank) unless efsdp has more ranks than there are memories,
+    where dim 0 would leave some ranks only padding; then dim 1 (each memory's output rows), as
+    torchtitan's llama4 shards its experts."""
+    if memories_mesh.size(memories_mesh.ndim - 1) <= local_memories:  # the last dim is efsdp
+        return None
+    return lambda param: Shard(1)
+
+
 def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
                cpu_offload: bool, reshard_policy: str, memories_mesh=None) -> None:
-    """`memories_mesh`: under expert parallelism, the mesh (efsdp) that shards each MoM layer's
-    memories, which are already split over ep; they get their own FSDP unit first."""
+    """`memories_mesh`: under expert parallelism, the mesh that shards each MoM layer's memories,
+    which are already split over ep: efsdp, with dp_replicate in front under HSDP (so that the
+    replicas' memory gradients are summed too); they get their own FSDP unit first, on the dim
+    `memories_shard_placement` picks."""
     if reshard_policy not in ("default", "always", "never"):
         raise ValueError(f"parallelism.fsdp_reshard_after_forward must be default/always/never, got {reshard_policy!r}")
     reshard = reshard_policy != "never"
@@ -180,7 +193,9 @@ def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype, reduce_dtype: t
         fully_shard(model.tok_embeddings, **config, reshard_after_forward=reshard)
     for block in model.layers.values():
         if memories_mesh is not None and hasattr(block.mixer, "memories"):
-            fully_shard(block.mixer.memories, **{**config, "mesh": memories_mesh}, reshard_after_forward=reshard)
+            placement = memories_shard_placement(memories_mesh, block.mixer.expert_parallel.local_memories)
+            fully_shard(block.mixer.memories, **{**config, "mesh": memories_mesh}, reshard_after_forward=reshard,
+                        shard_placement_fn=placement)
         fully_shard(block, **config, reshard_after_forward=reshard)
     if not tied:
         # the last unit runs backward first, so keeping it gathered after forward saves a gather
@@ -232,14 +247,14 @@ def parallelize_mom(model: nn.Module, parallel_dims, job_config) -> nn.Module:
 
     training = job_config.training
     if parallel_dims.fsdp_enabled:
-        dims = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+        replicate = ["dp_replicate"] if parallel_dims.dp_replicate_enabled else []
         apply_fsdp(
-            model, parallel_dims.get_mesh(dims),
+            model, parallel_dims.get_mesh(replicate + ["fsdp"]),
             param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
             reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
             cpu_offload=training.enable_cpu_offload,
             reshard_policy=job_config.parallelism.fsdp_reshard_after_forward,
-            memories_mesh=parallel_dims.get_mesh("efsdp") if parallel_dims.ep_enabled else None,
+            memories_mesh=parallel_dims.get_mesh(replicate + ["efsdp"]) if parallel_dims.ep_enabled else None,
         )
         logger.info("Applied HSDP to the model" if parallel_dims.dp_replicate_enabled else "Applied FSDP to the model")
     elif parallel_dims.dp_replicate_enabled:

@@ -39,9 +39,6 @@ class MoMTitanArgs(BaseModelArgs):
             overrides = {k: v for k, v in dataclasses.asdict(section).items() if v is not None}
         if "attn_layers" in overrides:
             overrides["attn_layers"] = tuple(overrides["attn_layers"])
-        if "hidden_size" in overrides or "hidden_ratio" in overrides:
-            # let MoMModelArgs derive the MLP width again unless it is set explicitly
-            overrides.setdefault("intermediate_size", None)
 
         seq_len = job_config.training.seq_len
         require_positive_int("training.seq_len", seq_len)
@@ -61,17 +58,15 @@ class MoMTitanArgs(BaseModelArgs):
         overrides["max_seq_len"] = max(base.max_seq_len, seq_len)
 
         try:
-            self.model = dataclasses.replace(base, **overrides)  # validates in __post_init__
+            self.model = base.replace(**overrides)  # validates; derives the MLP width again if it must
         except TypeError as e:  # a wrong type that the dataclass itself rejects
             raise ValueError(f"invalid [mom] override: {e}") from e
 
         ep = job_config.parallelism.expert_parallel_degree
         if ep > 1:
-            import os
-
             from momtitan.parallel.expert_parallel import check_expert_parallel_degree
 
-            check_expert_parallel_degree(self.model.num_memories, ep, int(os.environ.get("WORLD_SIZE", "1")))
+            check_expert_parallel_degree(self.model.num_memories, ep)
             if grouped_float8_enabled(job_config):
                 raise ValueError(
                     f"model.converters {GROUPED_FLOAT8_CONVERTER!r} together with expert_parallel_degree={ep} is not "

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.tools.logging import logger
 
@@ -138,8 +138,17 @@ def open_source(dataset: str, dataset_path: str | None):
     raise ValueError(f"unknown training.dataset {dataset!r}; known: {known_datasets()}")
 
 
+def _worker_share() -> tuple[int, int]:
+    """(this DataLoader worker's index, the number of workers); (0, 1) outside a worker process.
+    Each worker iterates its own copy of a dataset, so the datasets split their rank's rows by it."""
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
 class PackedDocuments(IterableDataset, Stateful):
-    """Tokenized documents packed into fixed rows, sharded over data-parallel ranks."""
+    """Tokenized documents packed into fixed rows, sharded over data-parallel ranks and, within a
+    rank, over its DataLoader workers (`training.dataloader.num_workers`): worker w of N reads the
+    rank's documents w, w+N, ... (a streamed hub dataset splits its shards over the workers itself)."""
 
     def __init__(self, source, tokenizer, seq_len: int, dp_rank: int = 0, dp_world_size: int = 1,
                  infinite: bool = True, name: str = "") -> None:
@@ -162,17 +171,18 @@ class PackedDocuments(IterableDataset, Stateful):
             self._text_column = _text_column(source, f"dataset {name!r}")
             self._data = split_dataset_by_node(source, dp_rank, dp_world_size)
         self._map_style = not self._synthetic and isinstance(self._data, datasets.Dataset)
-        self._docs_read = 0  # documents this rank has consumed (synthetic and map-style sources)
+        self._docs_read = 0  # documents this rank (this worker) has consumed (synthetic and map-style sources)
         self._buffer: list[int] = []
 
     # -- documents --------------------------------------------------------------------------------
     def _texts(self) -> Iterator[str]:
+        worker, workers = _worker_share()
         if self._synthetic:
             while True:
-                yield self._data[self.dp_rank + self._docs_read * self.dp_world_size]
+                yield self._data[self.dp_rank + (worker + self._docs_read * workers) * self.dp_world_size]
         elif self._map_style:
             while True:
-                for i in range(self._docs_read, len(self._data)):
+                for i in range(worker + self._docs_read * workers, len(self._data), workers):
                     yield self._data[i][self._text_column]
                 if not self.infinite:
                     return
@@ -226,8 +236,9 @@ class PackedDocuments(IterableDataset, Stateful):
 
 class MQARRows(IterableDataset, Stateful):
     """MQAR examples as rows: example `i` of this rank is example `rank + i * world` of the seeded
-    stream, generated in blocks. Training streams on (the state is the number of rows read); with a
-    `limit` (validation), every pass yields the same first `limit` examples."""
+    stream, generated in blocks; DataLoader worker w of N yields the rank's examples w, w+N, ...
+    Training streams on (the state is the number of rows read); with a `limit` (validation), every
+    pass yields the same first `limit` examples of the rank."""
 
     BLOCK = 256
 
@@ -249,10 +260,11 @@ class MQARRows(IterableDataset, Stateful):
         return self._block[0][offset], self._block[1][offset]
 
     def __iter__(self):
+        worker, workers = _worker_share()
         if self.limit is not None:
             self._read = 0
-        while self.limit is None or self._read < self.limit:
-            inputs, labels = self._example(self.dp_rank + self._read * self.dp_world_size)
+        while self.limit is None or worker + self._read * workers < self.limit:
+            inputs, labels = self._example(self.dp_rank + (worker + self._read * workers) * self.dp_world_size)
             self._read += 1
             doc_starts = torch.zeros(self.task.seq_len, dtype=torch.bool)
             doc_starts[0] = True

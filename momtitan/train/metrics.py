@@ -1,13 +1,15 @@
 """Logging: torchtitan's metrics (loss, grad norm, tokens/s, TFLOPS, MFU, memory) plus MoM's own.
 
-MoM adds, per logging step: the cross entropy and the aux loss separately (torchtitan's "loss" is
-their weighted sum), each MoM layer's token share per memory, and on CPU the process's peak RSS
+MoM adds, at each logging step: the cross entropy and the aux loss separately (torchtitan's "loss"
+is their weighted sum), each MoM layer's token share per memory, and on CPU the process's peak RSS
 (torchtitan's memory monitor reads zeros there). They go to the console and, when
 `--metrics.enable_tensorboard` is set, to TensorBoard under loss_metrics/, memory_load/, memory/.
 The statistics come from the loss function (`momtitan.train.loss`), summed over data-parallel
-ranks here, at logging steps only. Under expert parallelism it also logs the share of tokens each
-ep rank runs and the time in the all-to-alls (`momtitan.parallel.comm_timer`: this rank's, per
-step, and as a share of the step time), under time_metrics/.
+ranks here, at logging steps only; they cover all training steps since the previous log, where
+torchtitan's loss is the logging step's alone. Under expert parallelism it also logs the share of
+tokens each ep rank runs and the time in the all-to-alls (`momtitan.parallel.comm_timer`: this
+rank's, per training step since the last log or validation, and as a share of that time), under
+time_metrics/.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ from momtitan.train import loss as loss_module
 class MoMMetricsProcessor(MetricsProcessor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._last_logged_step = 0
+        self._steps_in_window = 0  # training steps since the last log (or validation)
+
+    def should_log(self, step: int) -> bool:
+        # torchtitan's trainer asks once per training step, so the steps are counted here (a resumed
+        # run's first step is not 1, so `step` alone does not tell how many ran)
+        self._steps_in_window += 1
+        return super().should_log(step)
 
     def log(self, step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
         extra = dict(extra_metrics or {})
@@ -35,14 +43,21 @@ class MoMMetricsProcessor(MetricsProcessor):
         if self.parallel_dims.ep > 1:
             window = time.perf_counter() - self.time_last_log  # what torchtitan divides by too
             a2a = ALL_TO_ALL.pop_seconds()
-            extra["time_metrics/all_to_all(s)"] = a2a / max(step - self._last_logged_step, 1)
+            extra["time_metrics/all_to_all(s)"] = a2a / self._steps_in_window
             extra["time_metrics/all_to_all(%)"] = 100 * a2a / window
         if self.device_memory_monitor.device.type == "cpu":
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             extra["memory/cpu_max_rss(GiB)"] = rss / (1 << 30 if sys.platform == "darwin" else 1 << 20)
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra)
         self._print_mom(step, extra)
-        self._last_logged_step = step
+        self._steps_in_window = 0
+
+    def log_validation(self, loss, step, extra_metrics=None):
+        super().log_validation(loss, step, extra_metrics)
+        # torchtitan starts its timing window again after a validation: so does the all-to-all's,
+        # dropping the validation forwards' exchanges with it
+        ALL_TO_ALL.pop_seconds()
+        self._steps_in_window = 0
 
     def _mom_metrics(self) -> dict[str, float]:
         stats = loss_module.latest_stats

@@ -20,6 +20,15 @@ class MoMValidator(Validator):
                  maybe_enable_amp, metrics_processor, pp_schedule=None, pp_has_first_stage=None,
                  pp_has_last_stage=None):
         # Validator.__init__ would open torchtitan's own C4 loader; set its fields with ours instead.
+        if job_config.validation.steps == -1:
+            if parallel_dims.ep_enabled:
+                raise ValueError(
+                    f"validation.steps must be positive under parallelism.expert_parallel_degree {parallel_dims.ep}, "
+                    "got -1 (until the data runs out): ranks may get different batch counts, and a rank out of "
+                    "batches would leave its ep peers waiting in an all-to-all"
+                )
+            logger.warning("Setting validation steps to -1 might cause hangs because of "  # torchtitan's warning
+                           "unequal sample counts across ranks when dataset is exhausted.")
         self.job_config = job_config
         self.tokenizer = tokenizer
         self.parallel_dims = parallel_dims
