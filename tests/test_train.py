@@ -112,6 +112,35 @@ def test_dcp_resume_matches_unbroken_run(cache_dir, tmp_path):
     assert unbroken[6] != unbroken[3]  # the steps after the restart really trained
 
 
+def test_checkpoint_saved_and_loaded_in_hf_format(cache_dir, tmp_path):
+    """torchtitan's `--checkpoint.last_save_in_hf` writes safetensors with `MoMForCausalLM`'s keys
+    (through the TrainSpec's `MoMStateDictAdapter`), which the HF model loads strictly, and
+    `--checkpoint.initial_load_in_hf` starts a run from them: its first loss is the loss the saved
+    weights give, not a fresh initialisation's."""
+    from safetensors.torch import load_file
+
+    from momtitan.config import get_flavor
+    from momtitan.hf.configuration import MoMConfig
+    from momtitan.hf.modeling import MoMForCausalLM
+
+    common = ["--training.local_batch_size", "2", "--training.seq_len", "64", "--debug.seed", "3"]
+    train(cache_dir, tmp_path / "save", "--training.steps", "2", "--checkpoint.enable", "--checkpoint.interval", "2",
+          "--checkpoint.last_save_in_hf", "--checkpoint.last_save_model_only", *common)
+    folder = tmp_path / "save" / "checkpoint" / "step-2"
+    weights = {}
+    for f in sorted(folder.glob("model-*.safetensors")):
+        weights.update(load_file(f))
+    args = get_flavor("debug").replace(vocab_size=weights["model.tok_embeddings.weight"].shape[0])
+    MoMForCausalLM(MoMConfig.from_model_args(args)).load_state_dict(weights, strict=True)
+
+    fresh, _ = train(cache_dir, tmp_path / "fresh", "--training.steps", "1", "--checkpoint.no-enable", *common)
+    loaded, log = train(cache_dir, tmp_path / "load", "--training.steps", "1", "--checkpoint.enable",
+                        "--checkpoint.initial_load_path", str(folder), "--checkpoint.initial_load_in_hf",
+                        "--checkpoint.initial_load_model_only", *common)
+    assert "Loading the checkpoint" in log or "Loaded" in log, log[-3000:]
+    assert loaded[1] < fresh[1] - 0.05, (loaded, fresh)  # two trained steps lower the loss of the same batch
+
+
 def test_fsdp_two_ranks_on_cpu(cache_dir, tmp_path):
     """FSDP2 over two gloo ranks (sum-only reductions): finite, falling loss."""
     losses, log = train(cache_dir, tmp_path, "--training.steps", "8", "--training.local_batch_size", "4",

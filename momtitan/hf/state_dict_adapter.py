@@ -8,7 +8,7 @@ Weights, per layer i (fla prefix `model.layers.{i}.`, ours `layers.{i}.`):
     layers.i.mlp_norm.weight              mlp_norm.weight
     layers.i.mlp.{gate,up,down}_proj      mlp.{gate,up,down}_proj
     layers.i.mixer.router.weight          attn.gate.weight
-    layers.i.mixer.{k,v,b,a}_proj [E,o,D] attn.{k,v,b,a}_proj.{m}.weight [o,D]   (one per memory)
+    layers.i.mixer.memories.{k,v,b,a}_proj [E,o,D]  attn.{k,v,b,a}_proj.{m}.weight [o,D]   (one per memory)
     layers.i.mixer.conv_weight [C,W]      attn.{q,k,v}_conv1d.weight [c,1,W]      (C = key|key|value)
     layers.i.mixer.<q_proj, shared_k/v/b/a, g_proj, o_norm, o_proj, A_log, dt_bias>   attn.<same>
     norm.weight                           model.norm.weight

@@ -4,7 +4,7 @@ torchtitan merges this `JobConfig` into its own when `job.custom_config_module` 
 (the TOMLs in train_configs/ and run_train.sh do). Every field defaults to None, meaning "keep the
 flavor's value"; a set value replaces that field of `momtitan.config.MoMModelArgs`, and the result
 is validated before the model is built. On the command line: `--mom.num_memories 8`,
-`--mom.attn_layers 3,7`.
+`--mom.attn_layers 3 7`.
 """
 
 

@@ -6,6 +6,7 @@ from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec
 
 from momtitan.config import MoMModelArgs
+from momtitan.hf.state_dict_adapter import MoMStateDictAdapter
 from momtitan.parallel import parallelize_mom
 from momtitan.train.args import MoMTitanArgs, build_model, titan_flavors
 from momtitan.train.data import build_dataloader
@@ -47,6 +48,7 @@ def make_train_spec() -> TrainSpec:
         build_loss_fn=build_loss_fn,
         build_validator_fn=build_validator,
         build_metrics_processor_fn=build_metrics_processor,
+        state_dict_adapter=MoMStateDictAdapter,  # --checkpoint.last_save_in_hf / initial_load_in_hf
     )
 
 
