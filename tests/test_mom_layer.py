@@ -105,3 +105,16 @@ def test_output_norm_reads_a_higher_precision_combined_output_uncast():
     gate = layer.g_proj(x).view(2, 5, layer.num_heads, layer.head_v)
     expected = layer.o_proj(layer.o_norm(o.view(2, 5, layer.num_heads, layer.head_v), gate).reshape(2, 5, -1))
     assert torch.equal(layer._output(o, x), expected)
+
+
+def test_decode_step_refuses_expert_parallelism():
+    """Under EP a rank holds E/ep memories while the routing names all E: step() must refuse, as the
+    forward with a cache does, not gather out of range."""
+    from momtitan.cache import ModelCache
+
+    args = get_flavor("debug")
+    layer = MoMLayer(args)
+    state = ModelCache.allocate(args, 2).layers[0]
+    layer.expert_parallel = object()  # any EP handle: the check comes before it is used
+    with pytest.raises(ValueError, match=r"got step\(\) under EP"):
+        layer.step(torch.randn(2, 1, args.hidden_size), state)

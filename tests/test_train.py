@@ -515,15 +515,18 @@ def test_all_to_all_time_per_step_after_a_resume_and_a_validation(cache_dir, mon
     assert logged[1020]["time_metrics/all_to_all(s)"] == pytest.approx(0.01)
 
 
-def test_float8_converter_skips_router_and_head(cache_dir):
-    """torchtitan's float8 converter (emulated on CPU) swaps the block linears, not router or head."""
+def test_float8_converter_skips_router_head_and_shared_memory(cache_dir):
+    """torchtitan's float8 converter (emulated on CPU) swaps the block linears, not the router, the
+    head or the shared memory's projections (whose weights the layer concatenates, never calling them)."""
     pytest.importorskip("torchao")
     from torchao.float8.float8_linear import Float8Linear
     from torchtitan.protocols.model_converter import build_model_converters
 
     job, spec, args = _args("--model.converters", "quantize.linear.float8", "--quantize.linear.float8.emulate",
                             "--mom.hidden_size", "64", "--mom.num_heads", "2", "--mom.head_dim", "32")
-    assert {"router", "output"} <= set(job.quantize.linear.float8.filter_fqns)
+    assert {"router", "output", "shared_"} <= set(job.quantize.linear.float8.filter_fqns)
+    mx, _, _ = _args("--model.converters", "quantize.linear.mx")  # MX swaps linears by the same rule
+    assert {"router", "output", "shared_"} <= set(mx.quantize.linear.mx.filter_fqns)
     with torch.device("meta"):
         model = spec.model_cls(args)
     from torchtitan.distributed import ParallelDims
@@ -533,6 +536,7 @@ def test_float8_converter_skips_router_and_head(cache_dir):
     kinds = {n: type(m) for n, m in model.named_modules()}
     assert kinds["output"] is torch.nn.Linear
     assert kinds["layers.0.mixer.router"] is torch.nn.Linear
+    assert kinds["layers.0.mixer.shared_k"] is torch.nn.Linear and kinds["layers.0.mixer.shared_v"] is torch.nn.Linear
     assert kinds["layers.0.mixer.q_proj"] is Float8Linear
     assert kinds["layers.0.mixer.o_proj"] is Float8Linear
 

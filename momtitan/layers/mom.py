@@ -244,6 +244,8 @@ class MoMLayer(nn.Module):
     # ---- decoding ----------------------------------------------------------------------------
     def step(self, x: torch.Tensor, state: MoMLayerState) -> torch.Tensor:
         """One token per row, `x [B, 1, D]`: reads and writes only the k (+1 shared) active states."""
+        if self.expert_parallel is not None:  # this rank holds E/ep memories; the routing names all E
+            raise ValueError("decoding with a cache runs without expert parallelism; got step() under EP")
         B = x.shape[0]
         E, k_top, H, K, V = self.num_memories, self.topk, self.num_heads, self.head_k, self.head_v
         flat = x[:, 0]

@@ -2,7 +2,8 @@
 
 Being ops, they are visible to per-op selective activation checkpointing, which keeps their outputs
 (`parallelize.SAC_SAVE_OPS`): the backward's recompute of a MoM layer then replays the cached rows
-and split sizes, so it neither communicates nor waits for the host a second time. Both ops run
+and split sizes, so it neither communicates nor waits for the host a second time (full AC has no
+such policy and runs them again). Both ops run
 eagerly between compiled graphs (their output sizes are data); both count towards
 `comm_timer.ALL_TO_ALL`.
 

@@ -23,7 +23,8 @@ recurrence's PyTorch path runs between graphs: its loop over chunks would recomp
 chunk count). The split sizes travel between the exchanges inside an object the graphs never read,
 so a new routing recompiles nothing. The exchanges are custom ops (`exchange_ops`): per-op selective
 activation checkpointing keeps their outputs, so the backward's recompute of a layer repeats neither
-the all-to-alls nor the host sync.
+the all-to-alls nor the host sync. Full and layer-frequency AC (a plain checkpoint) do repeat them,
+and rely on the recompute routing every token as the forward did (same weights, same inputs).
 
 Weights: `MemoryProjections` parameters become DTensors sharded on dim 0 over the ep mesh, so DCP
 saves and loads them whole. Everything else is replicated across ep (FSDP shards it as usual).
