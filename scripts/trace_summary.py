@@ -40,13 +40,19 @@ def overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
     return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
 
 
+DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
 def summarize(events: list[dict], top: int = 15, min_gap_us: float = 200.0) -> str:
-    steps = [e for e in events if e.get("name", "").startswith("ProfilerStep#")]
+    # the host's step annotation: on CUDA kineto also writes a GPU-side copy (gpu_user_annotation),
+    # which starts at the step's first kernel and would shrink the window
+    steps = [e for e in events if e.get("name", "").startswith("ProfilerStep#") and e.get("cat") != "gpu_user_annotation"]
     if not steps:
         raise ValueError("trace has no ProfilerStep# annotation: was it written by torch.profiler with a schedule?")
     step = max(steps, key=lambda e: e["ts"])
     window = (step["ts"], step["ts"] + step["dur"])
-    kernels = [e for e in events if e.get("cat") == "kernel" and overlap(window, (e["ts"], e["ts"] + e["dur"])) > 0]
+    # the GPU is busy in kernels and in copies / memsets (not idle gaps)
+    kernels = [e for e in events if e.get("cat") in DEVICE_WORK and overlap(window, (e["ts"], e["ts"] + e["dur"])) > 0]
     spans = [(max(e["ts"], window[0]), min(e["ts"] + e["dur"], window[1])) for e in kernels]
     is_nccl = ["nccl" in e["name"].lower() for e in kernels]
     busy = union(spans)
@@ -75,8 +81,8 @@ def summarize(events: list[dict], top: int = 15, min_gap_us: float = 200.0) -> s
     wall = window[1] - window[0]
     lines = [
         f"step {step['name']}: {wall * ms:.1f} ms wall",
-        f"  some kernel running: {covered(spans) * ms:.1f} ms ({covered(spans) / wall:.0%})",
-        f"  compute kernels: {covered([s for s, n in zip(spans, is_nccl) if not n]) * ms:.1f} ms, "
+        f"  some kernel or copy running: {covered(spans) * ms:.1f} ms ({covered(spans) / wall:.0%})",
+        f"  compute kernels and copies: {covered([s for s, n in zip(spans, is_nccl) if not n]) * ms:.1f} ms, "
         f"NCCL kernels: {covered([s for s, n in zip(spans, is_nccl) if n]) * ms:.1f} ms",
         f"  idle gaps >= {min_gap_us:.0f} us: {len(gaps)}, {sum(b - a for a, b in gaps) * ms:.1f} ms in all",
         f"  host syncs (cuda*Synchronize calls): {len(syncs)}, {sum(e['dur'] for e in syncs) * ms:.1f} ms waiting",

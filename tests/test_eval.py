@@ -238,3 +238,18 @@ def test_lm_eval_generation_equals_unpadded_greedy_generation(tiny):
                                  pad_token_id=tok.pad_token_id)
         expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0]
         assert text == expected, prompt
+
+
+def test_all_metrics_keep_every_filter():
+    """A task reporting one metric under several filters (gsm8k: strict-match, flexible-extract) keeps
+    each value, labelled with its filter; the usual filter "none" keeps the bare metric name."""
+    from momtitan.eval.harness import _all_metrics
+
+    results = {"results": {"gsm8k": {"exact_match,strict-match": 0.1, "exact_match_stderr,strict-match": 0.01,
+                                     "exact_match,flexible-extract": 0.3, "exact_match_stderr,flexible-extract": 0.02,
+                                     "alias": "gsm8k"},
+                           "piqa": {"acc,none": 0.6, "acc_stderr,none": 0.05}}}
+    assert _all_metrics(results) == {
+        "gsm8k": {"exact_match (strict-match)": (0.1, 0.01), "exact_match (flexible-extract)": (0.3, 0.02)},
+        "piqa": {"acc": (0.6, 0.05)},
+    }

@@ -36,8 +36,8 @@ def trace(tmp_path) -> Path:
 def test_busy_time_gaps_and_host_calls_of_the_last_step(tmp_path):
     text = summarize(load(str(trace(tmp_path))), top=5, min_gap_us=200)
     assert "step ProfilerStep#4: 10.0 ms wall" in text
-    assert "some kernel running: 5.5 ms (55%)" in text  # 1000-3500 and 6000-9000
-    assert "compute kernels: 2.5 ms, NCCL kernels: 3.0 ms" in text
+    assert "some kernel or copy running: 5.5 ms (55%)" in text  # 1000-3500 and 6000-9000
+    assert "compute kernels and copies: 2.5 ms, NCCL kernels: 3.0 ms" in text
     assert "idle gaps >= 200 us: 2, 4.5 ms in all" in text
     assert "host syncs (cuda*Synchronize calls): 1, 2.5 ms waiting" in text
     assert "2.5  cuda_runtime: cudaStreamSynchronize" in text
@@ -51,3 +51,19 @@ def test_cli_and_a_trace_without_steps(tmp_path):
     assert "ProfilerStep#4" in out
     with pytest.raises(ValueError, match="no ProfilerStep# annotation"):
         summarize([event("kernel", "k", 0, 1)])
+
+
+def test_the_host_step_is_the_window_and_copies_are_busy():
+    """On CUDA kineto also writes the step as a GPU annotation, starting at its first kernel: the
+    host's annotation is the window. Copies and memsets keep the GPU busy, not idle."""
+    events = [
+        event("user_annotation", "ProfilerStep#4", 0, 10_000),
+        event("gpu_user_annotation", "ProfilerStep#4", 1000, 9000),
+        event("kernel", "gemm", 1000, 2000),
+        event("gpu_memcpy", "Memcpy HtoD", 4000, 1500),
+        event("kernel", "gemm", 6000, 4000),
+    ]
+    text = summarize(events, top=5, min_gap_us=200)
+    assert "step ProfilerStep#4: 10.0 ms wall" in text
+    assert "some kernel or copy running: 7.5 ms (75%)" in text
+    assert "idle gaps >= 200 us: 3, 2.5 ms in all" in text  # 0-1000, 3000-4000, 5500-6000

@@ -382,6 +382,66 @@ def test_local_jsonl_packing_and_doc_starts(cache_dir, tmp_path):
     assert [r[1].tolist() for r in ds3] == [r.tolist() for r in rest]
 
 
+def test_doc_starts_are_the_packed_documents_first_tokens(cache_dir, tmp_path, monkeypatch):
+    """A document whose text holds the EOS / BOS strings (the tokenizer encodes them as those ids) is
+    one segment: doc_starts marks the documents' first tokens as packed, not every token after an
+    EOS id; a resumed state keeps the flags."""
+    from momtitan.train.data import PackedDocuments, open_source
+    from momtitan.train.tokenizer import load_tokenizer
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(f'{{"text": "doc {i} says a cat </s> sat <s> on {i}"}}\n' for i in range(30)))
+    tok = load_tokenizer("builtin")
+    docs = [tok.encode(f"doc {i} says a cat </s> sat <s> on {i}", add_bos=True, add_eos=True) for i in range(30)]
+    assert any(t == tok.eos_id for t in docs[0][1:-1])  # the text's "</s>" is the EOS id inside the document
+    starts = [flag for d in docs for flag in [True] + [False] * (len(d) - 1)]
+    ds = PackedDocuments(open_source("local", str(path)), tok, seq_len=16, infinite=False)
+    for r, (inputs, _) in enumerate(ds):
+        expected = torch.tensor(starts[r * 17: r * 17 + 16])
+        expected[0] = True
+        assert torch.equal(inputs["doc_starts"], expected), r
+    it = iter(PackedDocuments(open_source("local", str(path)), tok, seq_len=16, infinite=False))
+    resumed = PackedDocuments(open_source("local", str(path)), tok, seq_len=16, infinite=False)
+    first = iter(resumed)
+    next(first)
+    state = resumed.state_dict()
+    again = PackedDocuments(open_source("local", str(path)), tok, seq_len=16, infinite=False)
+    again.load_state_dict(state)
+    next(it)
+    assert [r[0]["doc_starts"].tolist() for r in again] == [r[0]["doc_starts"].tolist() for r in it]
+
+
+def test_validation_reads_the_same_held_out_rows_every_time(cache_dir, tmp_path, monkeypatch):
+    """The validation loader is built once and iterated at every validation: each pass starts from
+    the first document (a finite file's second pass is not empty); hub datasets validate on their
+    validation split; a DataLoader worker left without documents raises instead of looping forever."""
+    import datasets
+
+    from momtitan.train import data
+    from momtitan.train.tokenizer import load_tokenizer
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(f'{{"text": "held out document {i}"}}\n' for i in range(12)))
+    tok = load_tokenizer("builtin")
+    ds = data.PackedDocuments(data.open_source("local", str(path)), tok, 16, infinite=False, restart=True)
+    first, second = [r[1].tolist() for r in ds], [r[1].tolist() for r in ds]
+    assert first and first == second
+
+    local = data.open_source("local", str(path))  # before load_dataset is replaced below
+    asked = {}
+    monkeypatch.setattr(datasets, "load_dataset", lambda repo, **kw: asked.update(kw) or [])
+    data.open_source("c4", None, split="validation")
+    assert asked["split"] == "validation"
+
+    class Worker:
+        id, num_workers = 1, 2
+
+    monkeypatch.setattr(data, "get_worker_info", lambda: Worker)
+    lonely = data.PackedDocuments(local, tok, 16, dp_rank=1, dp_world_size=12)
+    with pytest.raises(ValueError, match=r"rank 1 holds 1 documents, none for DataLoader worker 1 of 2"):
+        next(iter(lonely))
+
+
 def test_synthetic_data_shards_ranks(cache_dir):
     from momtitan.train.data import PackedDocuments, open_source
     from momtitan.train.tokenizer import load_tokenizer

@@ -366,9 +366,10 @@ def _all_metrics(results: dict) -> dict[str, dict[str, tuple[float, float | None
         for key, value in values.items():
             if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
                 continue
-            metric = key.split(",")[0]
+            metric, _, filter_name = key.partition(",")
             stderr = values.get(key.replace(metric + ",", metric + "_stderr,"))
-            metrics[metric] = (float(value), float(stderr) if isinstance(stderr, (int, float)) else None)
+            label = metric if filter_name == "none" else f"{metric} ({filter_name})"  # a task may report several filters
+            metrics[label] = (float(value), float(stderr) if isinstance(stderr, (int, float)) else None)
         out[task] = metrics
     return out
 

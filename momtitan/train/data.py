@@ -95,7 +95,7 @@ def _load_files(fmt: str, files: list[str]):
     return datasets.load_dataset(fmt, data_files=files, split="train")
 
 
-def _load_hub(name: str):
+def _load_hub(name: str, split: str):
     import datasets
 
     if name.startswith(HUB_PREFIX):
@@ -105,8 +105,8 @@ def _load_hub(name: str):
         config = config or None
     else:
         repo, config = HUB_DATASETS[name]
-    logger.info(f"Streaming {repo} (config {config}) from the Hugging Face hub")
-    return datasets.load_dataset(repo, name=config, split="train", streaming=True)
+    logger.info(f"Streaming {repo} (config {config}, split {split}) from the Hugging Face hub")
+    return datasets.load_dataset(repo, name=config, split=split, streaming=True)
 
 
 def _text_column(ds, where: str) -> str:
@@ -119,8 +119,10 @@ def _text_column(ds, where: str) -> str:
     raise ValueError(f"{where} has no text column; expected one of {_TEXT_COLUMNS}, found {columns}")
 
 
-def open_source(dataset: str, dataset_path: str | None):
-    """Resolve (dataset, dataset_path) to a document source: a SyntheticCorpus or a `datasets` dataset."""
+def open_source(dataset: str, dataset_path: str | None, split: str = "train"):
+    """Resolve (dataset, dataset_path) to a document source: a SyntheticCorpus or a `datasets` dataset.
+    `split`: the hub split to stream ("validation" for validation: held-out text; a hub dataset
+    without one fails there, naming the splits it has: point validation.dataset_path at local files)."""
     name = (dataset or "").lower()
     if name == SYNTHETIC:
         if dataset_path:
@@ -134,7 +136,7 @@ def open_source(dataset: str, dataset_path: str | None):
             raise ValueError("training.dataset 'local' needs --training.dataset_path")
         return _load_local(dataset_path)
     if name in HUB_DATASETS or name.startswith(HUB_PREFIX):
-        return _load_hub(name)
+        return _load_hub(name, split)
     raise ValueError(f"unknown training.dataset {dataset!r}; known: {known_datasets()}")
 
 
@@ -151,7 +153,7 @@ class PackedDocuments(IterableDataset, Stateful):
     rank's documents w, w+N, ... (a streamed hub dataset splits its shards over the workers itself)."""
 
     def __init__(self, source, tokenizer, seq_len: int, dp_rank: int = 0, dp_world_size: int = 1,
-                 infinite: bool = True, name: str = "") -> None:
+                 infinite: bool = True, name: str = "", restart: bool = False) -> None:
         import datasets
 
         if seq_len <= 0:
@@ -160,6 +162,7 @@ class PackedDocuments(IterableDataset, Stateful):
         self.tokenizer = tokenizer
         self.seq_len = seq_len
         self.infinite = infinite
+        self.restart = restart  # every iteration from the first document (validation: the same set each time)
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
         self._synthetic = isinstance(source, SyntheticCorpus)
         if self._synthetic:
@@ -173,6 +176,7 @@ class PackedDocuments(IterableDataset, Stateful):
         self._map_style = not self._synthetic and isinstance(self._data, datasets.Dataset)
         self._docs_read = 0  # documents this rank (this worker) has consumed (synthetic and map-style sources)
         self._buffer: list[int] = []
+        self._starts: list[bool] = []  # beside _buffer: True at each document's first token
 
     # -- documents --------------------------------------------------------------------------------
     def _texts(self) -> Iterator[str]:
@@ -182,10 +186,17 @@ class PackedDocuments(IterableDataset, Stateful):
                 yield self._data[self.dp_rank + (worker + self._docs_read * workers) * self.dp_world_size]
         elif self._map_style:
             while True:
+                yielded = False
                 for i in range(worker + self._docs_read * workers, len(self._data), workers):
+                    yielded = True
                     yield self._data[i][self._text_column]
                 if not self.infinite:
                     return
+                if not yielded and self._docs_read == 0:  # looping on nothing would never yield a row
+                    raise ValueError(
+                        f"dataset {self.name!r}: data-parallel rank {self.dp_rank} holds {len(self._data)} documents, "
+                        f"none for DataLoader worker {worker} of {workers}; use fewer workers or more data"
+                    )
                 logger.warning(f"Dataset {self.name} is being re-looped")
                 self._docs_read = 0
         else:
@@ -202,19 +213,23 @@ class PackedDocuments(IterableDataset, Stateful):
     def _row(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         n = self.seq_len + 1
         x = torch.tensor(self._buffer[:n], dtype=torch.long)
-        del self._buffer[:n]
-        inputs, labels = x[:-1], x[1:]
-        doc_starts = torch.zeros(self.seq_len, dtype=torch.bool)
+        # the documents' first tokens as packed (not "after an EOS id": a document's text may hold the
+        # EOS string, and a tokenizer's BOS may equal its EOS); a row starts a segment either way
+        doc_starts = torch.tensor(self._starts[: self.seq_len], dtype=torch.bool)
         doc_starts[0] = True
-        doc_starts[1:] = inputs[:-1] == self.tokenizer.eos_id
-        return {"input": inputs, "doc_starts": doc_starts}, labels
+        del self._buffer[:n], self._starts[:n]
+        return {"input": x[:-1], "doc_starts": doc_starts}, x[1:]
 
     def __iter__(self):
         n = self.seq_len + 1
+        if self.restart:
+            self._docs_read, self._buffer, self._starts = 0, [], []
         while len(self._buffer) >= n:  # rows left over from a restored state
             yield self._row()
         for text in self._texts():
-            self._buffer.extend(self.tokenizer.encode(text, add_bos=True, add_eos=True))
+            tokens = self.tokenizer.encode(text, add_bos=True, add_eos=True)
+            self._buffer.extend(tokens)
+            self._starts.extend([True] + [False] * (len(tokens) - 1))
             self._docs_read += 1
             while len(self._buffer) >= n:
                 yield self._row()
@@ -222,13 +237,18 @@ class PackedDocuments(IterableDataset, Stateful):
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"buffer": list(self._buffer), "docs_read": self._docs_read}
+        state: dict[str, Any] = {"buffer": list(self._buffer), "starts": list(self._starts), "docs_read": self._docs_read}
         if not self._synthetic and not self._map_style:
             state["data"] = self._data.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._buffer = list(state["buffer"])
+        if "starts" in state:
+            self._starts = list(state["starts"])
+        else:  # a checkpoint from before the flags were kept: the old rule, a token after an EOS id
+            eos = self.tokenizer.eos_id
+            self._starts = [i == 0 or self._buffer[i - 1] == eos for i in range(len(self._buffer))]
         self._docs_read = int(state["docs_read"])
         if "data" in state:
             self._data.load_state_dict(state["data"])
@@ -306,14 +326,14 @@ def build_validation_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job
         dataset = MQARRows(job_config, validation.seq_len, seed=1, dp_rank=dp_rank, dp_world_size=dp_world_size, limit=limit)
         return ParallelAwareDataloader(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size,
                                        **asdict(validation.dataloader), batch_size=validation.local_batch_size)
-    source = open_source(validation.dataset, validation.dataset_path)
+    source = open_source(validation.dataset, validation.dataset_path, split="validation")
     if isinstance(source, SyntheticCorpus):
         if validation.steps <= 0:
             raise ValueError("validation.steps must be positive for the endless synthetic dataset")
         source = SyntheticCorpus(seed=1)  # held-out documents
     dataset = PackedDocuments(
         source, tokenizer, validation.seq_len, dp_rank=dp_rank, dp_world_size=dp_world_size,
-        infinite=infinite, name=validation.dataset,
+        infinite=infinite, name=validation.dataset, restart=True,
     )
     return ParallelAwareDataloader(
         dataset, dp_rank=dp_rank, dp_world_size=dp_world_size,
