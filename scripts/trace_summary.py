@@ -90,7 +90,7 @@ def summarize(events: list[dict], top: int = 15, min_gap_us: float = 200.0) -> s
     ]
     for name, t in sorted(during_gaps.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"    {t * ms:8.1f}  {name}")
-    lines.append(f"  kernels by time (calls, ms):")
+    lines.append("  kernels by time (calls, ms):")
     for name, (n, t) in sorted(by_kernel.items(), key=lambda kv: -kv[1][1])[:top]:
         lines.append(f"    {n:6d} {t * ms:8.1f}  {name}")
     return "\n".join(lines)

@@ -35,7 +35,6 @@ import difflib
 import json
 import math
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -162,14 +161,17 @@ class Checkpoint:
 def checkpoint_kind(path) -> str:
     """"hf" (a folder with config.json) or "dcp" (a step folder with .metadata, or a folder of step-N);
     FileNotFoundError for anything else."""
+    from momtitan.hf.convert import find_dcp_step
+
     path = existing_folder(path)
     if (path / "config.json").is_file():
         return "hf"
-    if (path / ".metadata").is_file() or any(
-            re.fullmatch(r"step-\d+", c.name) and (c / ".metadata").is_file() for c in path.iterdir()):
-        return "dcp"
-    raise FileNotFoundError(f"{path} is neither a Hugging Face folder (no config.json) nor a torchtitan DCP "
-                            "checkpoint (no .metadata, no step-N folders holding one)")
+    try:
+        find_dcp_step(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is neither a Hugging Face folder (no config.json) nor a torchtitan DCP "
+                                "checkpoint (no .metadata, no step-N folders holding one)") from None
+    return "dcp"
 
 
 def _job_tokenizer(job_config) -> str | None:
@@ -178,26 +180,22 @@ def _job_tokenizer(job_config) -> str | None:
     return job.get("model", {}).get("hf_assets_path")
 
 
-def _check_tokenizer(source) -> None:
-    if str(source) == "builtin":
-        return
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"tokenizer path not found: {path}")
+def _check_tokenizer(source) -> Path:
+    """The tokenizer folder `source` names ('builtin': momtitan's, as the converter resolves it);
+    FileNotFoundError unless it holds tokenizer files (AutoTokenizer reads a folder, not a file)."""
+    from momtitan.hf.convert import tokenizer_source
+
+    path = tokenizer_source(str(source))
     if not path.is_dir() or not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise FileNotFoundError(f"no tokenizer files (tokenizer.json, tokenizer.model or vocab.json) in {path}; "
                                 "pass tokenizer (--tokenizer) with a tokenizer folder or 'builtin'")
+    return path
 
 
 def _load_tokenizer(source):
     from transformers import AutoTokenizer
 
-    _check_tokenizer(source)
-    if str(source) == "builtin":
-        from momtitan.train.tokenizer import builtin_tokenizer_dir
-
-        source = builtin_tokenizer_dir()
-    return AutoTokenizer.from_pretrained(str(source))
+    return AutoTokenizer.from_pretrained(str(_check_tokenizer(source)))
 
 
 def default_device() -> str:

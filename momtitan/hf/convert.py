@@ -274,7 +274,9 @@ def read_hf(path) -> tuple[MoMModelArgs, dict[str, torch.Tensor], str]:
     return args, state_dict, fmt
 
 
-def _tokenizer_source(tokenizer) -> Path:
+def tokenizer_source(tokenizer) -> Path:
+    """The tokenizer `tokenizer` names: 'builtin' (momtitan's, trained and cached on first use) or an
+    existing path (a folder of tokenizer files, or a tokenizer.json); FileNotFoundError otherwise."""
     if tokenizer == "builtin":
         from momtitan.train.tokenizer import builtin_tokenizer_dir
 
@@ -286,7 +288,7 @@ def _tokenizer_source(tokenizer) -> Path:
 
 
 def _copy_tokenizer(tokenizer, out: Path, args: MoMModelArgs) -> None:
-    src = _tokenizer_source(tokenizer)
+    src = tokenizer_source(tokenizer)
     files = [src] if src.is_file() else [src / n for n in TOKENIZER_FILES if (src / n).is_file()]
     if not files:
         raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {src}")
