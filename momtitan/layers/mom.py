@@ -26,9 +26,9 @@ from torch.distributed.tensor import DTensor
 from momtitan.cache import MoMLayerState
 from momtitan.config import MoMModelArgs
 from momtitan.layers.norm import GatedRMSNorm
-from momtitan.ops.conv import _short_conv, short_conv_step
+from momtitan.ops.conv import _short_conv, _short_conv_step
 from momtitan.ops.grouped_linear import grouped_linears
-from momtitan.ops.recurrence import _linear_recurrence, linear_recurrence_step
+from momtitan.ops.recurrence import _linear_recurrence, _linear_recurrence_step
 from momtitan.ops.segments import bucket_of_index
 from momtitan.routing import combine, load_balance_loss, plan_dispatch, route, stale_streams, stream_resets
 
@@ -261,9 +261,9 @@ class MoMLayer(nn.Module):
             q = torch.cat([q, q_tok])
             index = torch.cat([index, E * B + torch.arange(B, device=x.device)])
         qkv, beta, g = self._conv_input(q, proj)
-        q, k, v = self._split_qkv(short_conv_step(qkv, self.conv_weight, state.conv, index))
+        q, k, v = self._split_qkv(_short_conv_step(qkv, self.conv_weight, state.conv, index))
         rows = q.shape[0]
-        o = linear_recurrence_step(
+        o = _linear_recurrence_step(
             q.view(rows, H, K), k.view(rows, H, K), v.view(rows, H, V), g, beta, state.recurrent, index,
             qk_l2norm=self.qk_l2norm,
         ).reshape(rows, self.value_dim)

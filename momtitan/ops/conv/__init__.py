@@ -12,7 +12,7 @@ import torch
 from momtitan.checks import require_same_device
 from momtitan.ops.conv.naive import naive_short_conv
 from momtitan.ops.conv.segmented import segmented_short_conv
-from momtitan.ops.conv.step import short_conv_step
+from momtitan.ops.conv.step import _short_conv_step, short_conv_step
 from momtitan.ops.segments import validate_cu_seqlens
 
 __all__ = ["short_conv", "short_conv_step", "naive_short_conv", "segmented_short_conv"]

@@ -18,6 +18,12 @@ def short_conv_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor, 
     hold distinct rows in `[0, S)`, which is not checked (that would need a host sync per step).
     """
     check_conv_step_inputs(x, weight, state, index, activation)
+    return _short_conv_step(x, weight, state, index, activation)
+
+
+def _short_conv_step(x, weight, state, index, activation="silu"):
+    """`short_conv_step` without the argument checks: for the MoM layer's decode step, which builds
+    its arguments itself."""
     if state.is_cuda and state.is_contiguous() and not autograd_records(x, weight, state):
         from momtitan.ops.triton import supports_conv, triton_short_conv_step
 

@@ -17,7 +17,7 @@ import torch
 from momtitan.checks import require_optional_float, require_same_device
 from momtitan.ops.recurrence.chunk import chunk_linear_recurrence
 from momtitan.ops.recurrence.naive import naive_linear_recurrence
-from momtitan.ops.recurrence.step import linear_recurrence_step
+from momtitan.ops.recurrence.step import _linear_recurrence_step, linear_recurrence_step
 from momtitan.ops.segments import validate_cu_seqlens
 
 __all__ = ["linear_recurrence", "linear_recurrence_step", "chunk_linear_recurrence", "naive_linear_recurrence"]

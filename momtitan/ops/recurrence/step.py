@@ -35,6 +35,12 @@ def linear_recurrence_step(
     hold distinct rows in `[0, S)`, which is not checked (that would need a host sync per step).
     """
     check_step_inputs(q, k, v, g, beta, state, index, scale)
+    return _linear_recurrence_step(q, k, v, g, beta, state, index, scale=scale, qk_l2norm=qk_l2norm)
+
+
+def _linear_recurrence_step(q, k, v, g, beta, state, index, *, scale=None, qk_l2norm=False):
+    """`linear_recurrence_step` without the argument checks: for the MoM layer's decode step, which
+    builds its arguments itself (the checks' Python cost would repeat per layer and token)."""
     K = q.shape[-1]
     scale = K**-0.5 if scale is None else scale
     if state.is_cuda and state.is_contiguous() and not autograd_records(q, k, v, g, beta, state):
