@@ -62,9 +62,10 @@ def constants(name: str, plan, warps: int | None, stages: int | None = None) -> 
     values = dict(H=plan.H, K=plan.K, V=plan.V, C=plan.C, BK=plan.BK, NKB=plan.NKB, BKF=plan.BKF, BS=16, BV=bv, NVB=plan.BVF // bv,
                   HAS_G=True, HAS_RESET=False, L2=True, DELTA=True, HAS_H0=True, HAS_DHT=True,
                   DOT_MODE=plan.dot_mode_state_bwd if name == "state_bwd_kernel" else plan.dot_mode)
-    default_warps = {"gates_kernel": plan.warps_gates, "prepare_kernel": plan.warps_prepare}.get(
+    default_warps = {"gates_kernel": plan.warps_gates, "inverse_kernel": plan.warps_inverse, "wy_kernel": plan.warps_wy}.get(
         name, plan.warps_seq if seq else plan.warps_grad if grad else plan.warps_chunk)
-    default_stages = plan.stages_seq if seq else plan.stages_grad if grad else TRITON_DEFAULT_STAGES
+    default_stages = {"state_kernel": plan.stages_state, "state_bwd_kernel": plan.stages_state_bwd,
+                      "grads_kernel": plan.stages_grad}.get(name, TRITON_DEFAULT_STAGES)
     return values, warps or default_warps, stages or default_stages
 
 

@@ -3,8 +3,10 @@
 For one shape and rule, every candidate sets `momtitan.ops.triton.launch.OVERRIDES` for one group of
 choices and leaves the others at their defaults:
 
-    seq    the sequential state passes (state_kernel, state_bwd_kernel): BVS, warps_seq, stages_seq
-    chunk  the per-chunk forward kernels (prepare, output, local du): BV, warps_chunk
+    seq    the sequential state passes (state_kernel, state_bwd_kernel): BVS, warps_seq, stages_state,
+           stages_state_bwd
+    chunk  the per-chunk kernels (W and U, output, local du): BV, warps_chunk
+    inverse  the delta rules' (I + A)^-1 per chunk: warps_inverse
     grad   the gradient kernel: BVG, warps_grad, stages_grad
     storage  the per-chunk states h and dh, the WY factors W, U and the values u in the inputs' dtype
              or in fp32 (each choice changed, then both)
@@ -66,8 +68,10 @@ def candidates(groups: list[str], head_dim: int, dtype: str = "bfloat16") -> lis
     out = []
     for group in groups:
         if group == "seq":
-            grid = [dict(BVS=t, warps_seq=w, stages_seq=s)
-                    for t, w, s in itertools.product(tiles, (2, 4, 8), (1, 2, 3))]
+            grid = [dict(BVS=t, warps_seq=w, stages_state=s, stages_state_bwd=sb)
+                    for t, w, s, sb in itertools.product(tiles, (2, 4, 8), (1, 2, 3), (1, 2, 3))]
+        elif group == "inverse":
+            grid = [dict(warps_inverse=w) for w in (1, 2, 4)]
         elif group == "chunk":
             grid = [dict(BV=t, warps_chunk=w) for t, w in itertools.product([t for t in tiles if t >= 32], (4, 8))]
         elif group == "grad":
@@ -78,7 +82,7 @@ def candidates(groups: list[str], head_dim: int, dtype: str = "bfloat16") -> lis
         elif group == "dots":
             grid = [dict(state_bwd_dots_in_input_dtype=1)]
         else:
-            raise ValueError(f"--groups takes seq, chunk, grad, storage and dots, got {group!r}")
+            raise ValueError(f"--groups takes seq, chunk, inverse, grad, storage and dots, got {group!r}")
         changed = {id(c): sum(c[k] != defaults[k] for k in c) for c in grid}
         grid = sorted((c for c in grid if changed[id(c)] and not _narrow_at_8_warps(c)), key=lambda c: changed[id(c)])
         out += [dict(c, group=group) for c in grid]
@@ -217,7 +221,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--groups", default="seq,chunk,grad,storage,dots", help="comma list of seq, chunk, grad, storage, dots")
+    p.add_argument("--groups", default="seq,chunk,inverse,grad,storage,dots",
+                   help="comma list of seq, chunk, inverse, grad, storage, dots")
     p.add_argument("--limit", type=int, default=None, help="try only the first N candidates of each group")
     p.add_argument("--tolerance", type=float, default=2e-2)
     p.add_argument("--timeout", type=int, default=180, help="seconds per candidate")

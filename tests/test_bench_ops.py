@@ -47,3 +47,14 @@ def test_layer_arms_are_measured_in_turn_and_summarised_by_their_median():
     assert out == {"ours": [5.0, 4.0, 4.5], "fla": [9.0, 12.0, 10.0], "broken": "error: RuntimeError"}
     assert bench._ms(out["ours"]) == "4.500 ms (4.000-5.000)" and bench._ms([2.0], unit="") == "2.000"
     assert bench._ms(out["broken"]) == "error: RuntimeError"
+
+
+@pytest.mark.parametrize("flags, match", [(["--heads", "32"], "--heads must be H x d with both >= 1, e.g. 32x128, got '32'"),
+                                          (["--heads", "0x128"], "--heads must be H x d with both >= 1, e.g. 32x128, got '0x128'"),
+                                          (["--batch", "0"], "--batch must be >= 1, got 0"),
+                                          (["--seq-len", "-4"], "--seq-len must be >= 1, got -4")])
+def test_profile_step_rejects_bad_shapes(flags, match):
+    profile_step = load_script("profile_step")
+    with pytest.raises(ValueError, match=match):
+        profile_step.parse_args(flags)
+    assert profile_step.parse_args(["--heads", "4x256"]).d == 256

@@ -138,6 +138,7 @@ def test_float8_grouped_gemm_on_the_memories_tracks_bf16():
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 needs SM89 or newer")
     from torchao.prototype.moe_training.conversion_utils import MoETrainingConfig
+    from torchao.prototype.moe_training.tensor import ScaledGroupedMMTensor
     from torchao.quantization.quant_api import quantize_
 
     from momtitan.layers.mom import MemoryProjections, MoMLayer
@@ -154,8 +155,12 @@ def test_float8_grouped_gemm_on_the_memories_tracks_bf16():
     for module in fp8.modules():
         if isinstance(module, MemoryProjections):
             module.group_alignment = FLOAT8_GROUP_ALIGNMENT
+    swapped = [name for name, p in fp8.named_parameters() if isinstance(p.data, ScaledGroupedMMTensor)]
+    assert swapped and all("memories" in name for name in swapped), swapped
     x = torch.randn(2, 200, args.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     y_ref, y = plain(x)[0], fp8(x)[0]
+    # float8 rounding must show: an output equal to bf16's means the grouped GEMMs ran in bf16
+    assert (y.float() - y_ref.float()).abs().max() > 0, "the float8 memories computed exactly what bf16 did"
     assert_close("float8 memories output", y.float(), y_ref.float(), 0.1)
     dy = torch.randn_like(y)
     g_ref = torch.autograd.grad((y_ref * dy).sum(), [x, plain.memories.k_proj])

@@ -145,7 +145,7 @@ CPU_CASES = {
     # the sequential passes' four K blocks (head dims 129-256), the last one partly past K
     "gated_delta_four_k_blocks": dict(rule="gated_delta", shape=(1, 20, 1, 200, 24), C=16, cu=[0, 0, 7, 20], reset=0.1),
     "gated_delta_chunk64": dict(rule="gated_delta", shape=(1, 70, 1, 16, 16), C=64, reset=0.03),
-    # the prepare kernel's 16-row blocks: two per chunk at C = 32, four at C = 64 (varlen, empty segments)
+    # the inverse kernel's 16-row blocks: two per chunk at C = 32, four at C = 64 (varlen, empty segments)
     "delta_chunk32": dict(rule="delta", shape=(1, 45, 1, 16, 16), C=32, reset=0.05),
     "gated_delta_varlen_chunk64": dict(rule="gated_delta", shape=(1, 90, 1, 16, 16), C=64, cu=[0, 0, 17, 17, 80, 90]),
     "delta_strong_decay_resets": dict(rule="gated_delta", shape=(1, 36, 1, 16, 16), C=16, decay=6.0, reset=0.3),

@@ -17,23 +17,27 @@ tune = load_script("tune_kernels")
 
 def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps():
     assert tune.default_choices(128) == dict(BV=64, BVG=32, BVS=32, warps_seq=4, warps_chunk=8, warps_grad=8,
-                                             stages_seq=1, stages_grad=3, chunk_states_in_input_dtype=1,
-                                             wy_in_input_dtype=1, state_bwd_dots_in_input_dtype=0)
+                                             warps_inverse=1, stages_state=1, stages_state_bwd=1, stages_grad=3,
+                                             chunk_states_in_input_dtype=1, wy_in_input_dtype=1,
+                                             state_bwd_dots_in_input_dtype=0)
     assert tune.default_choices(128, "float32")["stages_grad"] == 2  # 3 need more shared memory than Hopper has
     assert tune.candidates(["storage"], head_dim=128) == [
         dict(chunk_states_in_input_dtype=0, wy_in_input_dtype=1, group="storage"),
         dict(chunk_states_in_input_dtype=1, wy_in_input_dtype=0, group="storage"),
         dict(chunk_states_in_input_dtype=0, wy_in_input_dtype=0, group="storage")]
     seq = tune.candidates(["seq"], head_dim=128)
-    assert {c["BVS"] for c in seq} == {16, 32, 64, 128} and {c["stages_seq"] for c in seq} == {1, 2, 3}
+    assert {c["BVS"] for c in seq} == {16, 32, 64, 128}
+    assert {c["stages_state"] for c in seq} == {c["stages_state_bwd"] for c in seq} == {1, 2, 3}
     assert not any(c["BVS"] == 16 and c["warps_seq"] == 8 for c in seq)
-    assert len(seq) == 4 * 3 * 3 - 3 - 1  # no 16-wide tile at 8 warps, and not the defaults themselves
-    # nearest the defaults (BVS 32, 4 warps, 1 stage) first: one choice changed in each of the first six
-    assert all(sum(c[k] != v for k, v in (("BVS", 32), ("warps_seq", 4), ("stages_seq", 1))) == 1 for c in seq[:6])
+    assert len(seq) == 4 * 3 * 9 - 9 - 1  # no 16-wide tile at 8 warps, and not the defaults themselves
+    # nearest the defaults (BVS 32, 4 warps, 1 stage each) first: one choice changed in each of the first eight
+    near = (("BVS", 32), ("warps_seq", 4), ("stages_state", 1), ("stages_state_bwd", 1))
+    assert all(sum(c[k] != v for k, v in near) == 1 for c in seq[:8])
+    assert tune.candidates(["inverse"], head_dim=64) == [dict(warps_inverse=w, group="inverse") for w in (2, 4)]
     assert {c["BV"] for c in tune.candidates(["chunk"], head_dim=256)} == {32, 64, 128}
     assert {c["BVG"] for c in tune.candidates(["grad"], head_dim=256)} == {16, 32, 64}
     assert tune.candidates(["dots"], head_dim=64) == [dict(state_bwd_dots_in_input_dtype=1, group="dots")]
-    with pytest.raises(ValueError, match="--groups takes seq, chunk, grad, storage and dots, got 'tiles'"):
+    with pytest.raises(ValueError, match="--groups takes seq, chunk, inverse, grad, storage and dots, got 'tiles'"):
         tune.candidates(["tiles"], head_dim=64)
     with pytest.raises(ValueError, match="--heads must be H x d"):
         tune.parse_args(["--heads", "32"])
@@ -72,17 +76,17 @@ def test_overrides_reach_the_plan_and_bad_ones_raise(monkeypatch):
     def plan():
         return launch._Plan(q, q, v, None, None, None, None, None, False, 64)
 
-    monkeypatch.setattr(launch, "OVERRIDES", {"BVS": 64, "stages_seq": 3})
+    monkeypatch.setattr(launch, "OVERRIDES", {"BVS": 64, "stages_state": 3})
     p = plan()
-    assert (p.BVS, p.NVBS, p.stages_seq) == (64, 1, 3)
+    assert (p.BVS, p.NVBS, p.stages_state, p.stages_state_bwd) == (64, 1, 3, 1)
     monkeypatch.setattr(launch, "OVERRIDES", {"tile": 32})
     with pytest.raises(ValueError, match="OVERRIDES may set .* got 'tile'"):
         plan()
     monkeypatch.setattr(launch, "OVERRIDES", {"BV": 128})
     with pytest.raises(ValueError, match=r"OVERRIDES\['BV'\] must be one of \(16, 32, 64\), got 128"):
         plan()
-    monkeypatch.setattr(launch, "OVERRIDES", {"stages_seq": 0})
-    with pytest.raises(ValueError, match=r"OVERRIDES\['stages_seq'\] must be one of \(1, 2, 3, 4\), got 0"):
+    monkeypatch.setattr(launch, "OVERRIDES", {"stages_state_bwd": 0})
+    with pytest.raises(ValueError, match=r"OVERRIDES\['stages_state_bwd'\] must be one of \(1, 2, 3, 4\), got 0"):
         plan()
     monkeypatch.setattr(launch, "OVERRIDES", {"chunk_states_in_input_dtype": 1, "wy_in_input_dtype": 1})
     assert plan().chunk_state_dtype == plan().wy_dtype == torch.float32  # fp32 inputs
@@ -94,7 +98,30 @@ def test_overrides_reach_the_plan_and_bad_ones_raise(monkeypatch):
     assert launch._Plan(q16, q16, v16, None, None, None, None, None, False, 64).dot_mode_state_bwd == 1
     assert plan().dot_mode_state_bwd == 0  # fp32 inputs: 3xTF32 either way
     monkeypatch.setattr(launch, "OVERRIDES", {})
-    assert plan().stages_seq == 1 and plan().chunk_state_dtype == plan().wy_dtype == torch.float32
+    assert plan().stages_state == 1 and plan().chunk_state_dtype == plan().wy_dtype == torch.float32
+
+
+def test_overrides_from_the_environment_reach_the_plan_and_bad_ones_raise(monkeypatch):
+    """`MOMTITAN_KERNEL_OVERRIDES` sets choices for a whole process (a test suite under a candidate);
+    `OVERRIDES` set in the process win over it."""
+    from momtitan.ops.triton import launch
+
+    q = torch.randn(1, 40, 2, 64)
+
+    def plan():
+        return launch._Plan(q, q, q, None, None, None, None, None, False, 64)
+
+    monkeypatch.setenv(launch.OVERRIDES_ENV, '{"warps_inverse": 2, "BVS": 16}')
+    assert (plan().warps_inverse, plan().BVS) == (2, 16)
+    monkeypatch.setattr(launch, "OVERRIDES", {"BVS": 64})
+    assert (plan().warps_inverse, plan().BVS) == (2, 64)
+    monkeypatch.setattr(launch, "OVERRIDES", {})
+    monkeypatch.setenv(launch.OVERRIDES_ENV, "warps_inverse=1")
+    with pytest.raises(ValueError, match="MOMTITAN_KERNEL_OVERRIDES must be a JSON object of tile choices, got 'warps_inverse=1'"):
+        plan()
+    monkeypatch.setenv(launch.OVERRIDES_ENV, '{"warps_inverse": 3}')
+    with pytest.raises(ValueError, match=r"OVERRIDES\['warps_inverse'\] must be one of \(1, 2, 4, 8, 16\), got 3"):
+        plan()
 
 
 def test_tuning_run_on_the_interpreter_agrees_with_the_defaults(tmp_path):
@@ -103,12 +130,12 @@ def test_tuning_run_on_the_interpreter_agrees_with_the_defaults(tmp_path):
     state and gradients."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, str(ROOT / "scripts" / "tune_kernels.py"), "--heads", "1x32", "--seq-len", "40",
-           "--batch", "2", "--dtype", "float32", "--warmup", "0", "--reps", "1", "--groups", "seq,grad,storage",
+           "--batch", "2", "--dtype", "float32", "--warmup", "0", "--reps", "1", "--groups", "seq,inverse,grad,storage",
            "--limit", "2", "--no-write"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "defaults" not in line
             and not line.startswith("| group")]
-    assert [row.split("|")[1].strip() for row in rows] == ["seq", "seq", "grad", "grad", "storage", "storage"], done.stdout
+    assert [row.split("|")[1].strip() for row in rows] == ["seq", "seq", "inverse", "inverse", "grad", "grad", "storage", "storage"], done.stdout
     assert all(row.rstrip().endswith("| ok |") for row in rows), done.stdout
     assert "| default | defaults |" in done.stdout and "Fastest agreeing candidate" in done.stdout

@@ -44,23 +44,20 @@ def local_du_kernel(
     h = tl.program_id(1).to(tl.int64)
     vb = tl.program_id(2)
     tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
-    vv = vb * BV + tl.arange(0, BV)
-    vm = vv < V
+    tok0 = tl.load(info_ptr + 2 * c)
     gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
     rq = row_scales(rq_ptr, tok, valid, h, H, L2)
     rk = row_scales(rk_ptr, tok, valid, h, H, L2)
     # P^T = (k q^T) * D^T, built directly: never tl.trans a dot result (Hopper miscompile)
     KQ = tl.zeros([C, C], dtype=tl.float32)
     for kb in tl.static_range(NKB):
-        k2 = kb * BK + tl.arange(0, BK)
-        m2 = valid[:, None] & (k2 < K)[None, :]
-        q2 = tl.load(q_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
-        kt2 = tl.load(k_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
+        q2 = load_rows(q_ptr, tok0, valid, h, H, K, kb * BK, BK, C)
+        kt2 = load_rows(k_ptr, tok0, valid, h, H, K, kb * BK, BK, C)
         KQ += mdot(kt2, tl.trans(q2), DOT_MODE)
     PT = KQ * (rk[:, None] * rq[None, :]) * decay_matrix_t(gamma, run, C)
-    dO = tl.load(do_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=valid[:, None] & vm[None, :], other=0.0)
-    tl.store(dul_ptr + (prow[:, None] * H + h) * V + vv[None, :], scale * mdot(PT, dO.to(tl.float32), DOT_MODE),
-             mask=vm[None, :])
+    dO = load_rows(do_ptr, tok0, valid, h, H, V, vb * BV, BV, C)
+    # every row of the padded chunk is written (0 past its end): the sequential pass reads them all
+    store_rows(dul_ptr, c * C, tl.full([C], 1, tl.int1), h, H, V, vb * BV, scale * mdot(PT, dO, DOT_MODE), BV, C)
 
 
 @triton.jit

@@ -1,16 +1,16 @@
 """Forward Triton kernels of the chunked linear recurrence (algorithm: `recurrence/chunk.py`).
 
-1. `prepare_kernel`  per (chunk, head), in 16-row blocks: A, T = (I + A)^-1 (diagonal blocks by
+1. `inverse_kernel`  per (chunk, head), in 16-row blocks: A, T = (I + A)^-1 (diagonal blocks by
    forward substitution, the rest by 16-wide dots), stored whole ([NC, H, C, C], fp32; the backward
-   reads it too) and read back as one [C, C] tile for the WY factors W = T (beta*carry*k),
-   U = T (beta*v), one full-width dot per column block   (delta rules only).
+   reads it too). `wy_kernel` per (chunk, head): the WY factors W = T (beta*carry*k), U = T (beta*v)
+   from T as one [C, C] tile, one full-width dot per column block   (delta rules only).
 2. `gates_kernel`    per (chunk, head): the row weights of the sequential passes (no scans in their loops).
    `state_kernel`    per (segment, head, V-block): the sequential pass over the segment's chunks;
    stores each chunk's start state h, the corrected values u = U - W h (delta rules), the final state.
 3. `output_kernel`   per (chunk, head, V-block): o = scale * ((carry*q) h + (q k^T * D) u).
 
 q/k L2 normalisation is fused: kernels scale rows by precomputed reciprocal norms `rq`, `rk`.
-In the six chunk kernels (all but `gates_kernel`) the head count H and head dims K, V are
+In the chunk kernels (all but `gates_kernel`) the head count H and head dims K, V are
 compile-time constants, as the tiles are (one compile per model width): the row strides fold into the address arithmetic and the masks past K and V vanish
 where the tiles cover them exactly, which frees registers in the sequential passes
 (`scripts/kernel_registers.py`).
@@ -57,26 +57,25 @@ def _store_block(t_ptr, c, h, H, x, r: tl.constexpr, q: tl.constexpr, C: tl.cons
 
 
 @triton.jit
-def prepare_kernel(
-    k_ptr, v_ptr, g_ptr, beta_ptr, r_ptr, rk_ptr, info_ptr, w_ptr, u_ptr, t_ptr,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr,
+def inverse_kernel(
+    k_ptr, g_ptr, beta_ptr, r_ptr, rk_ptr, info_ptr, t_ptr,
+    H: tl.constexpr, K: tl.constexpr,
+    C: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr,
     DOT_MODE: tl.constexpr,
 ):
     """Per (chunk, head), in blocks of BS rows (NB = C / BS = 1, 2 or 4): the blocks of A and of
-    T = (I + A)^-1 (`inverse_blocks`), stored; then W = T (beta*carry*rk*k) and U = T (beta*v) from T
-    read back whole."""
+    T = (I + A)^-1 (`inverse_blocks`), stored whole (the upper blocks as zeros). Its 16-wide tiles and
+    the substitution's row reductions want few warps (a reduction across warps goes through shared
+    memory and a barrier), the WY dots of `wy_kernel` want more: two kernels."""
     NB: tl.constexpr = C // BS
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     tok0 = tl.load(info_ptr + 2 * c)
     gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
-    carry, e, c_end = chunk_weights(gamma, run, C)
     b = tl.load(beta_ptr + tok * H + h, mask=valid, other=0.0).to(tl.float32)
     rk = row_scales(rk_ptr, tok, valid, h, H, L2)
-    wk = rk * b * carry
 
     # per row block: log-decay, run ids, beta, rk (blocks past NB are placeholders)
     g0, run0, b0, rk0 = rows_of(gamma, 0, C, BS), rows_of(run, 0, C, BS), rows_of(b, 0, C, BS), rows_of(rk, 0, C, BS)
@@ -142,13 +141,27 @@ def prepare_kernel(
         _store_block(t_ptr, c, h, H, X32, 3, 2, C, BS)
         _store_block(t_ptr, c, h, H, X33, 3, 3, C, BS)
 
-    # T goes through memory to become one [C, C] tile (simpler than joining the ten register blocks
-    # with tl.join / tl.permute; the backward reads T anyway); the barrier makes every thread's stores
-    # visible to the whole block before the loads, which hit L1/L2
-    tl.debug_barrier()
+
+@triton.jit
+def wy_kernel(
+    k_ptr, v_ptr, g_ptr, beta_ptr, r_ptr, rk_ptr, info_ptr, t_ptr, w_ptr, u_ptr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+):
+    """Per (chunk, head): the WY factors W = T (beta*carry*rk*k) and U = T (beta*v), from the chunk's
+    T (`inverse_kernel`) as one [C, C] tile: one full-width dot per column block."""
+    c = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
+    tok0 = tl.load(info_ptr + 2 * c)
+    gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
+    carry, e, c_end = chunk_weights(gamma, run, C)
+    b = tl.load(beta_ptr + tok * H + h, mask=valid, other=0.0).to(tl.float32)
+    wk = row_scales(rk_ptr, tok, valid, h, H, L2) * b * carry
     i = tl.arange(0, C)
-    Tm = tl.load(t_ptr + ((c * H + h) * C + i[:, None]) * C + i[None, :])
-    # W = T (wk * k) and U = T (beta * v): one [C, C] x [C, BK or BV] dot per column block
+    Tm = tl.load(t_ptr + (c * H + h) * C * C + (i[:, None] * C + i[None, :]))
     for kb in tl.static_range(NKB):
         x = load_rows(k_ptr, tok0, valid, h, H, K, kb * BK, BK, C).to(tl.float32) * wk[:, None]
         store_rows(w_ptr, c * C, valid, h, H, K, kb * BK, mdot(Tm, x, DOT_MODE), BK, C)
@@ -221,8 +234,9 @@ def output_kernel(
     h = tl.program_id(1).to(tl.int64)
     vb = tl.program_id(2)
     tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
-    vv = vb * BV + tl.arange(0, BV)
-    vm = vv < V
+    tok0 = tl.load(info_ptr + 2 * c)
+    v0 = vb * BV
+    vv = v0 + tl.arange(0, BV)
     gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
     carry, e, c_end = chunk_weights(gamma, run, C)
     rq = row_scales(rq_ptr, tok, valid, h, H, L2)
@@ -231,16 +245,17 @@ def output_kernel(
     qS = tl.zeros([C, BV], dtype=tl.float32)
     for kb in tl.static_range(NKB):
         kk = kb * BK + tl.arange(0, BK)
-        km = kk < K
-        qt = tl.load(q_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)
-        kt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0)
+        qt = load_rows(q_ptr, tok0, valid, h, H, K, kb * BK, BK, C)
+        kt = load_rows(k_ptr, tok0, valid, h, H, K, kb * BK, BK, C)
         QK += mdot(qt, tl.trans(kt), DOT_MODE)
-        S0 = tl.load(h_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], mask=km[:, None] & vm[None, :] & (nvalid > 0), other=0.0)
+        # an empty chunk's start state is never written: not read either
+        S0 = tl.load(h_ptr + (c * H + h) * K * V + (kk[:, None] * V + vv[None, :]),
+                     mask=(kk < K)[:, None] & (vv < V)[None, :] & (nvalid > 0), other=0.0)
         qS += mdot(qt, S0, DOT_MODE)  # rows weighted after the loop: q stays in its dtype for the dot
     P = QK * (rq[:, None] * rk[None, :]) * decay_matrix(gamma, run, C)
     if DELTA:
-        u = tl.load(u_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=valid[:, None] & vm[None, :], other=0.0)
+        u = load_rows(u_ptr, c * C, valid, h, H, V, v0, BV, C)
     else:
-        u = tl.load(v_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=valid[:, None] & vm[None, :], other=0.0)
-    o = scale * (qS * (rq * carry)[:, None] + mdot(P, u.to(tl.float32), DOT_MODE))
-    tl.store(o_ptr + (tok[:, None] * H + h) * V + vv[None, :], o.to(o_ptr.dtype.element_ty), mask=valid[:, None] & vm[None, :])
+        u = load_rows(v_ptr, tok0, valid, h, H, V, v0, BV, C)
+    o = scale * (qS * (rq * carry)[:, None] + mdot(P, u, DOT_MODE))
+    store_rows(o_ptr, tok0, valid, h, H, V, v0, o, BV, C)

@@ -5,11 +5,14 @@ the device (`common.chunk_map`), and per-segment loops run inside the kernels.
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
 from momtitan.ops.triton.bwd_kernels import grads_kernel, local_du_kernel, state_bwd_kernel
 from momtitan.ops.triton.common import DOT_MODES, chunk_map, pow2
-from momtitan.ops.triton.fwd_kernels import gates_kernel, output_kernel, prepare_kernel, state_kernel
+from momtitan.ops.triton.fwd_kernels import gates_kernel, inverse_kernel, output_kernel, state_kernel, wy_kernel
 from momtitan.ops.segments import uniform_cu_seqlens
 from momtitan.ops.triton.l2norm import l2norm_bwd, reciprocal_norms
 
@@ -20,9 +23,25 @@ MAX_HEAD_DIM = 256
 # power of two from 16 to the padded head dim). Empty in normal use.
 _WARPS, _STAGES = (1, 2, 4, 8, 16), (1, 2, 3, 4)
 TUNABLE = {"BV": None, "BVG": None, "BVS": None, "warps_seq": _WARPS, "warps_chunk": _WARPS, "warps_grad": _WARPS,
-           "stages_seq": _STAGES, "stages_grad": _STAGES, "chunk_states_in_input_dtype": (0, 1), "wy_in_input_dtype": (0, 1),
-           "state_bwd_dots_in_input_dtype": (0, 1)}
+           "warps_inverse": _WARPS, "stages_state": _STAGES, "stages_state_bwd": _STAGES, "stages_grad": _STAGES,
+           "chunk_states_in_input_dtype": (0, 1), "wy_in_input_dtype": (0, 1), "state_bwd_dots_in_input_dtype": (0, 1)}
 OVERRIDES: dict[str, int] = {}
+# The same from the environment, for a whole process (e.g. the GPU test suite under a candidate choice):
+# MOMTITAN_KERNEL_OVERRIDES='{"warps_inverse": 1}'. Checked by the first plan, like OVERRIDES.
+OVERRIDES_ENV = "MOMTITAN_KERNEL_OVERRIDES"
+
+
+def _env_overrides() -> dict[str, int]:
+    text = os.environ.get(OVERRIDES_ENV, "")
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError(f"{OVERRIDES_ENV} must be a JSON object of tile choices, got {text!r}")
+    return value
 
 
 class _Plan:
@@ -72,14 +91,19 @@ class _Plan:
         # passed at 4; at 4 warps they do not spill at d <= 128 (`scripts/kernel_registers.py`)
         self.warps_seq = 4
         self.warps_chunk = 4 if small else 8
-        self.warps_prepare = 4  # its 16-row dots: never at 8 warps (the pattern above)
+        # the inverse: one warp, so that the substitution's row reductions stay within a warp (no shared
+        # memory round trip and barrier per step); 1.17x the op's fwd+bwd at 32x128 against 4 warps (B8
+        # T4096 bf16 gated delta, H200, tune_kernels.py), and its 16-row dots never at 8 warps (above)
+        self.warps_inverse = 1
+        self.warps_wy = 4
         self.warps_gates = 1  # per (chunk, head) one C-row scan
         # the gradient kernel at d = 64 too: its ~10 live C x C tiles spill over a KB per thread at 4 warps
         # and ~100 B at 8 (scripts/kernel_registers.py); the tiles stay 32 wide, not the 16-wide tiles that
         # miscompiled
         self.warps_grad = 8 if chunk > 32 and self.BKF >= 64 and self.BVF >= 32 else 4
         # the sequential passes' loads wait for the previous chunk's dots: no software pipelining yet
-        self.stages_seq = 1
+        self.stages_state = 1
+        self.stages_state_bwd = 1
         # the gradient kernel's V/K-block loops are software-pipelined (Triton's default of 3 stages);
         # with fp32 inputs 3 stages need 240 KB of shared memory, over Hopper's 227 KB per block, so 2
         # (200 KB; `scripts/kernel_registers.py` prints each kernel's shared memory)
@@ -113,7 +137,7 @@ class _Plan:
         self.dummy = torch.empty(1, device=dev, dtype=torch.float32)
 
     def _apply_overrides(self) -> None:
-        for name, value in OVERRIDES.items():
+        for name, value in {**_env_overrides(), **OVERRIDES}.items():
             if name not in TUNABLE:
                 raise ValueError(f"OVERRIDES may set {tuple(TUNABLE)}, got {name!r}")
             allowed = TUNABLE[name] or tuple(1 << i for i in range(4, self.BVF.bit_length()))
@@ -140,10 +164,13 @@ def states(p: _Plan) -> dict:
         W = torch.empty(NC * C, H, K, device=dev, dtype=p.wy_dtype)
         U = torch.empty(NC * C, H, V, device=dev, dtype=p.wy_dtype)
         T = torch.empty(NC, H, C, C, device=dev, dtype=f32)
-        prepare_kernel[(NC, H)](
-            p.k, p.v, p.ptr(p.g), p.beta, p.ptr(p.reset), p.ptr(p.rk), p.info, W, U, T,
-            H, K, V, C=C, BS=16, BK=p.BK, NKB=p.NKB, BV=p.BV, NVB=p.NVB,
-            num_warps=p.warps_prepare, **p.flags(),
+        inverse_kernel[(NC, H)](
+            p.k, p.ptr(p.g), p.beta, p.ptr(p.reset), p.ptr(p.rk), p.info, T,
+            H, K, C=C, BS=16, BK=p.BK, NKB=p.NKB, num_warps=p.warps_inverse, **p.flags(),
+        )
+        wy_kernel[(NC, H)](
+            p.k, p.v, p.ptr(p.g), p.beta, p.ptr(p.reset), p.ptr(p.rk), p.info, T, W, U,
+            H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, NVB=p.NVB, num_warps=p.warps_wy, **p.flags(),
         )
         u = torch.empty(NC * C, H, V, device=dev, dtype=p.wy_dtype)
     ke = torch.empty(NC * C, H, device=dev, dtype=f32)
@@ -158,7 +185,7 @@ def states(p: _Plan) -> dict:
     state_kernel[(p.N, H, p.NVBS)](
         p.k, p.v, ke, cend, p.seg, p.ptr(W), p.ptr(U), p.ptr(p.h0),
         h, p.ptr(u), ht, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BVS, DELTA=p.delta, HAS_H0=p.h0 is not None,
-        num_warps=p.warps_seq, num_stages=p.stages_seq, DOT_MODE=p.dot_mode,
+        num_warps=p.warps_seq, num_stages=p.stages_state, DOT_MODE=p.dot_mode,
     )
     return dict(h=h, ht=ht, u=u, W=W, T=T, ke=ke, qc=qc, cend=cend)
 
@@ -189,15 +216,14 @@ def backward(p: _Plan, scale: float, do, dht):
     du = torch.empty(NC * C, H, V, device=dev, dtype=f32) if p.delta else dv
     # the state-independent part of du, chunk-parallel, so the sequential pass only carries dS
     du_local = torch.empty(NC * C, H, V, device=dev, dtype=f32)
-    bwd_flags = {**p.flags(), "DOT_MODE": p.dot_mode_state_bwd}
     local_du_kernel[(NC, H, p.NVB)](
         p.q, p.k, p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, do, du_local,
-        scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, num_warps=p.warps_chunk, **bwd_flags,
+        scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, num_warps=p.warps_chunk, **p.flags(),
     )
     state_bwd_kernel[(p.N, H, p.NVBS)](
         p.q, p.k, s["ke"], s["qc"], s["cend"], p.seg, p.ptr(s["W"]), do,
         p.ptr(dht), du_local, dh, du, dh0, scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BVS, DELTA=p.delta,
-        HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=p.stages_seq, DOT_MODE=p.dot_mode_state_bwd,
+        HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=p.stages_state_bwd, DOT_MODE=p.dot_mode_state_bwd,
     )
     dq = torch.empty(total, H, K, device=dev, dtype=f32)
     dk = torch.empty(total, H, K, device=dev, dtype=f32)
