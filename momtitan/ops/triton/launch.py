@@ -27,7 +27,7 @@ TUNABLE = {"BV": None, "BVG": None, "BVS": None, "warps_seq": _WARPS, "warps_chu
            "chunk_states_in_input_dtype": (0, 1), "wy_in_input_dtype": (0, 1), "state_bwd_dots_in_input_dtype": (0, 1)}
 OVERRIDES: dict[str, int] = {}
 # The same from the environment, for a whole process (e.g. the GPU test suite under a candidate choice):
-# MOMTITAN_KERNEL_OVERRIDES='{"warps_inverse": 1}'. Checked by the first plan, like OVERRIDES.
+# MOMTITAN_KERNEL_OVERRIDES='{"warps_inverse": 2}', read and checked by every plan; OVERRIDES win over it.
 OVERRIDES_ENV = "MOMTITAN_KERNEL_OVERRIDES"
 
 
