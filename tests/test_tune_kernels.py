@@ -125,17 +125,17 @@ def test_overrides_from_the_environment_reach_the_plan_and_bad_ones_raise(monkey
 
 
 def test_tuning_run_on_the_interpreter_agrees_with_the_defaults(tmp_path):
-    """Two candidates of each group (for fp32 inputs the storage ones change nothing but the code
+    """The nearest candidate of each group (for fp32 inputs the storage one changes nothing but the code
     path), each in its own process: every one runs and matches the default choices' output, final
     state and gradients."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, str(ROOT / "scripts" / "tune_kernels.py"), "--heads", "1x32", "--seq-len", "40",
            "--batch", "2", "--dtype", "float32", "--warmup", "0", "--reps", "1", "--groups", "seq,inverse,grad,storage",
-           "--limit", "2", "--no-write"]
+           "--limit", "1", "--no-write"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "defaults" not in line
             and not line.startswith("| group")]
-    assert [row.split("|")[1].strip() for row in rows] == ["seq", "seq", "inverse", "inverse", "grad", "grad", "storage", "storage"], done.stdout
+    assert [row.split("|")[1].strip() for row in rows] == ["seq", "inverse", "grad", "storage"], done.stdout
     assert all(row.rstrip().endswith("| ok |") for row in rows), done.stdout
     assert "| default | defaults |" in done.stdout and "Fastest agreeing candidate" in done.stdout
