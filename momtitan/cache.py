@@ -34,6 +34,13 @@ class ModelCache:
     position: torch.Tensor  # 0-dim int64: tokens seen so far
     batch_size: int         # B: the sequences it holds (the model checks its inputs against it)
 
+    @property
+    def max_len(self) -> int | None:
+        """The positions the attention layers' caches hold (None without attention layers: the MoM
+        layers' states do not grow)."""
+        lengths = [layer.k.shape[2] for layer in self.layers if isinstance(layer, AttentionLayerState)]
+        return min(lengths) if lengths else None
+
     @classmethod
     def allocate(cls, args: MoMModelArgs, batch_size: int, device=None, dtype=torch.float32, max_len: int | None = None):
         """Zeroed caches for `batch_size` sequences; `max_len` bounds attention layers' caches."""

@@ -7,6 +7,8 @@ config moves between momtitan, the Hugging Face classes and fla without renaming
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from momtitan.checks import require_positive_int
 
@@ -58,7 +60,12 @@ class MoMModelArgs:
     eos_token_id: int = 2
 
     def __post_init__(self):
-        self.attn_layers = tuple(int(i) for i in self.attn_layers)
+        layers = self.attn_layers
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise TypeError(f"attn_layers must be a sequence of layer indices, got {layers!r}")
+        if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in layers):
+            raise TypeError(f"attn_layers must hold integer layer indices, got {layers!r}")
+        self.attn_layers = tuple(int(i) for i in layers)
         if self.intermediate_size is None:
             self.intermediate_size = _derived_intermediate_size(self.hidden_size, self.hidden_ratio)
         self.validate()
@@ -76,7 +83,7 @@ class MoMModelArgs:
             raise ValueError(f"topk must be <= num_memories ({self.num_memories}), got topk={self.topk}")
         if self.expand_v <= 0 or (self.head_dim * self.expand_v) != int(self.head_dim * self.expand_v):
             raise ValueError(f"expand_v must be positive and make head_dim*expand_v whole, got {self.expand_v!r}")
-        if self.aux_loss_scale < 0:
+        if not self.aux_loss_scale >= 0:  # NaN fails too
             raise ValueError(f"aux_loss_scale must be >= 0, got {self.aux_loss_scale!r}")
         for i in self.attn_layers:
             if not 0 <= i < self.num_hidden_layers:
@@ -89,8 +96,13 @@ class MoMModelArgs:
                 f"attn_num_heads ({self.attn_num_heads}) must divide hidden_size ({self.hidden_size}) and be a "
                 f"multiple of attn_num_kv_heads, got attn_num_kv_heads={self.attn_num_kv_heads!r}"
             )
-        if self.norm_eps <= 0:
-            raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}")
+        if self.attn_layers and (self.hidden_size // self.attn_num_heads) % 2:
+            raise ValueError(f"the attention head size hidden_size / attn_num_heads must be even (rotary embedding "
+                             f"rotates pairs), got {self.hidden_size} / {self.attn_num_heads}")
+        if not 0 < self.rope_theta < math.inf:
+            raise ValueError(f"rope_theta must be positive and finite, got {self.rope_theta!r}")
+        if not 0 < self.norm_eps < math.inf:
+            raise ValueError(f"norm_eps must be positive and finite, got {self.norm_eps!r}")
 
     @property
     def key_dim(self) -> int:

@@ -92,6 +92,8 @@ class MoMTransformer(nn.Module):
         those positions of each sequence only (logits `[B, P, vocab]`), e.g. a task's answer
         positions, which saves the output projection and its softmax at every other position."""
         _check_tokens(tokens, self.args.vocab_size)
+        if tokens.shape[1] == 0:
+            raise ValueError(f"tokens must hold at least one position, got shape {tuple(tokens.shape)}")
         _check_mask("doc_starts", doc_starts, tokens)
         _check_mask("valid", valid, tokens)
         if cache is not None:
@@ -161,6 +163,17 @@ def _check_mask(name: str, mask: torch.Tensor | None, tokens: torch.Tensor) -> N
 def _check_cache(cache: ModelCache, tokens: torch.Tensor) -> None:
     if cache.batch_size != tokens.shape[0]:
         raise ValueError(f"cache holds batch size {cache.batch_size}, got tokens of batch size {tokens.shape[0]}")
+    # Room in the attention layers' caches, checked before any layer writes (a failure half-way would
+    # leave the layers before it advanced). It reads the position: as for token ids, on the CPU only,
+    # and never in compiled code (`Generator` and `MoMForCausalLM` size their caches on the host).
+    if torch.compiler.is_compiling() or cache.position.device.type != "cpu":
+        return
+    max_len = cache.max_len
+    if max_len is not None:
+        filled = int(cache.position)
+        if filled + tokens.shape[1] > max_len:
+            raise ValueError(f"the cache's attention layers hold max_len={max_len} positions, {filled} filled: "
+                             f"no room for {tokens.shape[1]} more tokens (allocate a larger max_len)")
 
 
 def recurrence_flops_per_token(args: MoMModelArgs, chunk_size: int = 64) -> int:

@@ -31,6 +31,8 @@ class Routing(NamedTuple):
 def route(logits: torch.Tensor, topk: int) -> Routing:
     """Softmax in fp32 (fp64 for fp64 logits), top-k, renormalise. No noise, no capacity: every
     token keeps its k memories."""
+    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= logits.shape[-1]:
+        raise ValueError(f"topk must be an integer in [1, {logits.shape[-1]}] (the memories), got {topk!r}")
     probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     weights, indices = torch.topk(probs, topk, dim=-1)
     weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -82,3 +82,66 @@ def test_config_rejects_bad_attention_kv_heads_and_hidden_ratio():
         MoMModelArgs(attn_num_kv_heads=0)
     with pytest.raises(ValueError, match=r"hidden_ratio must be a positive number, got -1"):
         MoMModelArgs(hidden_ratio=-1)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(attn_layers="13"), TypeError, r"attn_layers must be a sequence of layer indices, got '13'"),
+    (dict(attn_layers=5), TypeError, r"attn_layers must be a sequence of layer indices, got 5"),
+    (dict(attn_layers=(True,)), TypeError, r"attn_layers must hold integer layer indices, got \(True,\)"),
+    (dict(attn_layers=(1.7,)), TypeError, r"attn_layers must hold integer layer indices, got \(1.7,\)"),
+    (dict(aux_loss_scale=float("nan")), ValueError, r"aux_loss_scale must be >= 0, got nan"),
+    (dict(norm_eps=float("nan")), ValueError, r"norm_eps must be positive and finite, got nan"),
+    (dict(rope_theta=0.0), ValueError, r"rope_theta must be positive and finite, got 0.0"),
+    (dict(rope_theta=-1e4), ValueError, r"rope_theta must be positive and finite, got -10000.0"),
+    # half-split RoPE rotates pairs: an odd attention head size used to crash in the forward
+    (dict(hidden_size=60, attn_num_heads=4, attn_layers=(1,)), ValueError,
+     r"hidden_size / attn_num_heads must be even .*got 60 / 4"),
+])
+def test_config_rejects_values_that_used_to_pass(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        get_flavor("debug").replace(**kwargs)
+    assert get_flavor("debug").replace(attn_layers=[1]).attn_layers == (1,)  # a list from JSON / the CLI
+
+
+def test_route_checks_topk():
+    from momtitan.routing import route
+
+    for topk in (0, 5, True):
+        with pytest.raises(ValueError, match=rf"topk must be an integer in \[1, 4\] \(the memories\), got {topk!r}"):
+            route(torch.randn(2, 3, 4), topk)
+
+
+def test_model_rejects_empty_input_and_a_full_attention_cache_before_writing_to_it():
+    from momtitan.cache import ModelCache
+    from momtitan.model import MoMTransformer
+
+    args = get_flavor("debug").replace(attn_layers=(1,))
+    torch.manual_seed(0)
+    model = MoMTransformer(args)
+    model.init_weights()
+    with pytest.raises(ValueError, match=r"tokens must hold at least one position, got shape \(2, 0\)"):
+        model(torch.zeros(2, 0, dtype=torch.long))
+    cache = ModelCache.allocate(args, 1, max_len=8)
+    model(torch.randint(0, args.vocab_size, (1, 6)), cache=cache)
+    states = [s.recurrent.clone() for s in cache.layers if hasattr(s, "recurrent")]
+    with pytest.raises(ValueError, match=r"hold max_len=8 positions, 6 filled: no room for 4 more tokens"):
+        model(torch.randint(0, args.vocab_size, (1, 4)), cache=cache)
+    # the MoM layer before the attention layer was not advanced by the refused call
+    assert all(torch.equal(a, s.recurrent) for a, s in zip(states, [s for s in cache.layers if hasattr(s, "recurrent")]))
+    assert int(cache.position) == 6
+    model(torch.randint(0, args.vocab_size, (1, 2)), cache=cache)
+    with pytest.raises(ValueError, match=r"8 filled: no room for 1 more tokens"):
+        model.decode_step(torch.randint(0, args.vocab_size, (1, 1)), cache)
+
+
+def test_layer_step_rejects_a_state_of_another_batch_size():
+    from momtitan.cache import ModelCache
+    from momtitan.layers.mom import MoMLayer
+
+    args = get_flavor("debug")
+    layer = MoMLayer(args)
+    state = ModelCache.allocate(args, 3).layers[0]
+    with pytest.raises(ValueError, match=r"state holds 15 streams, 10 expected for a batch of 2 \(4 memories \+ shared\)"):
+        layer.step(torch.randn(2, 1, args.hidden_size), state)
+    with pytest.raises(ValueError, match=rf"step takes x of shape \[B, 1, {args.hidden_size}\], got \(3, 2, {args.hidden_size}\)"):
+        layer.step(torch.randn(3, 2, args.hidden_size), state)

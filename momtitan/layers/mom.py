@@ -246,8 +246,15 @@ class MoMLayer(nn.Module):
         """One token per row, `x [B, 1, D]`: reads and writes only the k (+1 shared) active states."""
         if self.expert_parallel is not None:  # this rank holds E/ep memories; the routing names all E
             raise ValueError("decoding with a cache runs without expert parallelism; got step() under EP")
+        D = self.router.in_features
+        if x.dim() != 3 or x.shape[1] != 1 or x.shape[2] != D:
+            raise ValueError(f"step takes x of shape [B, 1, {D}], got {tuple(x.shape)}")
         B = x.shape[0]
         E, k_top, H, K, V = self.num_memories, self.topk, self.num_heads, self.head_k, self.head_v
+        streams = (E + int(self.shared_mem)) * B  # the state's rows: memory m of sequence b at m*B + b
+        if state.recurrent.shape[0] != streams:
+            raise ValueError(f"state holds {state.recurrent.shape[0]} streams, {streams} expected for a batch of {B} "
+                             f"({E} memories{' + shared' if self.shared_mem else ''}): allocate it for batch size {B}")
         flat = x[:, 0]
         routing = route(self.router(flat), k_top)  # [B, k]
         # Every memory's projection of the token (the weights are read once either way), then pick k.
