@@ -9,6 +9,7 @@ Prefill runs the model forward once; each next token comes from the compiled dec
 """
 
 import argparse
+import os
 import sys
 import time
 
@@ -54,25 +55,38 @@ def main(argv=None) -> int:
             tokenizer = None
 
     generated: list[int] = []
-    shown = ""
+    prompt_ids = ids[0].tolist()
+    # Text is decoded with the prompt in front (a tokenizer may mark a word's leading space in the
+    # token, which decoding the new tokens alone drops) and printed once it no longer ends in an
+    # incomplete character (a multi-byte character split across tokens decodes to U+FFFD until its
+    # last byte arrives).
+    shown = tokenizer.decode(prompt_ids, skip_special_tokens=True) if tokenizer is not None else ""
+
+    def show(final: bool = False) -> None:
+        nonlocal shown
+        text = tokenizer.decode(prompt_ids + generated, skip_special_tokens=True)
+        if text.endswith("\ufffd") and not final:
+            return
+        print(text[len(shown):] if text.startswith(shown) else text[len(os.path.commonprefix([text, shown])):],
+              end="", flush=True)
+        shown = text
 
     def stream(tokens: torch.Tensor) -> None:
-        nonlocal shown
         generated.append(int(tokens[0]))
         if tokenizer is None:
             print(generated[-1], end=" ", flush=True)
-            return
-        text = tokenizer.decode(generated, skip_special_tokens=True)
-        print(text[len(shown):], end="", flush=True)
-        shown = text
+        else:
+            show()
 
-    if tokenizer is not None and a.prompt is not None:
-        print(a.prompt, end="", flush=True)
+    if tokenizer is not None:
+        print(shown, end="", flush=True)
     generator = Generator(model.model, compile=not a.no_compile and None)
     start = time.perf_counter()
     generator.generate(ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
                        eos_token_id=None if a.no_eos else model.config.eos_token_id, streamer=stream, sync_every=1,
                        prefill_chunk_size=a.prefill_chunk)
+    if tokenizer is not None:
+        show(final=True)
     elapsed = time.perf_counter() - start
     print(f"\n[{len(generated)} tokens in {elapsed:.2f}s, including prefill and compilation]", file=sys.stderr)
     return 0

@@ -217,3 +217,62 @@ def test_load_model_keeps_the_stored_dtype_and_fp32_decay(tmp_path, fmt):
         assert params["layers.0.mixer.A_log"].dtype == params["layers.0.mixer.dt_bias"].dtype == torch.float32, dtype
     fp32 = dcp_to_hf(ckpt, tmp_path / "hf32", args, fmt=fmt)
     assert load_model(fp32).model.tok_embeddings.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("fmt", ["momtitan", "fla"])
+def test_load_model_in_a_low_precision_keeps_the_decay_parameters_exact(tmp_path, fmt):
+    """A fp32 folder loaded in bf16: A_log and dt_bias are the stored fp32 values (they were rounded
+    through bf16 for fla folders), the other weights rounded once."""
+    args, model = tiny()
+    ckpt = tmp_path / "checkpoint"
+    save_training_checkpoint(ckpt, model, 1)
+    loaded = load_model(dcp_to_hf(ckpt, tmp_path / "hf", args, fmt=fmt), dtype=torch.bfloat16)
+    params, stored = dict(loaded.model.named_parameters()), model.state_dict()
+    for name in ("layers.0.mixer.A_log", "layers.0.mixer.dt_bias"):
+        assert torch.equal(params[name], stored[name]), name
+    assert torch.equal(params["tok_embeddings.weight"], stored["tok_embeddings.weight"].bfloat16())
+
+
+def test_outputs_get_a_normal_folder_mode(tmp_path):
+    """Converted folders follow the umask like any new folder (mkdtemp's are private, 0700)."""
+    import os
+
+    args, model = tiny()
+    ckpt = tmp_path / "checkpoint"
+    save_training_checkpoint(ckpt, model, 1)
+    umask = os.umask(0o022)
+    try:
+        hf = dcp_to_hf(ckpt, tmp_path / "hf", args)
+        back = hf_to_dcp(hf, tmp_path / "dcp")
+    finally:
+        os.umask(umask)
+    assert (hf.stat().st_mode & 0o777) == (back.stat().st_mode & 0o777) == 0o755
+
+
+def test_the_tokenizer_sets_bos_eos_and_padding(tmp_path):
+    """The exported ids are the run's tokenizer's (training ends documents with its EOS), unless
+    overridden; the written tokenizer pads (EOS as pad, on the left) so a batch of prompts tokenizes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    vocab = {"</s>": 0, "<s>": 1, "!": 2, "a": 3, "b": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="!"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    args = resolve_args(flavor="debug", tokenizer=folder)
+    assert (args.bos_token_id, args.eos_token_id) == (1, 0)
+    assert resolve_args(flavor="debug", tokenizer=folder, overrides=["eos_token_id=4"]).eos_token_id == 4
+    assert resolve_args(flavor="debug").eos_token_id == 2  # no tokenizer: the config's default
+
+    _, model = tiny()
+    ckpt = tmp_path / "checkpoint"
+    save_training_checkpoint(ckpt, model, 1)
+    hf = dcp_to_hf(ckpt, tmp_path / "hf", args, tokenizer=str(folder))
+    assert json.loads((hf / "generation_config.json").read_text())["eos_token_id"] == 0
+    assert json.loads((folder / "tokenizer_config.json").read_text()).get("pad_token") is None  # source untouched
+    loaded = AutoTokenizer.from_pretrained(str(hf))
+    batch = loaded(["a b a", "b"], padding=True, return_tensors="pt")
+    assert batch.input_ids.tolist()[1] == [0, 0, 4] and batch.attention_mask.tolist()[1] == [0, 0, 1]

@@ -233,3 +233,74 @@ def test_default_cache_is_skipped_for_a_right_padded_forward_and_decode_masks_ar
 
 def test_config_takes_attn_layers_none():
     assert MoMConfig(attn_layers=None).to_model_args().attn_layers == ()
+
+
+def _stream_with(monkeypatch, capsys, folder, prompt, new_ids):
+    """scripts/generate.py's printed text when the generator yields `new_ids` (a stub: the printing
+    is under test, not the model)."""
+    import momtitan.generate as generation
+
+    def fake_generate(self, input_ids, max_new_tokens, *, streamer=None, **kwargs):
+        for t in new_ids:
+            streamer(torch.tensor([t]))
+
+    monkeypatch.setattr(generation.Generator, "generate", fake_generate)
+    cli = load_script("generate")
+    assert cli.main([str(folder), "--prompt", prompt, "--max-new-tokens", str(len(new_ids)), "--no-compile",
+                     "--device", "cpu"]) == 0
+    return capsys.readouterr().out
+
+
+def test_generate_cli_streams_whole_characters_and_keeps_word_spaces(tmp_path, monkeypatch, capsys):
+    """A multi-byte character split over byte tokens used to print as U+FFFD and never be corrected,
+    and a tokenizer that marks a word's space in its token (SentencePiece's metaspace) lost the space
+    between the prompt and the first new word."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from momtitan.hf.convert import _copy_tokenizer
+
+    model = tiny_hf().float()
+    byte_level = tmp_path / "bytes"
+    model.save_pretrained(byte_level)
+    _copy_tokenizer("builtin", byte_level, model.model.args)
+    tok = AutoTokenizer.from_pretrained(str(byte_level))
+    text = " café 😀 naïve x"
+    out = _stream_with(monkeypatch, capsys, byte_level, "Hi", tok(text, add_special_tokens=False).input_ids)
+    assert out == "Hi" + text and "\ufffd" not in out
+
+    meta = tmp_path / "metaspace"
+    model.save_pretrained(meta)
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "▁The", "▁river", "▁flows", "▁to"])},
+                                       unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Metaspace()
+    words.decoder = decoders.Metaspace()
+    words.save(str(meta / "tokenizer.json"))
+    (meta / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    assert _stream_with(monkeypatch, capsys, meta, "The river", [3, 4]) == "The river flows to"
+
+
+def test_trainer_gradient_accumulation_matches_the_larger_batch(tmp_path):
+    """transformers' Trainer scales the loss for gradient accumulation unless the model says it takes
+    loss kwargs; forward's **kwargs made it think so, and two accumulated micro-batches of one gave
+    twice the update of one batch of two."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    rows = [torch.randint(3, VOCAB, (16,)) for _ in range(2)]
+    data = [{"input_ids": r, "labels": r.clone()} for r in rows]
+
+    def update(batch, accumulate):
+        torch.manual_seed(0)
+        model = tiny_hf(aux_loss_scale=0.0).float().train()
+        before = model.model.layers["0"].mixer.q_proj.weight.detach().clone()
+        args = TrainingArguments(output_dir=str(tmp_path / f"{batch}x{accumulate}"), per_device_train_batch_size=batch,
+                                 gradient_accumulation_steps=accumulate, max_steps=1, learning_rate=1.0, optim="sgd",
+                                 lr_scheduler_type="constant", report_to=[], save_strategy="no", use_cpu=True,
+                                 max_grad_norm=0.0, seed=0, data_seed=0)
+        Trainer(model=model, args=args, train_dataset=data).train()
+        return model.model.layers["0"].mixer.q_proj.weight.detach() - before
+
+    whole, accumulated = update(2, 1), update(1, 2)
+    assert_close("accumulated update", accumulated, whole, 1e-4)

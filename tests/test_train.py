@@ -131,7 +131,17 @@ def test_checkpoint_saved_and_loaded_in_hf_format(cache_dir, tmp_path):
     for f in sorted(folder.glob("model-*.safetensors")):
         weights.update(load_file(f))
     args = get_flavor("debug").replace(vocab_size=weights["model.tok_embeddings.weight"].shape[0])
-    MoMForCausalLM(MoMConfig.from_model_args(args)).load_state_dict(weights, strict=True)
+    hf_model = MoMForCausalLM(MoMConfig.from_model_args(args))
+    hf_model.load_state_dict(weights, strict=True)
+    # the converter makes that save a whole HF folder (config.json, tokenizer): the latest step is the
+    # HF-format one (it used to be skipped for the DCP steps before it, having no .metadata)
+    from momtitan.hf.convert import load_model, main_dcp_to_hf
+
+    assert main_dcp_to_hf([str(tmp_path / "save" / "checkpoint"), str(tmp_path / "hf"), "--flavor", "debug",
+                           "--tokenizer", "builtin"]) == 0
+    tokens = torch.randint(0, args.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "hf").eval()(tokens).logits, hf_model.eval()(tokens).logits)
 
     fresh, _ = train(cache_dir, tmp_path / "fresh", "--training.steps", "1", "--checkpoint.no-enable", *common)
     loaded, log = train(cache_dir, tmp_path / "load", "--training.steps", "1", "--checkpoint.enable",

@@ -260,7 +260,7 @@ def open_checkpoint(path, *, step: int | None = None, flavor: str | None = None,
     step_dir = find_dcp_step(path, step)
     embedding = dcp_tensor_shapes(step_dir).get("tok_embeddings.weight")
     args = resolve_args(flavor=flavor, config=config, job_config=job_config, overrides=overrides,
-                        vocab_size_hint=None if embedding is None else embedding[0][0])
+                        vocab_size_hint=None if embedding is None else embedding[0][0], tokenizer=tokenizer)
     run = step_dir.resolve().parent.parent.name
     with tempfile.TemporaryDirectory(prefix="momtitan-eval-") as tmp:
         hf_dir = dcp_to_hf(step_dir, Path(tmp) / "hf", args, tokenizer=tokenizer)

@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -140,9 +141,11 @@ def args_from_job_config(path, vocab_size: int | None = None) -> MoMModelArgs:
 
 
 def resolve_args(*, flavor: str | None = None, config=None, job_config=None, overrides: list[str] | dict | None = None,
-                 vocab_size_hint: int | None = None) -> MoMModelArgs:
+                 vocab_size_hint: int | None = None, tokenizer=None) -> MoMModelArgs:
     """Model arguments from exactly one of a flavor, a JSON config or a torchtitan TOML, plus
-    `FIELD=VALUE` overrides (values parsed as JSON, e.g. `attn_layers=[3,7]`)."""
+    `FIELD=VALUE` overrides (values parsed as JSON, e.g. `attn_layers=[3,7]`). With `tokenizer` (the
+    run's: 'builtin' or a folder), its BOS and EOS ids become `bos_token_id` / `eos_token_id` (training
+    ends documents with that EOS), unless the overrides set them."""
     if sum(x is not None for x in (flavor, config, job_config)) != 1:
         raise ValueError("give exactly one of flavor, config, job_config")
     if flavor is not None:
@@ -152,7 +155,7 @@ def resolve_args(*, flavor: str | None = None, config=None, job_config=None, ove
     else:
         args = args_from_job_config(job_config, vocab_size_hint)
     if isinstance(overrides, dict):
-        changes = overrides
+        changes = dict(overrides)
     else:
         changes = {}
         for item in overrides or []:
@@ -160,25 +163,52 @@ def resolve_args(*, flavor: str | None = None, config=None, job_config=None, ove
                 raise ValueError(f"override {item!r} is not FIELD=VALUE")
             key, value = item.split("=", 1)
             changes[key.strip()] = _parse_value(value)
+    if tokenizer is not None:
+        bos, eos = tokenizer_special_ids(tokenizer)
+        for field, token_id in (("bos_token_id", bos), ("eos_token_id", eos)):
+            if token_id is not None and field not in changes:
+                changes[field] = token_id
     return _apply_overrides(args, changes) if changes else args
 
 
+def tokenizer_special_ids(tokenizer) -> tuple[int | None, int | None]:
+    """(BOS id, EOS id) of the tokenizer `tokenizer` names, as training reads them (torchtitan's
+    `HuggingFaceTokenizer`); None where it defines none."""
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+
+    src = tokenizer_source(tokenizer)
+    tok = HuggingFaceTokenizer(str(src if src.is_dir() else src.parent))
+    return tok.bos_id, tok.eos_id
+
+
 # ---- DCP ----------------------------------------------------------------------------------------
+def _holds_step(folder: Path) -> bool:
+    """A torchtitan checkpoint step: DCP (`.metadata`), or its HF-format save (`--checkpoint.last_save_in_hf`:
+    safetensors with `MoMForCausalLM` keys, through the TrainSpec's state-dict adapter)."""
+    return (folder / ".metadata").is_file() or _holds_safetensors(folder)
+
+
+def _holds_safetensors(folder: Path) -> bool:
+    return (folder / "model.safetensors.index.json").is_file() or (folder / "model.safetensors").is_file()
+
+
 def find_dcp_step(path, step: int | None = None) -> Path:
-    """The DCP folder to read: `path` itself if it holds `.metadata`, else its `step-N` (the latest
-    if `step` is None)."""
+    """The checkpoint step folder to read: `path` itself if it holds one (DCP `.metadata`, or the
+    safetensors of a `--checkpoint.last_save_in_hf` save), else its `step-N` (the latest if `step` is
+    None)."""
     path = existing_folder(path)
-    if (path / ".metadata").is_file():
+    if _holds_step(path):
         if step is not None and path.name != f"step-{step}":
             raise FileNotFoundError(f"{path} is a single checkpoint ({path.name}), not step-{step}")
         return path
     steps = {}
     for child in path.iterdir():
         match = re.fullmatch(r"step-(\d+)", child.name)
-        if match and (child / ".metadata").is_file():
+        if match and _holds_step(child):
             steps[int(match.group(1))] = child
     if not steps:
-        raise FileNotFoundError(f"no DCP checkpoint in {path}: neither a .metadata file nor step-N folders holding one")
+        raise FileNotFoundError(f"no checkpoint in {path}: neither a .metadata file, model safetensors nor step-N "
+                                "folders holding one")
     if step is None:
         return steps[max(steps)]
     if step not in steps:
@@ -187,7 +217,18 @@ def find_dcp_step(path, step: int | None = None) -> Path:
 
 
 def dcp_tensor_shapes(step_dir) -> dict[str, tuple[tuple[int, ...], torch.dtype, str]]:
-    """Model tensors of a DCP checkpoint: clean key -> (shape, dtype, stored key)."""
+    """Model tensors of a checkpoint step (DCP or HF-format save): clean key -> (shape, dtype, stored key)."""
+    step_dir = Path(step_dir)
+    if not (step_dir / ".metadata").is_file():
+        from safetensors import safe_open
+
+        stored = {}
+        for name in _safetensors_files(step_dir):
+            with safe_open(str(step_dir / name), framework="pt") as f:
+                for key in f.keys():
+                    part = f.get_slice(key)
+                    stored[key] = (tuple(part.get_shape()), _SAFETENSORS_DTYPES[part.get_dtype()], key)
+        return hf_to_momtitan_keys(stored)
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -200,13 +241,20 @@ def dcp_tensor_shapes(step_dir) -> dict[str, tuple[tuple[int, ...], torch.dtype,
     return out
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                       "I64": torch.int64, "I32": torch.int32}
+
+
 def read_dcp(path, args: MoMModelArgs, step: int | None = None) -> dict[str, torch.Tensor]:
-    """The model state dict (MoMTransformer keys, stored dtypes) of a DCP checkpoint, checked against `args`."""
+    """The model state dict (MoMTransformer keys, stored dtypes) of a checkpoint step (DCP, or an
+    HF-format save), checked against `args`."""
     import torch.distributed.checkpoint as dcp
 
     step_dir = find_dcp_step(path, step)
     stored = dcp_tensor_shapes(step_dir)
     check_state_dict({k: v[0] for k, v in stored.items()}, args, step_dir)
+    if not (step_dir / ".metadata").is_file():
+        return hf_to_momtitan_keys(_read_safetensors(step_dir))
     buffers = {key: torch.empty(shape, dtype=dtype) for shape, dtype, key in stored.values()}
     with _single_process():
         dcp.load(buffers, storage_reader=dcp.FileSystemReader(str(step_dir)), no_dist=True)
@@ -230,18 +278,20 @@ def _single_process():
 
 
 # ---- HF folders ---------------------------------------------------------------------------------
+def _safetensors_files(folder: Path) -> list[str]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (folder / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {folder}")
+
+
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {folder}")
     tensors = {}
-    for name in files:
+    for name in _safetensors_files(folder):
         with safe_open(str(folder / name), framework="pt") as f:
             for key in f.keys():
                 tensors[key] = f.get_tensor(key)
@@ -294,7 +344,8 @@ def _copy_tokenizer(tokenizer, out: Path, args: MoMModelArgs) -> None:
         raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {src}")
     for f in files:
         shutil.copy2(f, out / f.name)
-    if not (out / "tokenizer_config.json").exists() and (out / "tokenizer.json").exists():
+    config_file = out / "tokenizer_config.json"
+    if not config_file.exists() and (out / "tokenizer.json").exists():
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(out / "tokenizer.json"))
@@ -303,7 +354,13 @@ def _copy_tokenizer(tokenizer, out: Path, args: MoMModelArgs) -> None:
             token = tok.id_to_token(token_id)
             if token is not None:
                 config[name] = token
-        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        config_file.write_text(json.dumps(config, indent=2) + "\n")
+    if config_file.exists():  # batches pad: with no pad token, the EOS token pads, on the left (as generation wants)
+        config = json.loads(config_file.read_text())
+        if config.get("pad_token") is None and config.get("eos_token") is not None:
+            config["pad_token"] = config["eos_token"]
+            config.setdefault("padding_side", "left")
+            config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def write_hf(state_dict: dict[str, torch.Tensor], args: MoMModelArgs, folder: Path, fmt: str = "momtitan",
@@ -349,6 +406,9 @@ def _new_output(output, sources, overwrite: bool):
             raise FileExistsError(f"output folder {out} is not empty; pass overwrite (--overwrite) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private (0700); the output gets a normal folder's mode
     try:
         yield tmp
         if out.exists():
@@ -396,12 +456,12 @@ def load_model(path, *, device=None, dtype: torch.dtype | None = None):
         model = MoMForCausalLM.from_pretrained(folder, dtype=dtype)  # creates A_log, dt_bias in fp32
     else:
         args, state_dict, _ = read_hf(folder)
-        model = MoMForCausalLM(MoMConfig.from_model_args(args))
-        model.load_state_dict(momtitan_to_hf_keys(state_dict))
-        model = model.to(dtype)
-        for name, param in model.named_parameters():  # back to fp32, as from_pretrained leaves them
+        model = MoMForCausalLM(MoMConfig.from_model_args(args)).to(dtype)
+        for name, param in model.named_parameters():  # fp32, as from_pretrained leaves them
             if name.endswith(FP32_PARAMS):
                 param.data = param.data.float()
+        # loaded after the casts: every tensor is rounded once, from the stored values (A_log, dt_bias not at all)
+        model.load_state_dict(momtitan_to_hf_keys(state_dict))
     return model.to(device).eval()
 
 
@@ -424,7 +484,7 @@ def main_dcp_to_hf(argv: list[str] | None = None) -> int:
     step_dir = find_dcp_step(a.checkpoint, a.step)
     embedding = dcp_tensor_shapes(step_dir).get("tok_embeddings.weight")
     args = resolve_args(flavor=a.flavor, config=a.config, job_config=a.job_config, overrides=a.set,
-                        vocab_size_hint=None if embedding is None else embedding[0][0])
+                        vocab_size_hint=None if embedding is None else embedding[0][0], tokenizer=a.tokenizer)
     out = dcp_to_hf(a.checkpoint, a.output, args, step=a.step, fmt=a.format, tokenizer=a.tokenizer,
                     dtype=as_dtype(a.dtype), overwrite=a.overwrite)
     print(f"wrote {a.format} HF folder {out} from {step_dir}")

@@ -129,6 +129,10 @@ class MoMPreTrainedModel(PreTrainedModel):
 
 
 class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
+    # The loss is a mean over the batch's tokens and forward ignores `num_items_in_batch`: transformers'
+    # Trainer must scale it for gradient accumulation itself (it would not, seeing forward's **kwargs).
+    accepts_loss_kwargs = False
+
     def __init__(self, config: MoMConfig):
         super().__init__(config)
         self.model = MoMTransformer(config.to_model_args())
