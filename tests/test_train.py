@@ -737,3 +737,92 @@ def test_validation_accuracy_is_the_share_of_answers_right(cache_dir, monkeypatc
     validator.validate([HalfRecall()], step=1)
     assert logged["validation_metrics/accuracy"] == 0.5
     assert "accuracy: 0.5000  (labelled positions: 48)" in caplog.text
+
+
+def test_local_sources_read_the_split_asked_for(cache_dir, tmp_path):
+    """Validation on a local path reads its held-out split: a saved DatasetDict's "validation", or the
+    validation/ folder beside train/ (both used to give the training text to validation, and a folder's
+    held-out files to training too); a split that is missing is named."""
+    import datasets
+
+    from momtitan.train.data import open_source
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["TRAIN 0", "TRAIN 1"]}),
+                          "validation": datasets.Dataset.from_dict({"text": ["HELD 0"]})}).save_to_disk(str(saved))
+    files = tmp_path / "files"
+    for split, text in (("train", "TRAIN"), ("validation", "HELD")):
+        (files / split).mkdir(parents=True)
+        (files / split / "part.jsonl").write_text(f'{{"text": "{text} 0"}}\n')
+    for path in (saved, files):
+        train = open_source("local", str(path))
+        held = open_source("local", str(path), split="validation", section="validation")
+        assert all(t.startswith("TRAIN") for t in train["text"]), path
+        assert [t for t in held["text"]] == ["HELD 0"], path
+    with pytest.raises(ValueError, match=r"validation.dataset_path .* has split folders \['train', 'validation'\] but no 'test'"):
+        open_source("local", str(files), split="test", section="validation")
+    one_file = files / "train" / "part.jsonl"  # a single file is the same text for any split
+    assert open_source("local", str(one_file), split="validation")["text"] == ["TRAIN 0"]
+
+
+def test_a_text_file_is_one_document_with_its_lines(cache_dir, tmp_path):
+    from momtitan.train.data import open_source
+
+    path = tmp_path / "story.txt"
+    path.write_text("Once upon a time\nthere was a river.\n\nThe end.\n")
+    assert open_source("local", str(path))["text"] == ["Once upon a time\nthere was a river.\n\nThe end.\n"]
+
+
+def test_hub_config_names_keep_their_case_and_errors_name_the_section(cache_dir, tmp_path, monkeypatch):
+    import datasets
+
+    from momtitan.train import data
+
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: asked.append((a, kw)) or [])
+    data.open_source("hf:HuggingFaceFW/fineweb-edu:CC-MAIN-2024-10", None)
+    data.open_source("FineWeb_Edu", None)
+    data.open_source("c4_validation", None, section="validation")  # torchtitan's default validation.dataset
+    assert [(a[0], kw["name"], kw["split"]) for a, kw in asked] == [
+        ("HuggingFaceFW/fineweb-edu", "CC-MAIN-2024-10", "train"), ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train"),
+        ("allenai/c4", "en", "validation")]
+    with pytest.raises(ValueError, match=r"^validation.dataset 'synthetic' is generated and takes no dataset_path"):
+        data.open_source("synthetic", str(tmp_path), split="validation", section="validation")
+    with pytest.raises(ValueError, match=r"^unknown validation.dataset 'nope'"):
+        data.open_source("nope", None, split="validation", section="validation")
+
+
+def test_a_stream_resumed_after_it_relooped_continues_where_it_was(cache_dir):
+    """`datasets` applies a saved stream position only in the epoch it was saved in: a resume after a
+    re-loop (a later epoch) used to start the stream over from its first document."""
+    import datasets
+
+    from momtitan.train.data import PackedDocuments
+    from momtitan.train.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("builtin")
+    docs = datasets.Dataset.from_dict({"text": [f"doc {i} " + "word " * 12 for i in range(8)]})
+
+    def packed():
+        return PackedDocuments(docs.to_iterable_dataset(num_shards=4), tok, seq_len=16)
+
+    source = packed()
+    it = iter(source)
+    for _ in range(12):  # past the first epoch's documents
+        next(it)
+    state = source.state_dict()
+    assert state["data"]["epoch"] >= 1
+    expected = [next(it)[1].tolist() for _ in range(6)]
+    resumed = packed()
+    resumed.load_state_dict(state)
+    assert [r[1].tolist() for _, r in zip(range(6), resumed)] == expected
+
+
+def test_memory_load_is_named_by_block_index_in_hybrid_models():
+    from momtitan.train.loss import RouterStats
+
+    stats = RouterStats(layer_ids=(1, 3))
+    stats.add(torch.tensor(4.0), torch.tensor(1.0), torch.tensor(4), torch.tensor([[0.5, 0.5], [0.25, 0.75]]))
+    metrics = stats.summarize(stats.pop(), stats.load_shape, stats.layer_ids)
+    assert metrics["memory_load/layer1/mem0"] == 0.5 and metrics["memory_load/layer3/max_share"] == 0.75
+    assert not any(k.startswith(("memory_load/layer0/", "memory_load/layer2/")) for k in metrics)

@@ -6,11 +6,13 @@ Sources (`--training.dataset`):
   labels only at the answers; the task comes from the `[mqar]` section. Validation on it reports
   recall accuracy.
 - `c4`, `slimpajama`, `fineweb_edu`, or `hf:<owner>/<name>[:<config>]`: streamed from the
-  Hugging Face hub (text column "text").
+  Hugging Face hub (text column "text"); `c4_validation` is C4's validation split.
 - `local`: files given by `--training.dataset_path`.
 `--training.dataset_path` with a hub name reads a local copy instead of streaming. A path may be
-a `.jsonl`/`.json`/`.parquet`/`.arrow`/`.txt` file, a folder of such files, or a folder written by
-`Dataset.save_to_disk`. The text comes from the "text" column (or "content").
+a `.jsonl`/`.json`/`.parquet`/`.arrow`/`.txt` file (a `.txt` file is one document), a folder of
+such files (with `train/`, `validation/` subfolders: each split reads its own), or a folder written
+by `save_to_disk` (a DatasetDict: each split reads its own). The text comes from the "text" column
+(or "content").
 
 Packing: each document becomes `[BOS] tokens [EOS]`; documents are concatenated and cut into
 rows of seq_len + 1 tokens (inputs and labels shifted by one). Rows carry `doc_starts`, True at
@@ -51,39 +53,47 @@ def known_datasets() -> list[str]:
     return [SYNTHETIC, MQAR, LOCAL, *HUB_DATASETS, f"{HUB_PREFIX}<owner>/<name>[:<config>]"]
 
 
-def _load_local(path: str):
+_SPLIT_FOLDERS = ("train", "validation", "test")
+
+
+def _load_local(path: str, split: str = "train", section: str = "training"):
+    """A local dataset: one file, a `save_to_disk` folder, or a folder of files (searched recursively).
+    `split` picks the split of a saved DatasetDict, or the `<split>/` subfolder of a folder that has
+    split subfolders (train/, validation/, test/); one file, or a folder without split subfolders, is
+    the same text for any split."""
     import datasets
 
+    setting = f"{section}.dataset_path"
     if not os.path.exists(path):
-        raise FileNotFoundError(f"training.dataset_path {path!r} does not exist")
+        raise FileNotFoundError(f"{setting} {path!r} does not exist")
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "state.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
             ds = datasets.load_from_disk(path)
         else:
+            splits = [name for name in _SPLIT_FOLDERS if os.path.isdir(os.path.join(path, name))]
+            if splits and split not in splits:
+                raise ValueError(f"{setting} {path!r} has split folders {splits} but no {split!r} folder")
+            root = os.path.join(path, split) if splits else path
             by_format: dict[str, list[str]] = {}
-            for file in sorted(glob.glob(os.path.join(path, "**", "*"), recursive=True)):
+            for file in sorted(glob.glob(os.path.join(root, "**", "*"), recursive=True)):
                 fmt = _LOCAL_FORMATS.get(os.path.splitext(file)[1])
                 if fmt and os.path.isfile(file):
                     by_format.setdefault(fmt, []).append(file)
             if not by_format:
-                raise FileNotFoundError(
-                    f"training.dataset_path {path!r} holds no {'/'.join(_LOCAL_FORMATS)} files"
-                )
+                raise FileNotFoundError(f"{setting} {root!r} holds no {'/'.join(_LOCAL_FORMATS)} files")
             if len(by_format) > 1:
-                raise ValueError(f"training.dataset_path {path!r} mixes file formats {sorted(by_format)}; keep one")
+                raise ValueError(f"{setting} {root!r} mixes file formats {sorted(by_format)}; keep one")
             (fmt, files), = by_format.items()
             ds = _load_files(fmt, files)
     else:
         fmt = _LOCAL_FORMATS.get(os.path.splitext(path)[1])
         if fmt is None:
-            raise ValueError(
-                f"training.dataset_path {path!r}: unknown file type; expected one of {sorted(_LOCAL_FORMATS)}"
-            )
+            raise ValueError(f"{setting} {path!r}: unknown file type; expected one of {sorted(_LOCAL_FORMATS)}")
         ds = _load_files(fmt, [path])
     if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise ValueError(f"training.dataset_path {path!r} has splits {list(ds)} but no 'train' split")
-        ds = ds["train"]
+        if split not in ds:
+            raise ValueError(f"{setting} {path!r} has splits {list(ds)} but no {split!r} split")
+        ds = ds[split]
     return ds
 
 
@@ -92,19 +102,23 @@ def _load_files(fmt: str, files: list[str]):
 
     if fmt == "arrow":
         return datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in files])
+    if fmt == "text":  # a .txt file is one document (its lines and blank lines kept), not a document per line
+        return datasets.load_dataset(fmt, data_files=files, split="train", sample_by="document")
     return datasets.load_dataset(fmt, data_files=files, split="train")
 
 
-def _load_hub(name: str, split: str):
+def _load_hub(name: str, split: str, section: str = "training"):
+    """Stream a hub dataset: one of HUB_DATASETS (any case), or `hf:<owner>/<name>[:<config>]` as written
+    (config names are case-sensitive)."""
     import datasets
 
-    if name.startswith(HUB_PREFIX):
+    if name[: len(HUB_PREFIX)].lower() == HUB_PREFIX:
         repo, _, config = name[len(HUB_PREFIX) :].partition(":")
         if not repo:
-            raise ValueError(f"training.dataset {name!r}: expected {HUB_PREFIX}<owner>/<name>[:<config>]")
+            raise ValueError(f"{section}.dataset {name!r}: expected {HUB_PREFIX}<owner>/<name>[:<config>]")
         config = config or None
     else:
-        repo, config = HUB_DATASETS[name]
+        repo, config = HUB_DATASETS[name.lower()]
     logger.info(f"Streaming {repo} (config {config}, split {split}) from the Hugging Face hub")
     return datasets.load_dataset(repo, name=config, split=split, streaming=True)
 
@@ -119,25 +133,28 @@ def _text_column(ds, where: str) -> str:
     raise ValueError(f"{where} has no text column; expected one of {_TEXT_COLUMNS}, found {columns}")
 
 
-def open_source(dataset: str, dataset_path: str | None, split: str = "train"):
+def open_source(dataset: str, dataset_path: str | None, split: str = "train", section: str = "training"):
     """Resolve (dataset, dataset_path) to a document source: a SyntheticCorpus or a `datasets` dataset.
-    `split`: the hub split to stream ("validation" for validation: held-out text; a hub dataset
-    without one fails there, naming the splits it has: point validation.dataset_path at local files)."""
+    `split`: the split to read ("validation" for validation: held-out text; a hub dataset without one
+    fails there, naming the splits it has: point validation.dataset_path at local files). `section`
+    names the settings in errors ("training" or "validation")."""
     name = (dataset or "").lower()
+    if name == "c4_validation":  # torchtitan's name (its default validation.dataset): C4's validation split
+        name, dataset, split = "c4", "c4", "validation"
     if name == SYNTHETIC:
         if dataset_path:
             raise ValueError(
-                f"training.dataset 'synthetic' is generated and takes no dataset_path (got {dataset_path!r}); "
-                "use --training.dataset local for files"
+                f"{section}.dataset 'synthetic' is generated and takes no dataset_path (got {dataset_path!r}); "
+                f"use --{section}.dataset local for files"
             )
         return SyntheticCorpus(seed=0)
     if name == LOCAL or (dataset_path and (name in HUB_DATASETS or name.startswith(HUB_PREFIX))):
         if not dataset_path:
-            raise ValueError("training.dataset 'local' needs --training.dataset_path")
-        return _load_local(dataset_path)
+            raise ValueError(f"{section}.dataset 'local' needs --{section}.dataset_path")
+        return _load_local(dataset_path, split, section)
     if name in HUB_DATASETS or name.startswith(HUB_PREFIX):
-        return _load_hub(name, split)
-    raise ValueError(f"unknown training.dataset {dataset!r}; known: {known_datasets()}")
+        return _load_hub(dataset, split, section)
+    raise ValueError(f"unknown {section}.dataset {dataset!r}; known: {known_datasets()}")
 
 
 def _worker_share() -> tuple[int, int]:
@@ -153,11 +170,11 @@ class PackedDocuments(IterableDataset, Stateful):
     rank's documents w, w+N, ... (a streamed hub dataset splits its shards over the workers itself)."""
 
     def __init__(self, source, tokenizer, seq_len: int, dp_rank: int = 0, dp_world_size: int = 1,
-                 infinite: bool = True, name: str = "", restart: bool = False) -> None:
+                 infinite: bool = True, name: str = "", restart: bool = False, section: str = "training") -> None:
         import datasets
 
         if seq_len <= 0:
-            raise ValueError(f"training.seq_len must be positive, got {seq_len}")
+            raise ValueError(f"{section}.seq_len must be positive, got {seq_len}")
         self.name = name
         self.tokenizer = tokenizer
         self.seq_len = seq_len
@@ -251,6 +268,10 @@ class PackedDocuments(IterableDataset, Stateful):
             self._starts = [i == 0 or self._buffer[i - 1] == eos for i in range(len(self._buffer))]
         self._docs_read = int(state["docs_read"])
         if "data" in state:
+            # a stream that re-looped is in a later epoch; `datasets` applies a saved position only in
+            # the epoch it was saved in (else it silently starts over), so restore the epoch first
+            if "epoch" in state["data"] and hasattr(self._data, "set_epoch"):
+                self._data.set_epoch(state["data"]["epoch"])
             self._data.load_state_dict(state["data"])
 
 
@@ -326,14 +347,14 @@ def build_validation_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job
         dataset = MQARRows(job_config, validation.seq_len, seed=1, dp_rank=dp_rank, dp_world_size=dp_world_size, limit=limit)
         return ParallelAwareDataloader(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size,
                                        **asdict(validation.dataloader), batch_size=validation.local_batch_size)
-    source = open_source(validation.dataset, validation.dataset_path, split="validation")
+    source = open_source(validation.dataset, validation.dataset_path, split="validation", section="validation")
     if isinstance(source, SyntheticCorpus):
         if validation.steps <= 0:
             raise ValueError("validation.steps must be positive for the endless synthetic dataset")
         source = SyntheticCorpus(seed=1)  # held-out documents
     dataset = PackedDocuments(
         source, tokenizer, validation.seq_len, dp_rank=dp_rank, dp_world_size=dp_world_size,
-        infinite=infinite, name=validation.dataset, restart=True,
+        infinite=infinite, name=validation.dataset, restart=True, section="validation",
     )
     return ParallelAwareDataloader(
         dataset, dp_rank=dp_rank, dp_world_size=dp_world_size,

@@ -33,9 +33,11 @@ class RouterStats:
     """Sums of detached per-micro-batch statistics since the last `pop()`, kept on the device so
     that recording them costs no host sync; `pop()` returns them as one flat vector."""
 
-    def __init__(self) -> None:
+    def __init__(self, layer_ids: tuple[int, ...] | None = None) -> None:
         self.sums: torch.Tensor | None = None  # [tokens, ce_sum, aux*tokens, micro-batches, load...]
         self.load_shape: tuple[int, ...] = (0, 0)
+        # the model's index of each load row's layer (hybrid models: the MoM blocks only); None: 0, 1, ...
+        self.layer_ids = layer_ids
 
     def add(self, ce_sum: torch.Tensor, aux: torch.Tensor, n_valid: torch.Tensor, load: torch.Tensor | None) -> None:
         n = n_valid.detach().float()
@@ -52,8 +54,10 @@ class RouterStats:
         return sums
 
     @staticmethod
-    def summarize(sums: torch.Tensor, load_shape: tuple[int, ...]) -> dict[str, float]:
-        """Means from (possibly all-reduced) sums: CE and aux per token, memory share per layer."""
+    def summarize(sums: torch.Tensor, load_shape: tuple[int, ...],
+                  layer_ids: tuple[int, ...] | None = None) -> dict[str, float]:
+        """Means from (possibly all-reduced) sums: CE and aux per token, memory share per layer, each
+        named by its block index in the model (`layers.N`)."""
         values = sums.double().cpu()
         tokens, ce, aux_w, batches = (float(v) for v in values[:4])
         out = {
@@ -62,7 +66,7 @@ class RouterStats:
         }
         if values.numel() > 4:
             load = (values[4:] / max(batches, 1.0)).view(load_shape)
-            for layer, row in enumerate(load):
+            for layer, row in zip(layer_ids or range(len(load)), load):
                 for m, share in enumerate(row.tolist()):
                     out[f"memory_load/layer{layer}/mem{m}"] = share
                 out[f"memory_load/layer{layer}/max_share"] = float(row.max())
@@ -72,10 +76,11 @@ class RouterStats:
 class MoMLoss:
     """`loss_fn(pred, labels)`; `pred` is a `MoMOutput` (logits, aux_loss, memory_load) or bare logits."""
 
-    def __init__(self, aux_loss_scale: float, compile_ce: bool = False, backend: str = "inductor") -> None:
+    def __init__(self, aux_loss_scale: float, compile_ce: bool = False, backend: str = "inductor",
+                 layer_ids: tuple[int, ...] | None = None) -> None:
         self.aux_loss_scale = float(aux_loss_scale)
         self.ce = torch.compile(cross_entropy_sum, backend=backend) if compile_ce else cross_entropy_sum
-        self.stats = RouterStats()
+        self.stats = RouterStats(layer_ids)
 
     def __call__(self, pred, labels: torch.Tensor) -> torch.Tensor:
         if isinstance(pred, torch.Tensor):
@@ -100,7 +105,8 @@ def build_loss_fn(job_config, **kwargs) -> MoMLoss:
     compile_ce = job_config.compile.enable and "loss" in job_config.compile.components
     if compile_ce:
         logger.info("Compiling the cross-entropy part of the loss with torch.compile")
-    loss = MoMLoss(args.aux_loss_scale, compile_ce=compile_ce, backend=job_config.compile.backend)
+    mom_layers = tuple(i for i in range(args.num_hidden_layers) if i not in args.attn_layers)
+    loss = MoMLoss(args.aux_loss_scale, compile_ce=compile_ce, backend=job_config.compile.backend, layer_ids=mom_layers)
     global latest_stats
     latest_stats = loss.stats
     return loss

@@ -14,6 +14,7 @@ time_metrics/.
 
 from __future__ import annotations
 
+import re
 import resource
 import sys
 import time
@@ -69,11 +70,11 @@ class MoMMetricsProcessor(MetricsProcessor):
         mesh = self.parallel_dims.get_optional_mesh("loss") if self.parallel_dims.dp_cp_enabled else None
         if mesh is not None:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=mesh.get_group())
-        metrics = stats.summarize(sums, stats.load_shape)
+        metrics = stats.summarize(sums, stats.load_shape, stats.layer_ids)
         ep = self.parallel_dims.ep
         if ep > 1:  # under expert parallelism: the share of routed rows each ep rank runs
             layers, memories = stats.load_shape
-            for layer in range(layers):
+            for layer in stats.layer_ids or range(layers):
                 shares = [metrics[f"memory_load/layer{layer}/mem{m}"] for m in range(memories)]
                 per_rank = memories // ep
                 for r in range(ep):
@@ -84,12 +85,11 @@ class MoMMetricsProcessor(MetricsProcessor):
         if "loss_metrics/ce_loss" not in metrics:
             return
         parts = [f"ce: {metrics['loss_metrics/ce_loss']:.5f}", f"aux: {metrics['loss_metrics/aux_loss']:.4f}"]
-        layer = 0
-        while f"memory_load/layer{layer}/mem0" in metrics:
+        layers = sorted(int(m.group(1)) for key in metrics if (m := re.fullmatch(r"memory_load/layer(\d+)/mem0", key)))
+        for layer in layers:  # block indices (hybrid models skip the attention blocks)
             parts.append(f"load{layer}: [{_series(metrics, f'memory_load/layer{layer}/mem')}]")
             if f"memory_load/layer{layer}/ep_rank0" in metrics:
                 parts.append(f"ranks{layer}: [{_series(metrics, f'memory_load/layer{layer}/ep_rank')}]")
-            layer += 1
         if "time_metrics/all_to_all(s)" in metrics:
             parts.append(f"a2a: {1e3 * metrics['time_metrics/all_to_all(s)']:.1f}ms "
                          f"({metrics['time_metrics/all_to_all(%)']:.1f}%)")
