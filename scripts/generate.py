@@ -55,16 +55,17 @@ def main(argv=None) -> int:
             tokenizer = None
 
     generated: list[int] = []
-    prompt_ids = ids[0].tolist()
-    # Text is decoded with the prompt in front (a tokenizer may mark a word's leading space in the
-    # token, which decoding the new tokens alone drops) and printed once it no longer ends in an
-    # incomplete character (a multi-byte character split across tokens decodes to U+FFFD until its
-    # last byte arrives).
-    shown = tokenizer.decode(prompt_ids, skip_special_tokens=True) if tokenizer is not None else ""
+    # Text is decoded with the prompt's last tokens in front (a tokenizer may mark a word's leading
+    # space in the token, which decoding the new tokens alone drops; a few tokens of context are enough,
+    # and decoding the whole prompt per token would cost its length) and printed once it no longer ends
+    # in an incomplete character (a multi-byte character split across tokens decodes to U+FFFD until
+    # its last byte arrives).
+    context = ids[0, -8:].tolist()
+    shown = tokenizer.decode(context, skip_special_tokens=True) if tokenizer is not None else ""
 
     def show(final: bool = False) -> None:
         nonlocal shown
-        text = tokenizer.decode(prompt_ids + generated, skip_special_tokens=True)
+        text = tokenizer.decode(context + generated, skip_special_tokens=True)
         if text.endswith("\ufffd") and not final:
             return
         print(text[len(shown):] if text.startswith(shown) else text[len(os.path.commonprefix([text, shown])):],
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
             show()
 
     if tokenizer is not None:
-        print(shown, end="", flush=True)
+        print(tokenizer.decode(ids[0].tolist(), skip_special_tokens=True), end="", flush=True)
     generator = Generator(model.model, compile=not a.no_compile and None)
     start = time.perf_counter()
     generator.generate(ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from momtitan.ops.triton.launch import TUNABLE  # noqa: E402
+from momtitan.ops.triton.launch import OVERRIDES_ENV, TUNABLE  # noqa: E402
 
 RULES = {"linear": (False, False), "gated": (True, False), "delta": (False, True), "gated_delta": (True, True)}
 
@@ -247,6 +247,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
+    if os.environ.get(OVERRIDES_ENV):  # it would move the defaults row and every candidate's other choices
+        raise ValueError(f"unset {OVERRIDES_ENV} to tune (got {os.environ[OVERRIDES_ENV]!r}): the defaults are measured "
+                         "against the candidates")
     if a.worker is not None:
         print(json.dumps(worker(a, json.loads(a.worker))), flush=True)
         return None

@@ -276,3 +276,19 @@ def test_the_tokenizer_sets_bos_eos_and_padding(tmp_path):
     loaded = AutoTokenizer.from_pretrained(str(hf))
     batch = loaded(["a b a", "b"], padding=True, return_tensors="pt")
     assert batch.input_ids.tolist()[1] == [0, 0, 4] and batch.attention_mask.tolist()[1] == [0, 0, 1]
+
+
+def test_an_exported_hf_folder_is_not_taken_for_a_checkpoint_step_and_odd_tokenizers_keep_the_ids(tmp_path):
+    """An HF export holds safetensors like a --checkpoint.last_save_in_hf step, but its config.json
+    defines the model: the DCP->HF converter refuses it instead of re-reading it under the command
+    line's flavor. A tokenizer torchtitan cannot read (tokenizer.model only) leaves the ids as configured."""
+    args, model = tiny()
+    ckpt = tmp_path / "checkpoint"
+    save_training_checkpoint(ckpt, model, 1)
+    hf = dcp_to_hf(ckpt, tmp_path / "hf", args)
+    with pytest.raises(FileNotFoundError, match=r"it is an exported HF folder: it has a config.json"):
+        main_dcp_to_hf([str(hf), str(tmp_path / "again"), "--flavor", "debug"])
+    sp = tmp_path / "sp"
+    sp.mkdir()
+    (sp / "tokenizer.model").write_bytes(b"not read")
+    assert resolve_args(flavor="debug", tokenizer=str(sp)).eos_token_id == get_flavor("debug").eos_token_id

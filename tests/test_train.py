@@ -759,18 +759,27 @@ def test_local_sources_read_the_split_asked_for(cache_dir, tmp_path):
         held = open_source("local", str(path), split="validation", section="validation")
         assert all(t.startswith("TRAIN") for t in train["text"]), path
         assert [t for t in held["text"]] == ["HELD 0"], path
-    with pytest.raises(ValueError, match=r"validation.dataset_path .* has split folders \['train', 'validation'\] but no 'test'"):
+    with pytest.raises(ValueError, match=r"validation.dataset_path .* holds train/validation folders, no 'test' folder"):
         open_source("local", str(files), split="test", section="validation")
     one_file = files / "train" / "part.jsonl"  # a single file is the same text for any split
     assert open_source("local", str(one_file), split="validation")["text"] == ["TRAIN 0"]
+    # folders named otherwise, or only one of the two, are plain folders: every file, for both splits
+    plain = tmp_path / "plain"
+    for sub, text in (("shards", "A"), ("test", "B")):
+        (plain / sub).mkdir(parents=True)
+        (plain / sub / "part.jsonl").write_text(f'{{"text": "{text}"}}\n')
+    for split in ("train", "validation"):
+        assert sorted(open_source("local", str(plain), split=split)["text"]) == ["A", "B"]
 
 
-def test_a_text_file_is_one_document_with_its_lines(cache_dir, tmp_path):
+def test_a_text_file_holds_a_document_per_paragraph(cache_dir, tmp_path):
+    """Paragraphs, not lines (a line per document cut sentences apart and dropped the newlines), and not
+    one document per file (a corpus kept as one file must still shard over ranks and workers)."""
     from momtitan.train.data import open_source
 
     path = tmp_path / "story.txt"
     path.write_text("Once upon a time\nthere was a river.\n\nThe end.\n")
-    assert open_source("local", str(path))["text"] == ["Once upon a time\nthere was a river.\n\nThe end.\n"]
+    assert [t.strip() for t in open_source("local", str(path))["text"]] == ["Once upon a time\nthere was a river.", "The end."]
 
 
 def test_hub_config_names_keep_their_case_and_errors_name_the_section(cache_dir, tmp_path, monkeypatch):

@@ -120,8 +120,10 @@ def test_overrides_from_the_environment_reach_the_plan_and_bad_ones_raise(monkey
     with pytest.raises(ValueError, match="MOMTITAN_KERNEL_OVERRIDES must be a JSON object of tile choices, got 'warps_inverse=1'"):
         plan()
     monkeypatch.setenv(launch.OVERRIDES_ENV, '{"warps_inverse": 3}')
-    with pytest.raises(ValueError, match=r"OVERRIDES\['warps_inverse'\] must be one of \(1, 2, 4, 8, 16\), got 3"):
+    with pytest.raises(ValueError, match=r"^MOMTITAN_KERNEL_OVERRIDES\['warps_inverse'\] must be one of \(1, 2, 4, 8, 16\), got 3"):
         plan()
+    with pytest.raises(ValueError, match=r"unset MOMTITAN_KERNEL_OVERRIDES to tune"):  # it would move the defaults row
+        tune.main(["--heads", "1x32", "--groups", "seq", "--no-write"])
 
 
 def test_tuning_run_on_the_interpreter_agrees_with_the_defaults(tmp_path):

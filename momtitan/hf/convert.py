@@ -177,15 +177,19 @@ def tokenizer_special_ids(tokenizer) -> tuple[int | None, int | None]:
     from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
     src = tokenizer_source(tokenizer)
-    tok = HuggingFaceTokenizer(str(src if src.is_dir() else src.parent))
+    try:
+        tok = HuggingFaceTokenizer(str(src if src.is_dir() else src.parent))
+    except (FileNotFoundError, ValueError, OSError):  # a format torchtitan does not read (e.g. tokenizer.model only)
+        return None, None
     return tok.bos_id, tok.eos_id
 
 
 # ---- DCP ----------------------------------------------------------------------------------------
 def _holds_step(folder: Path) -> bool:
     """A torchtitan checkpoint step: DCP (`.metadata`), or its HF-format save (`--checkpoint.last_save_in_hf`:
-    safetensors with `MoMForCausalLM` keys, through the TrainSpec's state-dict adapter)."""
-    return (folder / ".metadata").is_file() or _holds_safetensors(folder)
+    safetensors with `MoMForCausalLM` keys, through the TrainSpec's state-dict adapter, and no
+    config.json, which an exported HF folder has)."""
+    return (folder / ".metadata").is_file() or (_holds_safetensors(folder) and not (folder / "config.json").is_file())
 
 
 def _holds_safetensors(folder: Path) -> bool:
@@ -207,8 +211,9 @@ def find_dcp_step(path, step: int | None = None) -> Path:
         if match and _holds_step(child):
             steps[int(match.group(1))] = child
     if not steps:
-        raise FileNotFoundError(f"no checkpoint in {path}: neither a .metadata file, model safetensors nor step-N "
-                                "folders holding one")
+        hint = " (it is an exported HF folder: it has a config.json)" if (path / "config.json").is_file() else ""
+        raise FileNotFoundError(f"no checkpoint in {path}{hint}: neither a .metadata file, model safetensors nor "
+                                "step-N folders holding one")
     if step is None:
         return steps[max(steps)]
     if step not in steps:

@@ -9,9 +9,9 @@ Sources (`--training.dataset`):
   Hugging Face hub (text column "text"); `c4_validation` is C4's validation split.
 - `local`: files given by `--training.dataset_path`.
 `--training.dataset_path` with a hub name reads a local copy instead of streaming. A path may be
-a `.jsonl`/`.json`/`.parquet`/`.arrow`/`.txt` file (a `.txt` file is one document), a folder of
-such files (with `train/`, `validation/` subfolders: each split reads its own), or a folder written
-by `save_to_disk` (a DatasetDict: each split reads its own). The text comes from the "text" column
+a `.jsonl`/`.json`/`.parquet`/`.arrow`/`.txt` file (a `.txt` file: a document per paragraph), a
+folder of such files (with both `train/` and `validation/` subfolders, each split reads its own),
+or a folder written by `save_to_disk` (a DatasetDict: each split reads its own). The text comes from the "text" column
 (or "content").
 
 Packing: each document becomes `[BOS] tokens [EOS]`; documents are concatenated and cut into
@@ -53,14 +53,14 @@ def known_datasets() -> list[str]:
     return [SYNTHETIC, MQAR, LOCAL, *HUB_DATASETS, f"{HUB_PREFIX}<owner>/<name>[:<config>]"]
 
 
-_SPLIT_FOLDERS = ("train", "validation", "test")
+_SPLIT_FOLDERS = ("train", "validation")
 
 
 def _load_local(path: str, split: str = "train", section: str = "training"):
     """A local dataset: one file, a `save_to_disk` folder, or a folder of files (searched recursively).
-    `split` picks the split of a saved DatasetDict, or the `<split>/` subfolder of a folder that has
-    split subfolders (train/, validation/, test/); one file, or a folder without split subfolders, is
-    the same text for any split."""
+    `split` picks the split of a saved DatasetDict, or, in a folder laid out as `train/` and
+    `validation/` subfolders (both present), that subfolder; one file, or any other folder, is the same
+    text for any split."""
     import datasets
 
     setting = f"{section}.dataset_path"
@@ -70,10 +70,12 @@ def _load_local(path: str, split: str = "train", section: str = "training"):
         if os.path.exists(os.path.join(path, "state.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
             ds = datasets.load_from_disk(path)
         else:
-            splits = [name for name in _SPLIT_FOLDERS if os.path.isdir(os.path.join(path, name))]
-            if splits and split not in splits:
-                raise ValueError(f"{setting} {path!r} has split folders {splits} but no {split!r} folder")
-            root = os.path.join(path, split) if splits else path
+            split_layout = all(os.path.isdir(os.path.join(path, name)) for name in _SPLIT_FOLDERS)
+            if split_layout and split not in _SPLIT_FOLDERS:
+                raise ValueError(f"{setting} {path!r} holds {'/'.join(_SPLIT_FOLDERS)} folders, no {split!r} folder")
+            root = os.path.join(path, split) if split_layout else path
+            if split_layout:
+                logger.info(f"{setting} {path!r}: reading its {split}/ folder")
             by_format: dict[str, list[str]] = {}
             for file in sorted(glob.glob(os.path.join(root, "**", "*"), recursive=True)):
                 fmt = _LOCAL_FORMATS.get(os.path.splitext(file)[1])
@@ -102,8 +104,8 @@ def _load_files(fmt: str, files: list[str]):
 
     if fmt == "arrow":
         return datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in files])
-    if fmt == "text":  # a .txt file is one document (its lines and blank lines kept), not a document per line
-        return datasets.load_dataset(fmt, data_files=files, split="train", sample_by="document")
+    if fmt == "text":  # a document per paragraph (blank-line separated, its lines kept), not per line
+        return datasets.load_dataset(fmt, data_files=files, split="train", sample_by="paragraph")
     return datasets.load_dataset(fmt, data_files=files, split="train")
 
 

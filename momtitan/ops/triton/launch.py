@@ -137,12 +137,14 @@ class _Plan:
         self.dummy = torch.empty(1, device=dev, dtype=torch.float32)
 
     def _apply_overrides(self) -> None:
+        sources = {**dict.fromkeys(_env_overrides(), OVERRIDES_ENV), **dict.fromkeys(OVERRIDES, "OVERRIDES")}
         for name, value in {**_env_overrides(), **OVERRIDES}.items():
+            source = sources[name]
             if name not in TUNABLE:
-                raise ValueError(f"OVERRIDES may set {tuple(TUNABLE)}, got {name!r}")
+                raise ValueError(f"{source} may set {tuple(TUNABLE)}, got {name!r}")
             allowed = TUNABLE[name] or tuple(1 << i for i in range(4, self.BVF.bit_length()))
             if value not in allowed:
-                raise ValueError(f"OVERRIDES[{name!r}] must be one of {allowed}, got {value!r}")
+                raise ValueError(f"{source}[{name!r}] must be one of {allowed}, got {value!r}")
             setattr(self, name, value)
 
     def ptr(self, x):
