@@ -193,7 +193,11 @@ def _holds_step(folder: Path) -> bool:
 
 
 def _holds_safetensors(folder: Path) -> bool:
-    return (folder / "model.safetensors.index.json").is_file() or (folder / "model.safetensors").is_file()
+    try:
+        _safetensors_files(folder)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def find_dcp_step(path, step: int | None = None) -> Path:
@@ -350,7 +354,10 @@ def _copy_tokenizer(tokenizer, out: Path, args: MoMModelArgs) -> None:
     for f in files:
         shutil.copy2(f, out / f.name)
     config_file = out / "tokenizer_config.json"
-    if not config_file.exists() and (out / "tokenizer.json").exists():
+    copied = config_file.exists()
+    if copied:
+        config = json.loads(config_file.read_text())
+    elif (out / "tokenizer.json").exists():
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(out / "tokenizer.json"))
@@ -359,13 +366,14 @@ def _copy_tokenizer(tokenizer, out: Path, args: MoMModelArgs) -> None:
             token = tok.id_to_token(token_id)
             if token is not None:
                 config[name] = token
+    else:
+        return
+    pads = config.get("pad_token") is None and config.get("eos_token") is not None
+    if pads:  # batches pad: with no pad token, the EOS token pads, on the left (as generation wants)
+        config["pad_token"] = config["eos_token"]
+        config.setdefault("padding_side", "left")
+    if pads or not copied:  # a copied config that pads already stays byte for byte
         config_file.write_text(json.dumps(config, indent=2) + "\n")
-    if config_file.exists():  # batches pad: with no pad token, the EOS token pads, on the left (as generation wants)
-        config = json.loads(config_file.read_text())
-        if config.get("pad_token") is None and config.get("eos_token") is not None:
-            config["pad_token"] = config["eos_token"]
-            config.setdefault("padding_side", "left")
-            config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def write_hf(state_dict: dict[str, torch.Tensor], args: MoMModelArgs, folder: Path, fmt: str = "momtitan",

@@ -137,9 +137,9 @@ class _Plan:
         self.dummy = torch.empty(1, device=dev, dtype=torch.float32)
 
     def _apply_overrides(self) -> None:
-        sources = {**dict.fromkeys(_env_overrides(), OVERRIDES_ENV), **dict.fromkeys(OVERRIDES, "OVERRIDES")}
-        for name, value in {**_env_overrides(), **OVERRIDES}.items():
-            source = sources[name]
+        env = _env_overrides()
+        for name, value in {**env, **OVERRIDES}.items():
+            source = "OVERRIDES" if name in OVERRIDES else OVERRIDES_ENV
             if name not in TUNABLE:
                 raise ValueError(f"{source} may set {tuple(TUNABLE)}, got {name!r}")
             allowed = TUNABLE[name] or tuple(1 << i for i in range(4, self.BVF.bit_length()))
