@@ -25,15 +25,14 @@ import triton
 import triton.language as tl
 
 from momtitan.ops.triton.common import (
-    blocks_plus_cols_times, chunk_gates, chunk_rows, chunk_weights, decay_matrix, decay_matrix_t, load_rows,
-    load_state_blocks, mdot, row_scales, rows_times_blocks, segment_bounds, segment_chunk, store_rows,
-    store_state_blocks,
+    blocks_plus_cols_times, chunk_rows, load_rows, load_state_blocks, mdot, row_scales, rows_times_blocks,
+    segment_bounds, segment_chunk, store_rows, store_state_blocks, stored_decay, stored_gates, stored_weights,
 )
 
 
 @triton.jit
 def local_du_kernel(
-    q_ptr, k_ptr, g_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr, do_ptr, dul_ptr,
+    q_ptr, k_ptr, gam_ptr, run_ptr, rq_ptr, rk_ptr, info_ptr, do_ptr, dul_ptr,
     scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DOT_MODE: tl.constexpr,
@@ -45,7 +44,6 @@ def local_du_kernel(
     vb = tl.program_id(2)
     tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     tok0 = tl.load(info_ptr + 2 * c)
-    gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
     rq = row_scales(rq_ptr, tok, valid, h, H, L2)
     rk = row_scales(rk_ptr, tok, valid, h, H, L2)
     # P^T = (k q^T) * D^T, built directly: never tl.trans a dot result (Hopper miscompile)
@@ -54,7 +52,7 @@ def local_du_kernel(
         q2 = load_rows(q_ptr, tok0, valid, h, H, K, kb * BK, BK, C)
         kt2 = load_rows(k_ptr, tok0, valid, h, H, K, kb * BK, BK, C)
         KQ += mdot(kt2, tl.trans(q2), DOT_MODE)
-    PT = KQ * (rk[:, None] * rq[None, :]) * decay_matrix_t(gamma, run, C)
+    PT = KQ * (rk[:, None] * rq[None, :]) * stored_decay(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET, True)
     dO = load_rows(do_ptr, tok0, valid, h, H, V, vb * BV, BV, C)
     # every row of the padded chunk is written (0 past its end): the sequential pass reads them all
     store_rows(dul_ptr, c * C, tl.full([C], 1, tl.int1), h, H, V, vb * BV, scale * mdot(PT, dO, DOT_MODE), BV, C)
@@ -102,7 +100,7 @@ def state_bwd_kernel(
 
 @triton.jit
 def grads_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr,
+    q_ptr, k_ptr, v_ptr, gam_ptr, beta_ptr, run_ptr, rq_ptr, rk_ptr, info_ptr,
     t_ptr, h_ptr, dh_ptr, u_ptr, du_ptr, do_ptr,
     dq_ptr, dk_ptr, dv_ptr, dg_ptr, db_ptr,
     scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -115,10 +113,10 @@ def grads_kernel(
     i = tl.arange(0, C)
     tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     live = nvalid > 0
-    gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
-    carry, e, c_end = chunk_weights(gamma, run, C)
-    D = decay_matrix(gamma, run, C)
-    DT = decay_matrix_t(gamma, run, C)
+    gamma, run = stored_gates(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET)
+    carry, e, c_end = stored_weights(gam_ptr, run_ptr, c * C, h, H, gamma, run, C, HAS_G, HAS_RESET)
+    D = stored_decay(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET, False)
+    DT = stored_decay(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET, True)
     rq = row_scales(rq_ptr, tok, valid, h, H, L2)
     rk = row_scales(rk_ptr, tok, valid, h, H, L2)
     if DELTA:
