@@ -112,6 +112,7 @@ def grads_kernel(
     h = tl.program_id(1).to(tl.int64)
     i = tl.arange(0, C)
     tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
+    tok0 = tl.load(info_ptr + 2 * c)
     live = nvalid > 0
     gamma, run = stored_gates(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET)
     carry, e, c_end = stored_weights(gam_ptr, run_ptr, c * C, h, H, gamma, run, C, HAS_G, HAS_RESET)
@@ -121,7 +122,7 @@ def grads_kernel(
     rk = row_scales(rk_ptr, tok, valid, h, H, L2)
     if DELTA:
         b = tl.load(beta_ptr + tok * H + h, mask=valid, other=0.0).to(tl.float32)
-        Tm = tl.load(t_ptr + ((c * H + h) * C + i[:, None]) * C + i[None, :], mask=live, other=0.0)
+        Tm = tl.load(t_ptr + (c * H + h) * C * C + (i[:, None] * C + i[None, :]), mask=live, other=0.0)
     else:
         b = tl.zeros([C], dtype=tl.float32)
         Tm = tl.zeros([C, C], dtype=tl.float32)
@@ -129,6 +130,8 @@ def grads_kernel(
     # The loops over V and K blocks stay loops (tl.range, not unrolled): unrolled, the scheduler hoisted
     # every block's loads beside the kernel's many live C x C tiles and ptxas spilled 2-3 KB per thread
     # (scripts/kernel_registers.py, sm_90, 8 warps; kept as loops, under 100 B).
+    # Tiles that only enter dots stay in their stored dtype (mdot casts to the dot's); fp32 where they
+    # enter sums.
     # Pass 1, over V: the C x C products, which do not depend on the K-block (and dv).
     dP = tl.zeros([C, C], dtype=tl.float32)  # dO u^T
     dPT = tl.zeros([C, C], dtype=tl.float32)  # u dO^T (its transpose, built directly)
@@ -136,32 +139,28 @@ def grads_kernel(
     dAT = tl.zeros([C, C], dtype=tl.float32)  # u dbv^T
     dbeta = tl.zeros([C], dtype=tl.float32)  # sum_v v * dbv, then the K-block terms
     for vb in tl.range(0, NVB):
-        vv = vb * BV + tl.arange(0, BV)
-        tmask = valid[:, None] & (vv < V)[None, :]
-        dO = tl.load(do_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
-        vt = tl.load(v_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
+        dO = load_rows(do_ptr, tok0, valid, h, H, V, vb * BV, BV, C)
+        vt = load_rows(v_ptr, tok0, valid, h, H, V, vb * BV, BV, C)
         if DELTA:
-            ub = tl.load(u_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
+            ub = load_rows(u_ptr, c * C, valid, h, H, V, vb * BV, BV, C)
         else:
             ub = vt
         dP += mdot(dO, tl.trans(ub), DOT_MODE)
         dPT += mdot(ub, tl.trans(dO), DOT_MODE)
         if DELTA:
-            dub = tl.load(du_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0)
+            dub = load_rows(du_ptr, c * C, valid, h, H, V, vb * BV, BV, C)
             dbv = mdot(tl.trans(Tm), dub, DOT_MODE)  # T^T du
             dbvT = mdot(tl.trans(dub), Tm, DOT_MODE)  # (T^T du)^T, not tl.trans(dbv)
             dA += mdot(dbv, tl.trans(ub), DOT_MODE)
             dAT += mdot(ub, dbvT, DOT_MODE)
-            tl.store(dv_ptr + (tok[:, None] * H + h) * V + vv[None, :], (b[:, None] * dbv).to(dv_ptr.dtype.element_ty), mask=tmask)
-            dbeta += tl.sum(vt * dbv, 1)
+            store_rows(dv_ptr, tok0, valid, h, H, V, vb * BV, b[:, None] * dbv, BV, C)
+            dbeta += tl.sum(vt.to(tl.float32) * dbv, 1)
 
     QK = tl.zeros([C, C], dtype=tl.float32)
     KK = tl.zeros([C, C], dtype=tl.float32)
     for kb in tl.range(0, NKB):
-        k2 = kb * BK + tl.arange(0, BK)
-        m2 = valid[:, None] & (k2 < K)[None, :]
-        q2 = tl.load(q_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
-        kt2 = tl.load(k_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
+        q2 = load_rows(q_ptr, tok0, valid, h, H, K, kb * BK, BK, C)
+        kt2 = load_rows(k_ptr, tok0, valid, h, H, K, kb * BK, BK, C)
         QK += mdot(q2, tl.trans(kt2), DOT_MODE)
         KK += mdot(kt2, tl.trans(kt2), DOT_MODE)
     QK = QK * rq[:, None] * rk[None, :]
@@ -193,26 +192,26 @@ def grads_kernel(
         for vb in tl.range(0, NVB):
             vv = vb * BV + tl.arange(0, BV)
             vm = vv < V
+            # an empty chunk's states are never written: not read either
             smask = km[:, None] & vm[None, :] & live
-            S0 = tl.load(h_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], mask=smask, other=0.0).to(tl.float32)
-            dS1 = tl.load(dh_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], mask=smask, other=0.0).to(tl.float32)
-            tmask = valid[:, None] & vm[None, :]
-            dO = tl.load(do_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
+            offs = (c * H + h) * K * V
+            S0 = tl.load(h_ptr + offs + (kk[:, None] * V + vv[None, :]), mask=smask, other=0.0)
+            dS1 = tl.load(dh_ptr + offs + (kk[:, None] * V + vv[None, :]), mask=smask, other=0.0)
+            dO = load_rows(do_ptr, tok0, valid, h, H, V, vb * BV, BV, C)
             if DELTA:
-                ub = tl.load(u_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
+                ub = load_rows(u_ptr, c * C, valid, h, H, V, vb * BV, BV, C)
             else:
-                ub = tl.load(v_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
+                ub = load_rows(v_ptr, tok0, valid, h, H, V, vb * BV, BV, C)
             acc_qs += mdot(dO, tl.trans(S0), DOT_MODE)
             acc_ek += mdot(ub, tl.trans(dS1), DOT_MODE)
-            dcC += tl.sum(tl.sum(S0 * dS1, 1), 0)
+            dcC += tl.sum(tl.sum(S0.to(tl.float32) * dS1.to(tl.float32), 1), 0)
             if DELTA:
-                dub = tl.load(du_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0)
+                dub = load_rows(du_ptr, c * C, valid, h, H, V, vb * BV, BV, C)
                 acc_us += mdot(dub, tl.trans(S0), DOT_MODE)
-        m1 = valid[:, None] & km[None, :]
         if DELTA:
             acc_bk = mdot(tl.trans(Tm), acc_us, DOT_MODE)  # dbv S0^T: one T^T dot per K block
-        qb = tl.load(q_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=m1, other=0.0).to(tl.float32) * rq[:, None]
-        kbt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=m1, other=0.0).to(tl.float32) * rk[:, None]
+        qb = load_rows(q_ptr, tok0, valid, h, H, K, kb * BK, BK, C).to(tl.float32) * rq[:, None]
+        kbt = load_rows(k_ptr, tok0, valid, h, H, K, kb * BK, BK, C).to(tl.float32) * rk[:, None]
         dq = scale * carry[:, None] * acc_qs + scale * mdot(dPD, kbt, DOT_MODE)
         dk = scale * mdot(dPTD, qb, DOT_MODE) + e[:, None] * acc_ek
         dc += scale * tl.sum(qb * acc_qs, 1)
@@ -222,8 +221,8 @@ def grads_kernel(
             kdb = -tl.sum(kbt * acc_bk, 1)
             dc += b * kdb
             dbeta += carry * kdb
-        tl.store(dq_ptr + (tok[:, None] * H + h) * K + kk[None, :], dq, mask=m1)
-        tl.store(dk_ptr + (tok[:, None] * H + h) * K + kk[None, :], dk, mask=m1)
+        store_rows(dq_ptr, tok0, valid, h, H, K, kb * BK, dq, BK, C)
+        store_rows(dk_ptr, tok0, valid, h, H, K, kb * BK, dk, BK, C)
     if DELTA:
         tl.store(db_ptr + tok * H + h, dbeta, mask=valid)
     if HAS_G:
