@@ -46,14 +46,16 @@ def local_du_kernel(
     tok0 = tl.load(info_ptr + 2 * c)
     rq = row_scales(rq_ptr, tok, valid, h, H, L2)
     rk = row_scales(rk_ptr, tok, valid, h, H, L2)
-    # P^T = (k q^T) * D^T, built directly: never tl.trans a dot result (Hopper miscompile)
+    # P^T = (k q^T) * D^T, built directly: never tl.trans a dot result (Hopper miscompile); the loads that
+    # do not wait for the K loop's dots go first, so that their latency overlaps it
+    DT = (rk[:, None] * rq[None, :]) * stored_decay(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET, True)
+    dO = load_rows(do_ptr, tok0, valid, h, H, V, vb * BV, BV, C)
     KQ = tl.zeros([C, C], dtype=tl.float32)
     for kb in tl.static_range(NKB):
         q2 = load_rows(q_ptr, tok0, valid, h, H, K, kb * BK, BK, C)
         kt2 = load_rows(k_ptr, tok0, valid, h, H, K, kb * BK, BK, C)
         KQ += mdot(kt2, tl.trans(q2), DOT_MODE)
-    PT = KQ * (rk[:, None] * rq[None, :]) * stored_decay(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET, True)
-    dO = load_rows(do_ptr, tok0, valid, h, H, V, vb * BV, BV, C)
+    PT = KQ * DT
     # every row of the padded chunk is written (0 past its end): the sequential pass reads them all
     store_rows(dul_ptr, c * C, tl.full([C], 1, tl.int1), h, H, V, vb * BV, scale * mdot(PT, dO, DOT_MODE), BV, C)
 

@@ -253,6 +253,12 @@ def output_kernel(
     qc = tl.load(qc_ptr + prow * H + h)  # carry * rq, from gates_kernel
     rq = row_scales(rq_ptr, tok, valid, h, H, L2)
     rk = row_scales(rk_ptr, tok, valid, h, H, L2)
+    # the loads that do not wait for the K loop's dots go first, so that their latency overlaps it
+    D = (rq[:, None] * rk[None, :]) * stored_decay(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET, False)
+    if DELTA:
+        u = load_rows(u_ptr, c * C, valid, h, H, V, v0, BV, C)
+    else:
+        u = load_rows(v_ptr, tok0, valid, h, H, V, v0, BV, C)
     QK = tl.zeros([C, C], dtype=tl.float32)
     qS = tl.zeros([C, BV], dtype=tl.float32)
     for kb in tl.static_range(NKB):
@@ -264,10 +270,5 @@ def output_kernel(
         S0 = tl.load(h_ptr + (c * H + h) * K * V + (kk[:, None] * V + vv[None, :]),
                      mask=(kk < K)[:, None] & (vv < V)[None, :] & (nvalid > 0), other=0.0)
         qS += mdot(qt, S0, DOT_MODE)  # rows weighted after the loop: q stays in its dtype for the dot
-    P = QK * (rq[:, None] * rk[None, :]) * stored_decay(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET, False)
-    if DELTA:
-        u = load_rows(u_ptr, c * C, valid, h, H, V, v0, BV, C)
-    else:
-        u = load_rows(v_ptr, tok0, valid, h, H, V, v0, BV, C)
-    o = scale * (qS * qc[:, None] + mdot(P, u, DOT_MODE))
+    o = scale * (qS * qc[:, None] + mdot(QK * D, u, DOT_MODE))
     store_rows(o_ptr, tok0, valid, h, H, V, v0, o, BV, C)
