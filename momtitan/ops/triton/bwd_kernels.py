@@ -26,7 +26,8 @@ import triton.language as tl
 
 from momtitan.ops.triton.common import (
     blocks_plus_cols_times, chunk_rows, load_rows, load_state_blocks, mdot, row_scales, rows_times_blocks,
-    segment_bounds, segment_chunk, store_rows, store_state_blocks, stored_decay, stored_gates, stored_weights,
+    segment_bounds, segment_chunk, store_rows, store_state_blocks, stored_decay, stored_gates, stored_row_weights,
+    stored_weights,
 )
 
 
@@ -77,13 +78,19 @@ def state_bwd_kernel(
     vv = v0 + tl.arange(0, BV)
     c_start, c_stop, tok_lo, tok_hi = segment_bounds(seg_ptr, n)
     dS1, dS2, dS3, dS4 = load_state_blocks(dht_ptr, n, h, H, K, V, vv, HAS_DHT, BK, BV, NKB)
+    # from gates_kernel, a chunk ahead (`stored_row_weights`): e * rk, carry * rq and c_end
+    live = c_start < c_stop
+    ke_next = stored_row_weights(ke_ptr, c_stop - 1, h, H, C, live)
+    qc_next = stored_row_weights(qc_ptr, c_stop - 1, h, H, C, live)
+    c_end_next = tl.load(cend_ptr + (c_stop - 1) * H + h, mask=live, other=0.0)
     for cc in range(c_start, c_stop):
         c = c_start + c_stop - 1 - cc  # int64 bounds
+        ke, qc, c_end = ke_next, qc_next, c_end_next
+        ke_next = stored_row_weights(ke_ptr, c - 1, h, H, C, c > c_start)
+        qc_next = stored_row_weights(qc_ptr, c - 1, h, H, C, c > c_start)
+        c_end_next = tl.load(cend_ptr + (c - 1) * H + h, mask=c > c_start, other=0.0)
         store_state_blocks(dh_ptr, c, h, H, K, V, vv, dS1, dS2, dS3, dS4, BK, NKB)
         tok0, prow0, valid = segment_chunk(tok_lo, tok_hi, c, c_start, C)
-        ke = tl.load(ke_ptr + (prow0 * H + h) + tl.arange(0, C) * H)  # from gates_kernel: e * rk and carry * rq
-        qc = tl.load(qc_ptr + (prow0 * H + h) + tl.arange(0, C) * H)
-        c_end = tl.load(cend_ptr + c * H + h)
         # du = du_local + e * (k dS1)
         du = load_rows(dul_ptr, prow0, valid, h, H, V, v0, BV, C) + ke[:, None] * rows_times_blocks(
             k_ptr, tok0, valid, h, H, K, dS1, dS2, dS3, dS4, BK, NKB, DOT_MODE, C)

@@ -78,6 +78,16 @@ def segment_chunk(tok_lo, tok_hi, c, c_first, C: tl.constexpr):
     return tok0, c * C, tl.arange(0, C) < tok_hi - tok0
 
 
+@triton.jit
+def stored_row_weights(ptr, c, h, H, C: tl.constexpr, live):
+    """Chunk `c`'s `[C]` row weights as `gates_kernel` stored them (`ke`, `qc`; padded rows), zeros
+    where not `live`. The sequential passes load them, and `c_end`, a chunk ahead and carry them
+    through the loop: loaded in the chunk that used them, their latency stood between every two
+    chunks' dots (the passes' largest stall in Nsight Compute; `num_stages` does not pipeline them)."""
+    i = tl.arange(0, C)
+    return tl.load(ptr + (c * C + i) * H + h, mask=(i < C) & live, other=0.0)
+
+
 # The tile helpers below address a tile as an int64 base pointer plus int32 offsets within it (rows
 # of a chunk and columns of a head are < 2^31 apart): int64 offsets per element would double the
 # registers every address tile takes.

@@ -25,7 +25,7 @@ import triton.language as tl
 from momtitan.ops.triton.common import (
     blocks_plus_cols_times, chunk_gates, chunk_rows, chunk_weights, inverse_blocks, load_rows, load_state_blocks, mdot,
     row_scales, rows_times_blocks, segment_bounds, segment_chunk, store_rows, store_state_blocks, stored_decay,
-    stored_gates,
+    stored_gates, stored_row_weights,
 )
 
 
@@ -217,12 +217,16 @@ def state_kernel(
     vv = v0 + tl.arange(0, BV)
     c_start, c_stop, tok_lo, tok_hi = segment_bounds(seg_ptr, n)
     S1, S2, S3, S4 = load_state_blocks(h0_ptr, n, h, H, K, V, vv, HAS_H0, BK, BV, NKB)
+    # from gates_kernel, a chunk ahead (`stored_row_weights`): e * rk (0 past the end) and c_end
+    e_next = stored_row_weights(ke_ptr, c_start, h, H, C, c_start < c_stop)
+    c_end_next = tl.load(cend_ptr + c_start * H + h, mask=c_start < c_stop, other=0.0)
     for cc in range(c_start, c_stop):
         c = cc  # int64: the bounds are int64
+        e, c_end = e_next, c_end_next
+        e_next = stored_row_weights(ke_ptr, c + 1, h, H, C, c + 1 < c_stop)
+        c_end_next = tl.load(cend_ptr + (c + 1) * H + h, mask=c + 1 < c_stop, other=0.0)
         store_state_blocks(h_ptr, c, h, H, K, V, vv, S1, S2, S3, S4, BK, NKB)
         tok0, prow0, valid = segment_chunk(tok_lo, tok_hi, c, c_start, C)
-        e = tl.load(ke_ptr + (prow0 * H + h) + tl.arange(0, C) * H)  # from gates_kernel: e * rk (0 past the end)
-        c_end = tl.load(cend_ptr + c * H + h)
         if DELTA:  # u = U - W S0
             u = load_rows(uin_ptr, prow0, valid, h, H, V, v0, BV, C).to(tl.float32) - rows_times_blocks(
                 w_ptr, prow0, valid, h, H, K, S1, S2, S3, S4, BK, NKB, DOT_MODE, C)
