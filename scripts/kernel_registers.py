@@ -38,7 +38,7 @@ IO_ARGS = {"q_ptr", "k_ptr", "v_ptr", "beta_ptr", "do_ptr", "o_ptr", "dv_ptr"}
 CHUNK_STATE_ARGS = {"h_ptr", "dh_ptr"}
 WY_ARGS = {"w_ptr", "u_ptr", "uin_ptr", "unew_ptr"}
 DTYPES = ("bf16", "fp16", "fp32")
-INT_PTR_ARGS = {"info_ptr", "seg_ptr", "r_ptr"}
+INT_PTR_ARGS = {"info_ptr": "i64", "seg_ptr": "i64", "r_ptr": "u8", "run_ptr": "i32"}  # the tables, resets, run ids
 SIZE_ARGS = {"H", "K", "V"}
 HOPPER_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KB)
 TRITON_DEFAULT_STAGES = 3  # what a launch that passes no num_stages gets on CUDA
@@ -101,7 +101,7 @@ def ptxas_report(fn, consts: dict, warps: int, stages: int, arch: int,
         elif arg in SIZE_ARGS:
             sig[arg] = "i32"
         else:
-            sig[arg] = f"*{dtypes[arg]}" if arg in dtypes else "*i64" if arg in INT_PTR_ARGS else "*fp32"
+            sig[arg] = f"*{dtypes.get(arg) or INT_PTR_ARGS.get(arg, 'fp32')}"
         if arg in SIZE_ARGS or sig[arg].startswith("*"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     missing = used - consts.keys()

@@ -17,7 +17,7 @@ tune = load_script("tune_kernels")
 
 def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps():
     assert tune.default_choices(128) == dict(BV=64, BVG=32, BVS=32, warps_seq=4, warps_chunk=8, warps_grad=8,
-                                             warps_inverse=1, stages_state=1, stages_state_bwd=1, stages_grad=3,
+                                             warps_inverse=1, stages_state=2, stages_state_bwd=2, stages_grad=3,
                                              chunk_states_in_input_dtype=1, wy_in_input_dtype=1,
                                              state_bwd_dots_in_input_dtype=0)
     assert tune.default_choices(128, "float32")["stages_grad"] == 2  # 3 need more shared memory than Hopper has
@@ -30,8 +30,8 @@ def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps
     assert {c["stages_state"] for c in seq} == {c["stages_state_bwd"] for c in seq} == {1, 2, 3}
     assert not any(c["BVS"] == 16 and c["warps_seq"] == 8 for c in seq)
     assert len(seq) == 4 * 3 * 9 - 9 - 1  # no 16-wide tile at 8 warps, and not the defaults themselves
-    # nearest the defaults (BVS 32, 4 warps, 1 stage each) first: one choice changed in each of the first eight
-    near = (("BVS", 32), ("warps_seq", 4), ("stages_state", 1), ("stages_state_bwd", 1))
+    # nearest the defaults (BVS 32, 4 warps, 2 stages each) first: one choice changed in each of the first eight
+    near = (("BVS", 32), ("warps_seq", 4), ("stages_state", 2), ("stages_state_bwd", 2))
     assert all(sum(c[k] != v for k, v in near) == 1 for c in seq[:8])
     assert tune.candidates(["inverse"], head_dim=64) == [dict(warps_inverse=w, group="inverse") for w in (2, 4)]
     assert {c["BV"] for c in tune.candidates(["chunk"], head_dim=256)} == {32, 64, 128}
@@ -78,7 +78,7 @@ def test_overrides_reach_the_plan_and_bad_ones_raise(monkeypatch):
 
     monkeypatch.setattr(launch, "OVERRIDES", {"BVS": 64, "stages_state": 3})
     p = plan()
-    assert (p.BVS, p.NVBS, p.stages_state, p.stages_state_bwd) == (64, 1, 3, 1)
+    assert (p.BVS, p.NVBS, p.stages_state, p.stages_state_bwd) == (64, 1, 3, 2)
     monkeypatch.setattr(launch, "OVERRIDES", {"tile": 32})
     with pytest.raises(ValueError, match="OVERRIDES may set .* got 'tile'"):
         plan()
@@ -98,7 +98,7 @@ def test_overrides_reach_the_plan_and_bad_ones_raise(monkeypatch):
     assert launch._Plan(q16, q16, v16, None, None, None, None, None, False, 64).dot_mode_state_bwd == 1
     assert plan().dot_mode_state_bwd == 0  # fp32 inputs: 3xTF32 either way
     monkeypatch.setattr(launch, "OVERRIDES", {})
-    assert plan().stages_state == 1 and plan().chunk_state_dtype == plan().wy_dtype == torch.float32
+    assert plan().stages_state == 2 and plan().chunk_state_dtype == plan().wy_dtype == torch.float32
 
 
 def test_overrides_from_the_environment_reach_the_plan_and_bad_ones_raise(monkeypatch):

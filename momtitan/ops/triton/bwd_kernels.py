@@ -25,15 +25,15 @@ import triton
 import triton.language as tl
 
 from momtitan.ops.triton.common import (
-    blocks_plus_cols_times, chunk_gates, chunk_rows, chunk_weights, decay_matrix, decay_matrix_t, load_rows,
-    load_state_blocks, mdot, row_scales, rows_times_blocks, segment_bounds, segment_chunk, store_rows,
-    store_state_blocks,
+    blocks_plus_cols_times, chunk_rows, load_rows, load_state_blocks, mdot, row_scales, rows_times_blocks,
+    segment_bounds, segment_chunk, store_rows, store_state_blocks, stored_decay, stored_gates, stored_row_weights,
+    stored_weights,
 )
 
 
 @triton.jit
 def local_du_kernel(
-    q_ptr, k_ptr, g_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr, do_ptr, dul_ptr,
+    q_ptr, k_ptr, gam_ptr, run_ptr, rq_ptr, rk_ptr, info_ptr, do_ptr, dul_ptr,
     scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DOT_MODE: tl.constexpr,
@@ -45,17 +45,18 @@ def local_du_kernel(
     vb = tl.program_id(2)
     tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     tok0 = tl.load(info_ptr + 2 * c)
-    gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
     rq = row_scales(rq_ptr, tok, valid, h, H, L2)
     rk = row_scales(rk_ptr, tok, valid, h, H, L2)
-    # P^T = (k q^T) * D^T, built directly: never tl.trans a dot result (Hopper miscompile)
+    # P^T = (k q^T) * D^T, built directly: never tl.trans a dot result (Hopper miscompile); the loads that
+    # do not wait for the K loop's dots go first, so that their latency overlaps it
+    DT = (rk[:, None] * rq[None, :]) * stored_decay(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET, True)
+    dO = load_rows(do_ptr, tok0, valid, h, H, V, vb * BV, BV, C)
     KQ = tl.zeros([C, C], dtype=tl.float32)
     for kb in tl.static_range(NKB):
         q2 = load_rows(q_ptr, tok0, valid, h, H, K, kb * BK, BK, C)
         kt2 = load_rows(k_ptr, tok0, valid, h, H, K, kb * BK, BK, C)
         KQ += mdot(kt2, tl.trans(q2), DOT_MODE)
-    PT = KQ * (rk[:, None] * rq[None, :]) * decay_matrix_t(gamma, run, C)
-    dO = load_rows(do_ptr, tok0, valid, h, H, V, vb * BV, BV, C)
+    PT = KQ * DT
     # every row of the padded chunk is written (0 past its end): the sequential pass reads them all
     store_rows(dul_ptr, c * C, tl.full([C], 1, tl.int1), h, H, V, vb * BV, scale * mdot(PT, dO, DOT_MODE), BV, C)
 
@@ -77,13 +78,19 @@ def state_bwd_kernel(
     vv = v0 + tl.arange(0, BV)
     c_start, c_stop, tok_lo, tok_hi = segment_bounds(seg_ptr, n)
     dS1, dS2, dS3, dS4 = load_state_blocks(dht_ptr, n, h, H, K, V, vv, HAS_DHT, BK, BV, NKB)
+    # from gates_kernel, a chunk ahead (`stored_row_weights`): e * rk, carry * rq and c_end
+    live = c_start < c_stop
+    ke_next = stored_row_weights(ke_ptr, c_stop - 1, h, H, C, live)
+    qc_next = stored_row_weights(qc_ptr, c_stop - 1, h, H, C, live)
+    c_end_next = tl.load(cend_ptr + (c_stop - 1) * H + h, mask=live, other=0.0)
     for cc in range(c_start, c_stop):
         c = c_start + c_stop - 1 - cc  # int64 bounds
+        ke, qc, c_end = ke_next, qc_next, c_end_next
+        ke_next = stored_row_weights(ke_ptr, c - 1, h, H, C, c > c_start)
+        qc_next = stored_row_weights(qc_ptr, c - 1, h, H, C, c > c_start)
+        c_end_next = tl.load(cend_ptr + (c - 1) * H + h, mask=c > c_start, other=0.0)
         store_state_blocks(dh_ptr, c, h, H, K, V, vv, dS1, dS2, dS3, dS4, BK, NKB)
         tok0, prow0, valid = segment_chunk(tok_lo, tok_hi, c, c_start, C)
-        ke = tl.load(ke_ptr + (prow0 * H + h) + tl.arange(0, C) * H)  # from gates_kernel: e * rk and carry * rq
-        qc = tl.load(qc_ptr + (prow0 * H + h) + tl.arange(0, C) * H)
-        c_end = tl.load(cend_ptr + c * H + h)
         # du = du_local + e * (k dS1)
         du = load_rows(dul_ptr, prow0, valid, h, H, V, v0, BV, C) + ke[:, None] * rows_times_blocks(
             k_ptr, tok0, valid, h, H, K, dS1, dS2, dS3, dS4, BK, NKB, DOT_MODE, C)
@@ -102,7 +109,7 @@ def state_bwd_kernel(
 
 @triton.jit
 def grads_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr,
+    q_ptr, k_ptr, v_ptr, gam_ptr, beta_ptr, run_ptr, rq_ptr, rk_ptr, info_ptr,
     t_ptr, h_ptr, dh_ptr, u_ptr, du_ptr, do_ptr,
     dq_ptr, dk_ptr, dv_ptr, dg_ptr, db_ptr,
     scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -114,16 +121,17 @@ def grads_kernel(
     h = tl.program_id(1).to(tl.int64)
     i = tl.arange(0, C)
     tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
+    tok0 = tl.load(info_ptr + 2 * c)
     live = nvalid > 0
-    gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
-    carry, e, c_end = chunk_weights(gamma, run, C)
-    D = decay_matrix(gamma, run, C)
-    DT = decay_matrix_t(gamma, run, C)
+    gamma, run = stored_gates(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET)
+    carry, e, c_end = stored_weights(gam_ptr, run_ptr, c * C, h, H, gamma, run, C, HAS_G, HAS_RESET)
+    D = stored_decay(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET, False)
+    DT = stored_decay(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET, True)
     rq = row_scales(rq_ptr, tok, valid, h, H, L2)
     rk = row_scales(rk_ptr, tok, valid, h, H, L2)
     if DELTA:
         b = tl.load(beta_ptr + tok * H + h, mask=valid, other=0.0).to(tl.float32)
-        Tm = tl.load(t_ptr + ((c * H + h) * C + i[:, None]) * C + i[None, :], mask=live, other=0.0)
+        Tm = tl.load(t_ptr + (c * H + h) * C * C + (i[:, None] * C + i[None, :]), mask=live, other=0.0)
     else:
         b = tl.zeros([C], dtype=tl.float32)
         Tm = tl.zeros([C, C], dtype=tl.float32)
@@ -131,6 +139,8 @@ def grads_kernel(
     # The loops over V and K blocks stay loops (tl.range, not unrolled): unrolled, the scheduler hoisted
     # every block's loads beside the kernel's many live C x C tiles and ptxas spilled 2-3 KB per thread
     # (scripts/kernel_registers.py, sm_90, 8 warps; kept as loops, under 100 B).
+    # Tiles that only enter dots stay in their stored dtype (mdot casts to the dot's); fp32 where they
+    # enter sums.
     # Pass 1, over V: the C x C products, which do not depend on the K-block (and dv).
     dP = tl.zeros([C, C], dtype=tl.float32)  # dO u^T
     dPT = tl.zeros([C, C], dtype=tl.float32)  # u dO^T (its transpose, built directly)
@@ -138,32 +148,28 @@ def grads_kernel(
     dAT = tl.zeros([C, C], dtype=tl.float32)  # u dbv^T
     dbeta = tl.zeros([C], dtype=tl.float32)  # sum_v v * dbv, then the K-block terms
     for vb in tl.range(0, NVB):
-        vv = vb * BV + tl.arange(0, BV)
-        tmask = valid[:, None] & (vv < V)[None, :]
-        dO = tl.load(do_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
-        vt = tl.load(v_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
+        dO = load_rows(do_ptr, tok0, valid, h, H, V, vb * BV, BV, C)
+        vt = load_rows(v_ptr, tok0, valid, h, H, V, vb * BV, BV, C)
         if DELTA:
-            ub = tl.load(u_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
+            ub = load_rows(u_ptr, c * C, valid, h, H, V, vb * BV, BV, C)
         else:
             ub = vt
         dP += mdot(dO, tl.trans(ub), DOT_MODE)
         dPT += mdot(ub, tl.trans(dO), DOT_MODE)
         if DELTA:
-            dub = tl.load(du_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0)
+            dub = load_rows(du_ptr, c * C, valid, h, H, V, vb * BV, BV, C)
             dbv = mdot(tl.trans(Tm), dub, DOT_MODE)  # T^T du
             dbvT = mdot(tl.trans(dub), Tm, DOT_MODE)  # (T^T du)^T, not tl.trans(dbv)
             dA += mdot(dbv, tl.trans(ub), DOT_MODE)
             dAT += mdot(ub, dbvT, DOT_MODE)
-            tl.store(dv_ptr + (tok[:, None] * H + h) * V + vv[None, :], (b[:, None] * dbv).to(dv_ptr.dtype.element_ty), mask=tmask)
-            dbeta += tl.sum(vt * dbv, 1)
+            store_rows(dv_ptr, tok0, valid, h, H, V, vb * BV, b[:, None] * dbv, BV, C)
+            dbeta += tl.sum(vt.to(tl.float32) * dbv, 1)
 
     QK = tl.zeros([C, C], dtype=tl.float32)
     KK = tl.zeros([C, C], dtype=tl.float32)
     for kb in tl.range(0, NKB):
-        k2 = kb * BK + tl.arange(0, BK)
-        m2 = valid[:, None] & (k2 < K)[None, :]
-        q2 = tl.load(q_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
-        kt2 = tl.load(k_ptr + (tok[:, None] * H + h) * K + k2[None, :], mask=m2, other=0.0)
+        q2 = load_rows(q_ptr, tok0, valid, h, H, K, kb * BK, BK, C)
+        kt2 = load_rows(k_ptr, tok0, valid, h, H, K, kb * BK, BK, C)
         QK += mdot(q2, tl.trans(kt2), DOT_MODE)
         KK += mdot(kt2, tl.trans(kt2), DOT_MODE)
     QK = QK * rq[:, None] * rk[None, :]
@@ -195,26 +201,26 @@ def grads_kernel(
         for vb in tl.range(0, NVB):
             vv = vb * BV + tl.arange(0, BV)
             vm = vv < V
+            # an empty chunk's states are never written: not read either
             smask = km[:, None] & vm[None, :] & live
-            S0 = tl.load(h_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], mask=smask, other=0.0).to(tl.float32)
-            dS1 = tl.load(dh_ptr + ((c * H + h) * K + kk[:, None]) * V + vv[None, :], mask=smask, other=0.0).to(tl.float32)
-            tmask = valid[:, None] & vm[None, :]
-            dO = tl.load(do_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
+            offs = (c * H + h) * K * V
+            S0 = tl.load(h_ptr + offs + (kk[:, None] * V + vv[None, :]), mask=smask, other=0.0)
+            dS1 = tl.load(dh_ptr + offs + (kk[:, None] * V + vv[None, :]), mask=smask, other=0.0)
+            dO = load_rows(do_ptr, tok0, valid, h, H, V, vb * BV, BV, C)
             if DELTA:
-                ub = tl.load(u_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
+                ub = load_rows(u_ptr, c * C, valid, h, H, V, vb * BV, BV, C)
             else:
-                ub = tl.load(v_ptr + (tok[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0).to(tl.float32)
+                ub = load_rows(v_ptr, tok0, valid, h, H, V, vb * BV, BV, C)
             acc_qs += mdot(dO, tl.trans(S0), DOT_MODE)
             acc_ek += mdot(ub, tl.trans(dS1), DOT_MODE)
-            dcC += tl.sum(tl.sum(S0 * dS1, 1), 0)
+            dcC += tl.sum(tl.sum(S0.to(tl.float32) * dS1.to(tl.float32), 1), 0)
             if DELTA:
-                dub = tl.load(du_ptr + (prow[:, None] * H + h) * V + vv[None, :], mask=tmask, other=0.0)
+                dub = load_rows(du_ptr, c * C, valid, h, H, V, vb * BV, BV, C)
                 acc_us += mdot(dub, tl.trans(S0), DOT_MODE)
-        m1 = valid[:, None] & km[None, :]
         if DELTA:
             acc_bk = mdot(tl.trans(Tm), acc_us, DOT_MODE)  # dbv S0^T: one T^T dot per K block
-        qb = tl.load(q_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=m1, other=0.0).to(tl.float32) * rq[:, None]
-        kbt = tl.load(k_ptr + (tok[:, None] * H + h) * K + kk[None, :], mask=m1, other=0.0).to(tl.float32) * rk[:, None]
+        qb = load_rows(q_ptr, tok0, valid, h, H, K, kb * BK, BK, C).to(tl.float32) * rq[:, None]
+        kbt = load_rows(k_ptr, tok0, valid, h, H, K, kb * BK, BK, C).to(tl.float32) * rk[:, None]
         dq = scale * carry[:, None] * acc_qs + scale * mdot(dPD, kbt, DOT_MODE)
         dk = scale * mdot(dPTD, qb, DOT_MODE) + e[:, None] * acc_ek
         dc += scale * tl.sum(qb * acc_qs, 1)
@@ -224,8 +230,8 @@ def grads_kernel(
             kdb = -tl.sum(kbt * acc_bk, 1)
             dc += b * kdb
             dbeta += carry * kdb
-        tl.store(dq_ptr + (tok[:, None] * H + h) * K + kk[None, :], dq, mask=m1)
-        tl.store(dk_ptr + (tok[:, None] * H + h) * K + kk[None, :], dk, mask=m1)
+        store_rows(dq_ptr, tok0, valid, h, H, K, kb * BK, dq, BK, C)
+        store_rows(dk_ptr, tok0, valid, h, H, K, kb * BK, dk, BK, C)
     if DELTA:
         tl.store(db_ptr + tok * H + h, dbeta, mask=valid)
     if HAS_G:

@@ -78,6 +78,16 @@ def segment_chunk(tok_lo, tok_hi, c, c_first, C: tl.constexpr):
     return tok0, c * C, tl.arange(0, C) < tok_hi - tok0
 
 
+@triton.jit
+def stored_row_weights(ptr, c, h, H, C: tl.constexpr, live):
+    """Chunk `c`'s `[C]` row weights as `gates_kernel` stored them (`ke`, `qc`; padded rows), zeros
+    where not `live`. The sequential passes load them, and `c_end`, a chunk ahead and carry them
+    through the loop: loaded in the chunk that used them, their latency stood between every two
+    chunks' dots (the passes' largest stall in Nsight Compute; `num_stages` does not pipeline them)."""
+    i = tl.arange(0, C)
+    return tl.load(ptr + (c * C + i) * H + h, mask=(i < C) & live, other=0.0)
+
+
 # The tile helpers below address a tile as an int64 base pointer plus int32 offsets within it (rows
 # of a chunk and columns of a head are < 2^31 apart): int64 offsets per element would double the
 # registers every address tile takes.
@@ -217,6 +227,63 @@ def chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C: tl.constexpr, HAS_G: tl.const
 
 
 @triton.jit
+def stored_gates(gam_ptr, run_ptr, row0, h, H, N: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr):
+    """`gamma [N]` and `run [N]` of the padded rows `row0 .. row0 + N`, as `gates_kernel` stored them
+    (loads instead of the cumulative sums `chunk_gates` computes; any N rows of a chunk)."""
+    i = tl.arange(0, N)
+    if HAS_G:
+        gamma = tl.load(gam_ptr + (row0 + i) * H + h)
+    else:
+        gamma = tl.zeros([N], dtype=tl.float32)
+    if HAS_RESET:
+        run = tl.load(run_ptr + row0 + i)
+    else:
+        run = tl.zeros([N], dtype=tl.int32)
+    return gamma, run
+
+
+@triton.jit
+def stored_weights(gam_ptr, run_ptr, row0, h, H, gamma, run, C: tl.constexpr, HAS_G: tl.constexpr,
+                   HAS_RESET: tl.constexpr):
+    """`chunk_weights` from the stored gates: the chunk's last row read as a scalar, not reduced."""
+    g_last = 0.0
+    r_last = 0
+    if HAS_G:
+        g_last = tl.load(gam_ptr + (row0 + C - 1) * H + h)
+    if HAS_RESET:
+        r_last = tl.load(run_ptr + row0 + C - 1)
+    carry = tl.where(run == 0, tl.exp(gamma), 0.0)
+    e = tl.where(run == r_last, tl.exp(g_last - gamma), 0.0)
+    c_end = tl.where(r_last == 0, tl.exp(g_last), 0.0)
+    return carry, e, c_end
+
+
+@triton.jit
+def stored_decay(gam_ptr, run_ptr, row0, h, H, C: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr,
+                 TRANSPOSED: tl.constexpr):
+    """The chunk's decay matrix D[i, j] = exp(gamma_i - gamma_j) for j <= i in the same run, else 0, or
+    (TRANSPOSED) its transpose, built directly (transposing a tensor that comes out of a `tl.dot` and
+    feeding it to another dot miscompiles on Hopper with Triton 3.4-3.6 for 16-bit operands: the
+    kernels never `tl.trans` a dot result). The stored gates are loaded once as a column [C, 1] and
+    once as a row [1, C], so that no vector changes layout to broadcast."""
+    i = tl.arange(0, C)
+    if TRANSPOSED:
+        m = i[:, None] <= i[None, :]
+    else:
+        m = i[:, None] >= i[None, :]
+    if HAS_RESET:
+        m = m & (tl.load(run_ptr + row0 + i[:, None]) == tl.load(run_ptr + row0 + i[None, :]))
+    if HAS_G:
+        g_col = tl.load(gam_ptr + (row0 + i[:, None]) * H + h)
+        g_row = tl.load(gam_ptr + (row0 + i[None, :]) * H + h)
+        diff = g_row - g_col if TRANSPOSED else g_col - g_row
+        d = tl.where(m, tl.exp(tl.where(m, diff, 0.0)), 0.0)
+    else:
+        d = tl.where(m, 1.0, 0.0)
+    return d
+
+
+@triton.jit
 def chunk_weights(gamma, run, C: tl.constexpr):
     """carry [C] (weight of the chunk's start state at each token), end weights e [C] (weight of each
     token's update in the chunk's end state), c_end (weight of the start state in the end state)."""
@@ -230,24 +297,6 @@ def chunk_weights(gamma, run, C: tl.constexpr):
 
 
 @triton.jit
-def decay_matrix(gamma, run, C: tl.constexpr):
-    """D[i, j] = exp(gamma_i - gamma_j) for j <= i in the same run, else 0."""
-    i = tl.arange(0, C)
-    m = (i[:, None] >= i[None, :]) & (run[:, None] == run[None, :])
-    return tl.where(m, tl.exp(tl.where(m, gamma[:, None] - gamma[None, :], 0.0)), 0.0)
-
-
-@triton.jit
-def decay_matrix_t(gamma, run, C: tl.constexpr):
-    """The transpose of `decay_matrix`, built directly: DT[i, j] = D[j, i]. (Transposing a tensor
-    that comes out of a `tl.dot` and feeding it to another dot miscompiles on Hopper with Triton
-    3.4-3.6 for 16-bit operands; the kernels never `tl.trans` a dot result, they build transposes.)"""
-    i = tl.arange(0, C)
-    m = (i[:, None] <= i[None, :]) & (run[:, None] == run[None, :])
-    return tl.where(m, tl.exp(tl.where(m, gamma[None, :] - gamma[:, None], 0.0)), 0.0)
-
-
-@triton.jit
 def unit_lower_inverse(A, C: tl.constexpr):
     """(I + A)^-1 for strictly lower-triangular A [C, C], by forward substitution in registers."""
     i = tl.arange(0, C)
@@ -257,14 +306,6 @@ def unit_lower_inverse(A, C: tl.constexpr):
         new = tl.sum(a_r[:, None] * T, 0)
         T = tl.where(i[:, None] == r, T - new[None, :], T)
     return T
-
-
-@triton.jit
-def rows_of(x, r: tl.constexpr, C: tl.constexpr, BS: tl.constexpr):
-    """Rows `[r*BS, (r+1)*BS)` of a `[C]` vector (registers cannot be sliced: select and sum)."""
-    i = tl.arange(0, C)
-    j = r * BS + tl.arange(0, BS)
-    return tl.sum(tl.where(i[None, :] == j[:, None], x[None, :], 0), 1)
 
 
 @triton.jit

@@ -101,9 +101,12 @@ class _Plan:
         # and ~100 B at 8 (scripts/kernel_registers.py); the tiles stay 32 wide, not the 16-wide tiles that
         # miscompiled
         self.warps_grad = 8 if chunk > 32 and self.BKF >= 64 and self.BVF >= 32 else 4
-        # the sequential passes' loads wait for the previous chunk's dots: no software pipelining yet
-        self.stages_state = 1
-        self.stages_state_bwd = 1
+        # the sequential passes' loads software-pipelined one chunk ahead (their small per-chunk weights are
+        # prefetched by hand, `stored_row_weights`): 2 stages, 1.09x / 1.10x the op's fwd+bwd at 32x128 /
+        # 4x256 against 1 (B8 T4096 bf16 gated delta, H200); 3 fit the forward only (the reverse pass at
+        # d = 256 needs 259 KB) and were no faster; fp32 at d = 256 fits 2 (229 KB of sm_90's 227 KiB)
+        self.stages_state = 2
+        self.stages_state_bwd = 2
         # the gradient kernel's V/K-block loops are software-pipelined (Triton's default of 3 stages);
         # with fp32 inputs 3 stages need 240 KB of shared memory, over Hopper's 227 KB per block, so 2
         # (200 KB; `scripts/kernel_registers.py` prints each kernel's shared memory)
@@ -162,26 +165,30 @@ def states(p: _Plan) -> dict:
     dev = p.q.device
     f32 = torch.float32
     W = U = T = u = None
+    # the chunk's gates once: cumulative log-decay and run ids (read by every chunk kernel), and the
+    # sequential passes' row weights
+    gam = torch.empty(NC * C, H, device=dev, dtype=f32) if p.g is not None else None
+    run = torch.empty(NC * C, device=dev, dtype=torch.int32) if p.reset is not None else None
+    ke = torch.empty(NC * C, H, device=dev, dtype=f32)
+    qc = torch.empty(NC * C, H, device=dev, dtype=f32)
+    cend = torch.empty(NC, H, device=dev, dtype=f32)
+    gates_kernel[(NC, H)](
+        p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, p.ptr(gam), p.ptr(run), ke, qc, cend, H, C=C,
+        HAS_G=p.g is not None, HAS_RESET=p.reset is not None, L2=p.l2, num_warps=p.warps_gates,
+    )
     if p.delta:
         W = torch.empty(NC * C, H, K, device=dev, dtype=p.wy_dtype)
         U = torch.empty(NC * C, H, V, device=dev, dtype=p.wy_dtype)
         T = torch.empty(NC, H, C, C, device=dev, dtype=f32)
         inverse_kernel[(NC, H)](
-            p.k, p.ptr(p.g), p.beta, p.ptr(p.reset), p.ptr(p.rk), p.info, T,
+            p.k, p.ptr(gam), p.beta, p.ptr(run), p.ptr(p.rk), p.info, T,
             H, K, C=C, BS=16, BK=p.BK, NKB=p.NKB, num_warps=p.warps_inverse, **p.flags(),
         )
         wy_kernel[(NC, H)](
-            p.k, p.v, p.ptr(p.g), p.beta, p.ptr(p.reset), p.ptr(p.rk), p.info, T, W, U,
+            p.k, p.v, p.ptr(gam), p.beta, p.ptr(run), p.ptr(p.rk), p.info, T, W, U,
             H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, NVB=p.NVB, num_warps=p.warps_wy, **p.flags(),
         )
         u = torch.empty(NC * C, H, V, device=dev, dtype=p.wy_dtype)
-    ke = torch.empty(NC * C, H, device=dev, dtype=f32)
-    qc = torch.empty(NC * C, H, device=dev, dtype=f32)
-    cend = torch.empty(NC, H, device=dev, dtype=f32)
-    gates_kernel[(NC, H)](
-        p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, ke, qc, cend, H, C=C,
-        HAS_G=p.g is not None, HAS_RESET=p.reset is not None, L2=p.l2, num_warps=p.warps_gates,
-    )
     h = torch.empty(NC, H, K, V, device=dev, dtype=p.chunk_state_dtype)
     ht = torch.empty(p.N, H, K, V, device=dev, dtype=f32)
     state_kernel[(p.N, H, p.NVBS)](
@@ -189,7 +196,7 @@ def states(p: _Plan) -> dict:
         h, p.ptr(u), ht, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BVS, DELTA=p.delta, HAS_H0=p.h0 is not None,
         num_warps=p.warps_seq, num_stages=p.stages_state, DOT_MODE=p.dot_mode,
     )
-    return dict(h=h, ht=ht, u=u, W=W, T=T, ke=ke, qc=qc, cend=cend)
+    return dict(h=h, ht=ht, u=u, W=W, T=T, gam=gam, run=run, ke=ke, qc=qc, cend=cend)
 
 
 def forward(p: _Plan, scale: float):
@@ -197,7 +204,8 @@ def forward(p: _Plan, scale: float):
     s = states(p)
     o = torch.empty(p.B, p.T, p.H, p.V, device=p.q.device, dtype=p.v.dtype)
     output_kernel[(p.NC, p.H, p.NVB)](
-        p.q, p.k, p.v, p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, s["h"], p.ptr(s["u"]), o,
+        p.q, p.k, p.v, p.ptr(s["gam"]), p.ptr(s["run"]), s["qc"], p.ptr(p.rq), p.ptr(p.rk), p.info, s["h"],
+        p.ptr(s["u"]), o,
         scale, p.H, p.K, p.V, C=p.C, BK=p.BK, NKB=p.NKB, BV=p.BV, DELTA=p.delta,
         num_warps=p.warps_chunk, **p.flags(),
     )
@@ -219,7 +227,7 @@ def backward(p: _Plan, scale: float, do, dht):
     # the state-independent part of du, chunk-parallel, so the sequential pass only carries dS
     du_local = torch.empty(NC * C, H, V, device=dev, dtype=f32)
     local_du_kernel[(NC, H, p.NVB)](
-        p.q, p.k, p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, do, du_local,
+        p.q, p.k, p.ptr(s["gam"]), p.ptr(s["run"]), p.ptr(p.rq), p.ptr(p.rk), p.info, do, du_local,
         scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, num_warps=p.warps_chunk, **p.flags(),
     )
     state_bwd_kernel[(p.N, H, p.NVBS)](
@@ -232,7 +240,7 @@ def backward(p: _Plan, scale: float, do, dht):
     dg = torch.empty(total, H, device=dev, dtype=f32) if p.g is not None else None
     db = torch.empty(total, H, device=dev, dtype=f32) if p.delta else None
     grads_kernel[(NC, H)](
-        p.q, p.k, p.v, p.ptr(p.g), p.ptr(p.beta), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info,
+        p.q, p.k, p.v, p.ptr(s["gam"]), p.ptr(p.beta), p.ptr(s["run"]), p.ptr(p.rq), p.ptr(p.rk), p.info,
         p.ptr(s["T"]), s["h"], dh, p.ptr(s["u"]), p.ptr(du if p.delta else None), do,
         dq, dk, dv, p.ptr(dg), p.ptr(db), scale, H, K, V,
         C=C, BK=p.BK, NKB=p.NKB, BV=p.BVG, NVB=p.NVBG, DELTA=p.delta, num_warps=p.warps_grad,
