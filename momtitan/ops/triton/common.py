@@ -82,8 +82,8 @@ def segment_chunk(tok_lo, tok_hi, c, c_first, C: tl.constexpr):
 def stored_row_weights(ptr, c, h, H, C: tl.constexpr, live):
     """Chunk `c`'s `[C]` row weights as `gates_kernel` stored them (`ke`, `qc`; padded rows), zeros
     where not `live`. The sequential passes load them, and `c_end`, a chunk ahead and carry them
-    through the loop: loaded in the chunk that used them, their latency stood between every two
-    chunks' dots (the passes' largest stall in Nsight Compute; `num_stages` does not pipeline them)."""
+    through the loop, so that these small loads are in flight during the previous chunk's dots
+    (`docs/kernels.md`, item 9, for what it measured)."""
     i = tl.arange(0, C)
     return tl.load(ptr + (c * C + i) * H + h, mask=(i < C) & live, other=0.0)
 

@@ -101,10 +101,10 @@ class _Plan:
         # and ~100 B at 8 (scripts/kernel_registers.py); the tiles stay 32 wide, not the 16-wide tiles that
         # miscompiled
         self.warps_grad = 8 if chunk > 32 and self.BKF >= 64 and self.BVF >= 32 else 4
-        # the sequential passes' loads software-pipelined one chunk ahead (their small per-chunk weights are
-        # prefetched by hand, `stored_row_weights`): 2 stages, 1.09x / 1.10x the op's fwd+bwd at 32x128 /
+        # the sequential passes' tile loads software-pipelined (their small per-chunk weights are loaded a
+        # chunk ahead by hand, `stored_row_weights`): 2 stages, 1.09x / 1.12x the op's fwd+bwd at 32x128 /
         # 4x256 against 1 (B8 T4096 bf16 gated delta, H200); 3 fit the forward only (the reverse pass at
-        # d = 256 needs 259 KB) and were no faster; fp32 at d = 256 fits 2 (229 KB of sm_90's 227 KiB)
+        # d = 256 needs 259 KB) and were no faster; fp32 at d = 256 fits 2 (229,376 of sm_90's 232,448 bytes)
         self.stages_state = 2
         self.stages_state_bwd = 2
         # the gradient kernel's V/K-block loops are software-pipelined (Triton's default of 3 stages);
