@@ -8,13 +8,17 @@ the Triton wheel reports, for the PTX, the registers per thread and the bytes sp
 (and the seconds of Triton's compile, in a cache of its own: a kernel that spills heavily also
 compiles slowly, which is the first minutes of a GPU test of it), and Triton reports the shared
 memory the kernel needs at the launcher's pipeline stages: over Hopper's 227 KB per block, the
-launch fails with OutOfResources (fp32 inputs need twice the buffers of bf16).
+launch fails with OutOfResources (fp32 inputs need twice the buffers of bf16). From the cubin's SASS
+(`cuobjdump`, also in the wheel) it counts the kernel's instructions and its global loads, and of
+those the 32-bit scalar ones (`LDG.E`): a [C] vector loaded with a stride, then broadcast along a
+dot's output, shows up as many scalar loads, each a memory transaction per row.
 A kernel at 255 registers that spills re-reads its spilled values from local memory on every use:
 the first thing to look at when a kernel is slower than its work says.
 
     python scripts/kernel_registers.py                        # every kernel, head dims 64, 128, 256
     python scripts/kernel_registers.py --kernels state_kernel,state_bwd_kernel --heads 256 --warps 4,8
     python scripts/kernel_registers.py --kernels grads_kernel --heads 256 --dtype fp32   # the GPU tests' fp32
+    python scripts/kernel_registers.py --kernels output_kernel --rule gated --no-qk-l2norm   # simple GLA
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ INT_PTR_ARGS = {"info_ptr": "i64", "seg_ptr": "i64", "r_ptr": "u8", "run_ptr": "
 SIZE_ARGS = {"H", "K", "V"}
 HOPPER_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KB)
 TRITON_DEFAULT_STAGES = 3  # what a launch that passes no num_stages gets on CUDA
+# the kernels' variant flags per rule (as `linear_recurrence` dispatches: g for the gated rules, beta
+# for the delta rules)
+RULES = {"gated_delta": dict(HAS_G=True, DELTA=True), "delta": dict(HAS_G=False, DELTA=True),
+         "gated": dict(HAS_G=True, DELTA=False), "linear": dict(HAS_G=False, DELTA=False)}
 
 
 def kernels():
@@ -55,12 +63,13 @@ def kernels():
     return found
 
 
-def constants(name: str, plan, warps: int | None, stages: int | None = None) -> tuple[dict, int, int]:
-    """The constexpr values `launch.py` passes `name` for this plan, its warps and its stages."""
+def constants(name: str, plan, warps: int | None, stages: int | None = None, rule: str = "gated_delta",
+              l2: bool = True) -> tuple[dict, int, int]:
+    """The constexpr values `launch.py` passes `name` for this plan and rule, its warps and its stages."""
     seq, grad = name in ("state_kernel", "state_bwd_kernel"), name == "grads_kernel"
     bv = plan.BVS if seq else plan.BVG if grad else plan.BV
     values = dict(H=plan.H, K=plan.K, V=plan.V, C=plan.C, BK=plan.BK, NKB=plan.NKB, BKF=plan.BKF, BS=16, BV=bv, NVB=plan.BVF // bv,
-                  HAS_G=True, HAS_RESET=False, L2=True, DELTA=True, HAS_H0=True, HAS_DHT=True,
+                  **RULES[rule], HAS_RESET=False, L2=l2, HAS_H0=True, HAS_DHT=True,
                   DOT_MODE=plan.dot_mode_state_bwd if name == "state_bwd_kernel" else plan.dot_mode)
     default_warps = {"gates_kernel": plan.warps_gates, "inverse_kernel": plan.warps_inverse, "wy_kernel": plan.warps_wy}.get(
         name, plan.warps_seq if seq else plan.warps_grad if grad else plan.warps_chunk)
@@ -83,9 +92,10 @@ def _torch_dtypes() -> dict:
 
 
 def ptxas_report(fn, consts: dict, warps: int, stages: int, arch: int,
-                 dtypes: dict[str, str]) -> tuple[int, int, int, int, float]:
+                 dtypes: dict[str, str]) -> tuple[int, int, int, int, float, tuple[int, int, int]]:
     """(registers, spill store bytes, spill load bytes, shared memory bytes, seconds of Triton's compile
-    to a cubin) of `fn` compiled for sm_`arch`, pointer `arg` to `dtypes[arg]` (fp32 or int64 if absent)."""
+    to a cubin, `sass_counts`) of `fn` compiled for sm_`arch`, pointer `arg` to `dtypes[arg]` (fp32 or
+    int64 if absent)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -111,18 +121,29 @@ def ptxas_report(fn, consts: dict, warps: int, stages: int, arch: int,
     t0 = time.perf_counter()
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
     seconds = time.perf_counter() - t0
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
-        ptx = Path(tmp) / "kernel.ptx"
+        ptx, cubin = Path(tmp) / "kernel.ptx", Path(tmp) / "kernel.cubin"
         ptx.write_text(compiled.asm["ptx"])
-        out = subprocess.run([str(ptxas), f"-arch=sm_{arch}a", "-v", str(ptx), "-o", os.devnull],
+        cubin.write_bytes(compiled.asm["cubin"])
+        out = subprocess.run([str(tools / "ptxas"), f"-arch=sm_{arch}a", "-v", str(ptx), "-o", os.devnull],
                              capture_output=True, text=True, check=True)
+        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
     text = out.stdout + out.stderr
     regs = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     if regs is None or spills is None:
         raise RuntimeError(f"ptxas printed no register report for {fn.__name__}:\n{text}")
-    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2)), compiled.metadata.shared, seconds
+    return (int(regs.group(1)), int(spills.group(1)), int(spills.group(2)), compiled.metadata.shared, seconds,
+            sass_counts(sass))
+
+
+def sass_counts(sass: str) -> tuple[int, int, int]:
+    """(instructions, global loads, 32-bit scalar global loads) in `cuobjdump -sass` output."""
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+    loads = [op for op in ops if op.startswith("LDG.")]
+    return len(ops), len(loads), sum(op == "LDG.E" for op in loads)
 
 
 def parse_args(argv=None):
@@ -135,6 +156,9 @@ def parse_args(argv=None):
     p.add_argument("--stages", type=int, default=None, help="pipeline stages (default: the launcher's)")
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--dtype", default="bf16", choices=DTYPES, help="the inputs' dtype (sets the dot modes too)")
+    p.add_argument("--rule", default="gated_delta", choices=sorted(RULES), help="the kernels' g and beta variant")
+    p.add_argument("--qk-l2norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="the variant that normalises q and k in the kernels (as the MoM layer calls it)")
     a = p.parse_args(argv)
     try:
         a.head_dims = [int(x) for x in a.heads.split(",") if x.strip()]
@@ -166,9 +190,10 @@ def main(argv=None) -> None:
         raise ValueError(f"--kernels takes names from {sorted(found)}, got {unknown}")
     if a.num_heads < 1:
         raise ValueError(f"--num-heads must be >= 1, got {a.num_heads}")
-    print(f"inputs {a.dtype}, sm_{a.arch}")
-    print("| kernel | head dim | warps | stages | registers | spill stores / loads (bytes) | shared bytes | compile s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"inputs {a.dtype}, sm_{a.arch}, rule {a.rule}, qk L2 norm {'on' if a.qk_l2norm else 'off'}")
+    print("| kernel | head dim | warps | stages | registers | spill stores / loads (bytes) | shared bytes | compile s "
+          "| SASS instructions | global loads (32-bit scalar) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     torch_dtype = _torch_dtypes()[a.dtype]
     # a Triton cache of our own, dropped at the end: a kernel found in the user's cache would print the
     # seconds of a cache hit, not of its compile
@@ -181,12 +206,12 @@ def main(argv=None) -> None:
             plan = launch._Plan(x, x, x, None, x[..., 0], None, None, None, False, launch.DEFAULT_CHUNK)
             for name in names:
                 for w in a.warp_list:
-                    consts, warps, stages = constants(name, plan, w, a.stages)
-                    regs, stores, loads, shared, seconds = ptxas_report(found[name], consts, warps, stages,
-                                                                        a.arch, pointer_dtypes(plan, a.dtype))
+                    consts, warps, stages = constants(name, plan, w, a.stages, a.rule, a.qk_l2norm)
+                    regs, stores, loads, shared, seconds, (instructions, ldg, scalar) = ptxas_report(
+                        found[name], consts, warps, stages, a.arch, pointer_dtypes(plan, a.dtype))
                     over = " (over sm_90's limit)" if a.arch == 90 and shared > HOPPER_SHARED_BYTES else ""
                     print(f"| {name} | {d} | {warps} | {stages} | {regs} | {stores} / {loads} | {shared}{over} "
-                          f"| {seconds:.1f} |", flush=True)
+                          f"| {seconds:.1f} | {instructions} | {ldg} ({scalar}) |", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,36 @@ def test_reports_registers_and_spills_of_a_kernel(capsys):
     assert cells[1:4] == ["64", "4", "3"]  # the launcher passes no stages: Triton's default
     assert 0 < int(cells[4]) <= 255 and all(int(x) >= 0 for x in cells[5].split(" / ")) and int(cells[6]) > 0
     assert float(cells[7]) >= 0
+    loads, scalar = cells[9].replace("(", "").replace(")", "").split()
+    assert int(cells[8]) > int(loads) >= int(scalar) >= 0 and int(loads) > 0
+
+
+def test_sass_counts_read_opcodes_past_predicates():
+    kr = load_script("kernel_registers")
+    sass = """
+        /*0230*/                   LDG.E.64 R20, desc[UR56][R2.64] ;             /* 0x000000380214 */
+                                                                                 /* 0x000ea8000c1e1b00 */
+        /*0290*/                   LDG.E R101, desc[UR56][R4.64] ;               /* 0x0000003804657981 */
+        /*0d10*/              @P6  LDG.E.128 R4, desc[UR56][R20.64] ;            /* 0x0000003814046981 */
+        /*0d20*/              @!P4 LDG.E R8, desc[UR56][R22.64] ;                /* 0x0000003816084981 */
+        /*11f0*/                   HGMMA.64x32x16.F32.BF16 R72, gdesc[UR4], RZ, !UPT ;
+        /*3f90*/              @!P4 EXIT ;
+"""
+    assert kr.sass_counts(sass) == (6, 4, 2)
+
+
+def test_rule_and_norm_flags_pick_the_kernel_variant(capsys):
+    """The ungated, unnormalised variant of the local-du kernel loads neither gates nor norms."""
+    kr = load_script("kernel_registers")
+    counts = {}
+    for args in (["--rule", "gated_delta"], ["--rule", "linear", "--no-qk-l2norm"]):
+        try:
+            kr.main(["--kernels", "local_du_kernel", "--heads", "64", *args])
+        except FileNotFoundError as e:
+            pytest.skip(f"no ptxas: {e}")
+        row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| local_du_kernel")]
+        counts[args[1]] = int(row[0].strip("|").split("|")[9].split()[0])
+    assert counts["linear"] < counts["gated_delta"], counts
 
 
 def test_gradient_kernel_fits_hopper_shared_memory_with_fp32_inputs(capsys):
@@ -54,3 +84,5 @@ def test_bad_arguments_raise():
         kr.parse_args(["--warps", "0"])
     with pytest.raises(ValueError, match="--stages must be >= 1, got 0"):
         kr.parse_args(["--stages", "0"])
+    with pytest.raises(SystemExit):
+        kr.parse_args(["--rule", "gla"])
