@@ -9,9 +9,11 @@ the Triton wheel reports, for the PTX, the registers per thread and the bytes sp
 compiles slowly, which is the first minutes of a GPU test of it), and Triton reports the shared
 memory the kernel needs at the launcher's pipeline stages: over Hopper's 227 KB per block, the
 launch fails with OutOfResources (fp32 inputs need twice the buffers of bf16). From the cubin's SASS
-(`cuobjdump`, also in the wheel) it counts the kernel's instructions and its global loads, and of
+(`nvdisasm`, also in the wheel) it counts the kernel's instructions and its global loads, and of
 those the 32-bit scalar ones (`LDG.E`): a [C] vector loaded with a stride, then broadcast along a
-dot's output, shows up as many scalar loads, each a memory transaction per row.
+dot's output, shows up as many scalar loads, each a memory transaction per row. `--sass-dir` writes
+each kernel's SASS with the Python source line of each instruction, to match Nsight Compute's
+per-instruction stalls (its source page) to the code without a GPU.
 A kernel at 255 registers that spills re-reads its spilled values from local memory on every use:
 the first thing to look at when a kernel is slower than its work says.
 
@@ -19,6 +21,7 @@ the first thing to look at when a kernel is slower than its work says.
     python scripts/kernel_registers.py --kernels state_kernel,state_bwd_kernel --heads 256 --warps 4,8
     python scripts/kernel_registers.py --kernels grads_kernel --heads 256 --dtype fp32   # the GPU tests' fp32
     python scripts/kernel_registers.py --kernels output_kernel --rule gated --no-qk-l2norm   # simple GLA
+    python scripts/kernel_registers.py --kernels state_kernel --heads 128 --sass-dir /tmp/sass
 """
 
 from __future__ import annotations
@@ -91,11 +94,11 @@ def _torch_dtypes() -> dict:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def ptxas_report(fn, consts: dict, warps: int, stages: int, arch: int,
-                 dtypes: dict[str, str]) -> tuple[int, int, int, int, float, tuple[int, int, int]]:
+def ptxas_report(fn, consts: dict, warps: int, stages: int, arch: int, dtypes: dict[str, str],
+                 sass_path: Path | None = None) -> tuple[int, int, int, int, float, tuple[int, int, int]]:
     """(registers, spill store bytes, spill load bytes, shared memory bytes, seconds of Triton's compile
     to a cubin, `sass_counts`) of `fn` compiled for sm_`arch`, pointer `arg` to `dtypes[arg]` (fp32 or
-    int64 if absent)."""
+    int64 if absent); the SASS, with source lines, written to `sass_path` if given."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -128,8 +131,10 @@ def ptxas_report(fn, consts: dict, warps: int, stages: int, arch: int,
         cubin.write_bytes(compiled.asm["cubin"])
         out = subprocess.run([str(tools / "ptxas"), f"-arch=sm_{arch}a", "-v", str(ptx), "-o", os.devnull],
                              capture_output=True, text=True, check=True)
-        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+        sass = subprocess.run([str(tools / "nvdisasm"), "-g", "-c", str(cubin)], capture_output=True, text=True,
                               check=True).stdout
+    if sass_path is not None:
+        sass_path.write_text(sass)
     text = out.stdout + out.stderr
     regs = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
@@ -140,7 +145,7 @@ def ptxas_report(fn, consts: dict, warps: int, stages: int, arch: int,
 
 
 def sass_counts(sass: str) -> tuple[int, int, int]:
-    """(instructions, global loads, 32-bit scalar global loads) in `cuobjdump -sass` output."""
+    """(instructions, global loads, 32-bit scalar global loads) in `nvdisasm` (or `cuobjdump -sass`) output."""
     ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
     loads = [op for op in ops if op.startswith("LDG.")]
     return len(ops), len(loads), sum(op == "LDG.E" for op in loads)
@@ -159,6 +164,8 @@ def parse_args(argv=None):
     p.add_argument("--rule", default="gated_delta", choices=sorted(RULES), help="the kernels' g and beta variant")
     p.add_argument("--qk-l2norm", action=argparse.BooleanOptionalAction, default=True,
                    help="the variant that normalises q and k in the kernels (as the MoM layer calls it)")
+    p.add_argument("--sass-dir", type=Path, default=None,
+                   help="write each kernel's SASS, with source lines, as <kernel>_d<head dim>_w<warps>_s<stages>.sass")
     a = p.parse_args(argv)
     try:
         a.head_dims = [int(x) for x in a.heads.split(",") if x.strip()]
@@ -174,6 +181,8 @@ def parse_args(argv=None):
         raise ValueError(f"--warps takes powers of two (Triton's num_warps), got {a.warps!r}")
     if a.stages is not None and a.stages < 1:
         raise ValueError(f"--stages must be >= 1, got {a.stages}")
+    if a.sass_dir is not None and a.sass_dir.exists() and not a.sass_dir.is_dir():
+        raise ValueError(f"--sass-dir must be a folder (made if missing), got the file {str(a.sass_dir)!r}")
     return a
 
 
@@ -190,6 +199,8 @@ def main(argv=None) -> None:
         raise ValueError(f"--kernels takes names from {sorted(found)}, got {unknown}")
     if a.num_heads < 1:
         raise ValueError(f"--num-heads must be >= 1, got {a.num_heads}")
+    if a.sass_dir is not None:
+        a.sass_dir.mkdir(parents=True, exist_ok=True)
     print(f"inputs {a.dtype}, sm_{a.arch}, rule {a.rule}, qk L2 norm {'on' if a.qk_l2norm else 'off'}")
     print("| kernel | head dim | warps | stages | registers | spill stores / loads (bytes) | shared bytes | compile s "
           "| SASS instructions | global loads (32-bit scalar) |")
@@ -207,8 +218,9 @@ def main(argv=None) -> None:
             for name in names:
                 for w in a.warp_list:
                     consts, warps, stages = constants(name, plan, w, a.stages, a.rule, a.qk_l2norm)
+                    sass_path = a.sass_dir / f"{name}_d{d}_w{warps}_s{stages}.sass" if a.sass_dir else None
                     regs, stores, loads, shared, seconds, (instructions, ldg, scalar) = ptxas_report(
-                        found[name], consts, warps, stages, a.arch, pointer_dtypes(plan, a.dtype))
+                        found[name], consts, warps, stages, a.arch, pointer_dtypes(plan, a.dtype), sass_path)
                     over = " (over sm_90's limit)" if a.arch == 90 and shared > HOPPER_SHARED_BYTES else ""
                     print(f"| {name} | {d} | {warps} | {stages} | {regs} | {stores} / {loads} | {shared}{over} "
                           f"| {seconds:.1f} | {instructions} | {ldg} ({scalar}) |", flush=True)

@@ -41,6 +41,22 @@ def test_sass_counts_read_opcodes_past_predicates():
     assert kr.sass_counts(sass) == (6, 4, 2)
 
 
+def test_sass_dir_writes_the_kernels_sass_with_source_lines(tmp_path, capsys):
+    kr = load_script("kernel_registers")
+    out = tmp_path / "sass"
+    try:
+        kr.main(["--kernels", "gates_kernel", "--heads", "64", "--sass-dir", str(out)])
+    except FileNotFoundError as e:
+        pytest.skip(f"no ptxas: {e}")
+    (path,) = out.iterdir()
+    assert path.name == "gates_kernel_d64_w1_s3.sass"
+    text = path.read_text()
+    assert "fwd_kernels.py" in text and "LDG" in text
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="--sass-dir must be a folder .*, got the file '.*file'"):
+        kr.parse_args(["--sass-dir", str(tmp_path / "file")])
+
+
 def test_rule_and_norm_flags_pick_the_kernel_variant(capsys):
     """The ungated, unnormalised variant of the local-du kernel loads neither gates nor norms."""
     kr = load_script("kernel_registers")
