@@ -51,6 +51,7 @@ HOPPER_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_9
 TRITON_DEFAULT_STAGES = 3  # what a launch that passes no num_stages gets on CUDA
 # the kernels' variant flags per rule (as `linear_recurrence` dispatches: g for the gated rules, beta
 # for the delta rules)
+DELTA_ONLY = ("inverse_kernel", "wy_kernel")
 RULES = {"gated_delta": dict(HAS_G=True, DELTA=True), "delta": dict(HAS_G=False, DELTA=True),
          "gated": dict(HAS_G=True, DELTA=False), "linear": dict(HAS_G=False, DELTA=False)}
 
@@ -81,11 +82,15 @@ def constants(name: str, plan, warps: int | None, stages: int | None = None, rul
     return values, warps or default_warps, stages or default_stages
 
 
-def pointer_dtypes(plan, dtype: str) -> dict[str, str]:
-    """The Triton dtype of each pointer argument that is not fp32 or int64, as the plan allocates them."""
+def pointer_dtypes(plan, dtype: str, rule: str = "gated_delta") -> dict[str, str]:
+    """The Triton dtype of each pointer argument that is not fp32 or int64, as the plan allocates them
+    for `rule` (without beta the reverse pass writes dv, in v's dtype, where the delta rules' du is fp32)."""
     name = {torch_dtype: short for short, torch_dtype in _torch_dtypes().items()}
-    return {**dict.fromkeys(IO_ARGS, dtype), **dict.fromkeys(CHUNK_STATE_ARGS, name[plan.chunk_state_dtype]),
-            **dict.fromkeys(WY_ARGS, name[plan.wy_dtype])}
+    out = {**dict.fromkeys(IO_ARGS, dtype), **dict.fromkeys(CHUNK_STATE_ARGS, name[plan.chunk_state_dtype]),
+           **dict.fromkeys(WY_ARGS, name[plan.wy_dtype])}
+    if not RULES[rule]["DELTA"]:
+        out["du_ptr"] = dtype
+    return out
 
 
 def _torch_dtypes() -> dict:
@@ -145,9 +150,11 @@ def ptxas_report(fn, consts: dict, warps: int, stages: int, arch: int, dtypes: d
 
 
 def sass_counts(sass: str) -> tuple[int, int, int]:
-    """(instructions, global loads, 32-bit scalar global loads) in `nvdisasm` (or `cuobjdump -sass`) output."""
+    """(instructions, global loads, 32-bit scalar global loads) in `nvdisasm` (or `cuobjdump -sass`) output;
+    the global loads count the pipelined copies into shared memory (`LDGSTS`) with the loads into
+    registers (`LDG`)."""
     ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
-    loads = [op for op in ops if op.startswith("LDG.")]
+    loads = [op for op in ops if op.startswith(("LDG.", "LDGSTS."))]
     return len(ops), len(loads), sum(op == "LDG.E" for op in loads)
 
 
@@ -165,7 +172,8 @@ def parse_args(argv=None):
     p.add_argument("--qk-l2norm", action=argparse.BooleanOptionalAction, default=True,
                    help="the variant that normalises q and k in the kernels (as the MoM layer calls it)")
     p.add_argument("--sass-dir", type=Path, default=None,
-                   help="write each kernel's SASS, with source lines, as <kernel>_d<head dim>_w<warps>_s<stages>.sass")
+                   help="write each kernel's SASS, with source lines, as "
+                        "<kernel>_<rule>_<dtype>_d<head dim>_w<warps>_s<stages>.sass")
     a = p.parse_args(argv)
     try:
         a.head_dims = [int(x) for x in a.heads.split(",") if x.strip()]
@@ -193,10 +201,16 @@ def main(argv=None) -> None:
 
     a = parse_args(argv)
     found = kernels()
-    names = [n.strip() for n in a.kernels.split(",") if n.strip()] or sorted(found)
+    asked = [n.strip() for n in a.kernels.split(",") if n.strip()]
+    names = asked or sorted(found)
     unknown = [n for n in names if n not in found]
     if unknown:
         raise ValueError(f"--kernels takes names from {sorted(found)}, got {unknown}")
+    if not RULES[a.rule]["DELTA"]:  # the rules without beta launch no inverse or WY kernel
+        if any(n in DELTA_ONLY for n in asked):
+            raise ValueError(f"--rule {a.rule} launches none of {list(DELTA_ONLY)} (the delta rules' kernels), "
+                             f"got --kernels {a.kernels!r}")
+        names = [n for n in names if n not in DELTA_ONLY]
     if a.num_heads < 1:
         raise ValueError(f"--num-heads must be >= 1, got {a.num_heads}")
     if a.sass_dir is not None:
@@ -218,9 +232,10 @@ def main(argv=None) -> None:
             for name in names:
                 for w in a.warp_list:
                     consts, warps, stages = constants(name, plan, w, a.stages, a.rule, a.qk_l2norm)
-                    sass_path = a.sass_dir / f"{name}_d{d}_w{warps}_s{stages}.sass" if a.sass_dir else None
+                    sass_path = (a.sass_dir / f"{name}_{a.rule}{'' if a.qk_l2norm else '_nol2'}_{a.dtype}_d{d}_w{warps}"
+                                                f"_s{stages}.sass") if a.sass_dir else None
                     regs, stores, loads, shared, seconds, (instructions, ldg, scalar) = ptxas_report(
-                        found[name], consts, warps, stages, a.arch, pointer_dtypes(plan, a.dtype), sass_path)
+                        found[name], consts, warps, stages, a.arch, pointer_dtypes(plan, a.dtype, a.rule), sass_path)
                     over = " (over sm_90's limit)" if a.arch == 90 and shared > HOPPER_SHARED_BYTES else ""
                     print(f"| {name} | {d} | {warps} | {stages} | {regs} | {stores} / {loads} | {shared}{over} "
                           f"| {seconds:.1f} | {instructions} | {ldg} ({scalar}) |", flush=True)

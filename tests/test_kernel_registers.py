@@ -39,6 +39,8 @@ def test_sass_counts_read_opcodes_past_predicates():
         /*3f90*/              @!P4 EXIT ;
 """
     assert kr.sass_counts(sass) == (6, 4, 2)
+    pipelined = "        /*11a0*/                   LDGSTS.E.BYPASS.128 [R77], desc[UR54][R54.64], P1 ;\n"
+    assert kr.sass_counts(sass + pipelined) == (7, 5, 2)  # copies into shared memory are global loads too
 
 
 def test_sass_dir_writes_the_kernels_sass_with_source_lines(tmp_path, capsys):
@@ -49,7 +51,7 @@ def test_sass_dir_writes_the_kernels_sass_with_source_lines(tmp_path, capsys):
     except FileNotFoundError as e:
         pytest.skip(f"no ptxas: {e}")
     (path,) = out.iterdir()
-    assert path.name == "gates_kernel_d64_w1_s3.sass"
+    assert path.name == "gates_kernel_gated_delta_bf16_d64_w1_s3.sass"
     text = path.read_text()
     assert "fwd_kernels.py" in text and "LDG" in text
     (tmp_path / "file").write_text("")
@@ -102,3 +104,18 @@ def test_bad_arguments_raise():
         kr.parse_args(["--stages", "0"])
     with pytest.raises(SystemExit):
         kr.parse_args(["--rule", "gla"])
+    with pytest.raises(ValueError, match=r"--rule gated launches none of \['inverse_kernel', 'wy_kernel'\]"):
+        kr.main(["--kernels", "wy_kernel", "--heads", "64", "--rule", "gated"])
+
+
+def test_pointer_dtypes_follow_the_rule():
+    """Without beta the reverse pass writes dv (v's dtype) through du_ptr; the delta rules' du is fp32."""
+    import torch
+
+    kr = load_script("kernel_registers")
+    from momtitan.ops.triton import launch
+
+    x = torch.zeros(1, 1, 2, 64, dtype=torch.bfloat16)
+    plan = launch._Plan(x, x, x, None, x[..., 0], None, None, None, False, launch.DEFAULT_CHUNK)
+    assert kr.pointer_dtypes(plan, "bf16", "gated")["du_ptr"] == "bf16"
+    assert "du_ptr" not in kr.pointer_dtypes(plan, "bf16", "gated_delta")  # fp32

@@ -1,20 +1,23 @@
 """Forward Triton kernels of the chunked linear recurrence (algorithm: `recurrence/chunk.py`).
 
-1. `inverse_kernel`  per (chunk, head), in 16-row blocks: A, T = (I + A)^-1 (diagonal blocks by
+1. `gates_kernel`    per (chunk, head): the chunk's cumulative log-decay and run ids, read by every
+   chunk kernel below and by the backward's (no kernel scans g again), and the row weights of the
+   sequential passes (no scans in their loops).
+2. `inverse_kernel`  per (chunk, head), in 16-row blocks: A, T = (I + A)^-1 (diagonal blocks by
    forward substitution, the rest by 16-wide dots), stored whole ([NC, H, C, C], fp32; the backward
    reads it too). `wy_kernel` per (chunk, head): the WY factors W = T (beta*carry*k), U = T (beta*v)
    from T as one [C, C] tile, one full-width dot per column block   (delta rules only).
-2. `gates_kernel`    per (chunk, head): the row weights of the sequential passes (no scans in their loops).
-   `state_kernel`    per (segment, head, V-block): the sequential pass over the segment's chunks;
+3. `state_kernel`    per (segment, head, V-block): the sequential pass over the segment's chunks;
    stores each chunk's start state h, the corrected values u = U - W h (delta rules), the final state.
-3. `output_kernel`   per (chunk, head, V-block): o = scale * ((carry*q) h + (q k^T * D) u).
+4. `output_kernel`   per (chunk, head, V-block): o = scale * ((carry*q) h + (q k^T * D) u).
 
 q/k L2 normalisation is fused: kernels scale rows by precomputed reciprocal norms `rq`, `rk`.
 In the chunk kernels (all but `gates_kernel`) the head count H and head dims K, V are
 compile-time constants, as the tiles are (one compile per model width): the row strides fold into the address arithmetic and the masks past K and V vanish
 where the tiles cover them exactly, which frees registers in the sequential passes
 (`scripts/kernel_registers.py`).
-Tensors in token layout are `[total, H, *]`; W, U, u live in the padded layout `[NC*C, H, *]`.
+Tensors in token layout are `[total, H, *]`; W, U, u and the stored gates live in the padded layout
+`[NC*C, H, *]`.
 """
 
 from __future__ import annotations
