@@ -12,7 +12,9 @@ import numbers
 from dataclasses import dataclass
 from momtitan.checks import require_positive_int
 
-MEMORY_RULES = ("gated_delta", "delta", "gated", "linear")
+# memory rule -> (its update decays the state with a gate g, it is a delta rule with a rate beta)
+RULE_INPUTS = {"gated_delta": (True, True), "delta": (False, True), "gated": (True, False), "linear": (False, False)}
+MEMORY_RULES = tuple(RULE_INPUTS)
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -118,11 +120,11 @@ class MoMModelArgs:
 
     @property
     def uses_decay(self) -> bool:
-        return self.memory_rule in ("gated_delta", "gated")
+        return RULE_INPUTS[self.memory_rule][0]
 
     @property
     def uses_delta(self) -> bool:
-        return self.memory_rule in ("gated_delta", "delta")
+        return RULE_INPUTS[self.memory_rule][1]
 
     def replace(self, **changes) -> "MoMModelArgs":
         """A copy with `changes`, validated. Changing hidden_size or hidden_ratio derives the MLP

@@ -49,11 +49,16 @@ INT_PTR_ARGS = {"info_ptr": "i64", "seg_ptr": "i64", "r_ptr": "u8", "run_ptr": "
 SIZE_ARGS = {"H", "K", "V"}
 HOPPER_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KB)
 TRITON_DEFAULT_STAGES = 3  # what a launch that passes no num_stages gets on CUDA
-# the kernels' variant flags per rule (as `linear_recurrence` dispatches: g for the gated rules, beta
-# for the delta rules)
-DELTA_ONLY = ("inverse_kernel", "wy_kernel")
-RULES = {"gated_delta": dict(HAS_G=True, DELTA=True), "delta": dict(HAS_G=False, DELTA=True),
-         "gated": dict(HAS_G=True, DELTA=False), "linear": dict(HAS_G=False, DELTA=False)}
+DELTA_ONLY = ("inverse_kernel", "wy_kernel")  # the delta rules' kernels
+
+
+def rule_flags(rule: str) -> dict[str, bool]:
+    """The kernels' variant flags for a memory rule, as `linear_recurrence` dispatches it (g for the
+    gated rules, beta for the delta rules)."""
+    from momtitan.config import RULE_INPUTS
+
+    has_g, delta = RULE_INPUTS[rule]
+    return dict(HAS_G=has_g, DELTA=delta)
 
 
 def kernels():
@@ -73,7 +78,7 @@ def constants(name: str, plan, warps: int | None, stages: int | None = None, rul
     seq, grad = name in ("state_kernel", "state_bwd_kernel"), name == "grads_kernel"
     bv = plan.BVS if seq else plan.BVG if grad else plan.BV
     values = dict(H=plan.H, K=plan.K, V=plan.V, C=plan.C, BK=plan.BK, NKB=plan.NKB, BKF=plan.BKF, BS=16, BV=bv, NVB=plan.BVF // bv,
-                  **RULES[rule], HAS_RESET=False, L2=l2, HAS_H0=True, HAS_DHT=True,
+                  **rule_flags(rule), HAS_RESET=False, L2=l2, HAS_H0=True, HAS_DHT=True,
                   DOT_MODE=plan.dot_mode_state_bwd if name == "state_bwd_kernel" else plan.dot_mode)
     default_warps = {"gates_kernel": plan.warps_gates, "inverse_kernel": plan.warps_inverse, "wy_kernel": plan.warps_wy}.get(
         name, plan.warps_seq if seq else plan.warps_grad if grad else plan.warps_chunk)
@@ -88,7 +93,7 @@ def pointer_dtypes(plan, dtype: str, rule: str = "gated_delta") -> dict[str, str
     name = {torch_dtype: short for short, torch_dtype in _torch_dtypes().items()}
     out = {**dict.fromkeys(IO_ARGS, dtype), **dict.fromkeys(CHUNK_STATE_ARGS, name[plan.chunk_state_dtype]),
            **dict.fromkeys(WY_ARGS, name[plan.wy_dtype])}
-    if not RULES[rule]["DELTA"]:
+    if not rule_flags(rule)["DELTA"]:
         out["du_ptr"] = dtype
     return out
 
@@ -168,7 +173,9 @@ def parse_args(argv=None):
     p.add_argument("--stages", type=int, default=None, help="pipeline stages (default: the launcher's)")
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--dtype", default="bf16", choices=DTYPES, help="the inputs' dtype (sets the dot modes too)")
-    p.add_argument("--rule", default="gated_delta", choices=sorted(RULES), help="the kernels' g and beta variant")
+    from momtitan.config import MEMORY_RULES
+
+    p.add_argument("--rule", default="gated_delta", choices=MEMORY_RULES, help="the kernels' g and beta variant")
     p.add_argument("--qk-l2norm", action=argparse.BooleanOptionalAction, default=True,
                    help="the variant that normalises q and k in the kernels (as the MoM layer calls it)")
     p.add_argument("--sass-dir", type=Path, default=None,
@@ -206,7 +213,7 @@ def main(argv=None) -> None:
     unknown = [n for n in names if n not in found]
     if unknown:
         raise ValueError(f"--kernels takes names from {sorted(found)}, got {unknown}")
-    if not RULES[a.rule]["DELTA"]:  # the rules without beta launch no inverse or WY kernel
+    if not rule_flags(a.rule)["DELTA"]:  # the rules without beta launch no inverse or WY kernel
         if any(n in DELTA_ONLY for n in asked):
             raise ValueError(f"--rule {a.rule} launches none of {list(DELTA_ONLY)} (the delta rules' kernels), "
                              f"got --kernels {a.kernels!r}")

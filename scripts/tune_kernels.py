@@ -42,9 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from momtitan.config import RULE_INPUTS  # noqa: E402
 from momtitan.ops.triton.launch import OVERRIDES_ENV, TUNABLE  # noqa: E402
-
-RULES = {"linear": (False, False), "gated": (True, False), "delta": (False, True), "gated_delta": (True, True)}
 
 
 def default_choices(head_dim: int, dtype: str = "bfloat16") -> dict:
@@ -101,7 +100,7 @@ def make_inputs(a, device):
     H, d = a.H, a.d
     dtype = getattr(torch, a.dtype)
     shape = (a.batch, a.seq_len, H)
-    use_g, use_beta = RULES[a.rule]
+    use_g, use_beta = RULE_INPUTS[a.rule]
     leaves = dict(q=torch.randn(*shape, d, device=device, dtype=dtype),
                   k=torch.randn(*shape, d, device=device, dtype=dtype),
                   v=torch.randn(*shape, d, device=device, dtype=dtype),
@@ -213,7 +212,7 @@ def table(a, rows: list[dict], device: str, versions: str) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rule", choices=sorted(RULES), default="gated_delta")
+    p.add_argument("--rule", choices=sorted(RULE_INPUTS), default="gated_delta")
     p.add_argument("--heads", default="32x128", help="H x head dim, e.g. 32x128")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--batch", type=int, default=8)
