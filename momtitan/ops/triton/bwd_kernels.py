@@ -49,7 +49,7 @@ def local_du_kernel(
     rk = row_scales(rk_ptr, tok, valid, h, H, L2)
     # P^T = (k q^T) * D^T, built directly: never tl.trans a dot result (Hopper miscompile); the loads that
     # do not wait for the K loop's dots go first, so that their latency overlaps it
-    DT = (rk[:, None] * rq[None, :]) * stored_decay(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET, True)
+    DT = (rk[:, None] * rq[None, :]) * stored_decay(gam_ptr, run_ptr, c, h, H, C, HAS_G, HAS_RESET, True)
     dO = load_rows(do_ptr, tok0, valid, h, H, V, vb * BV, BV, C)
     KQ = tl.zeros([C, C], dtype=tl.float32)
     for kb in tl.static_range(NKB):
@@ -123,10 +123,10 @@ def grads_kernel(
     tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     tok0 = tl.load(info_ptr + 2 * c)
     live = nvalid > 0
-    gamma, run = stored_gates(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET)
-    carry, e, c_end = stored_weights(gam_ptr, run_ptr, c * C, h, H, gamma, run, C, HAS_G, HAS_RESET)
-    D = stored_decay(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET, False)
-    DT = stored_decay(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET, True)
+    gamma, run = stored_gates(gam_ptr, run_ptr, c, 0, h, H, C, C, HAS_G, HAS_RESET)
+    carry, e, c_end = stored_weights(gam_ptr, run_ptr, c, h, H, gamma, run, C, HAS_G, HAS_RESET)
+    D = stored_decay(gam_ptr, run_ptr, c, h, H, C, HAS_G, HAS_RESET, False)
+    DT = stored_decay(gam_ptr, run_ptr, c, h, H, C, HAS_G, HAS_RESET, True)
     rq = row_scales(rq_ptr, tok, valid, h, H, L2)
     rk = row_scales(rk_ptr, tok, valid, h, H, L2)
     if DELTA:

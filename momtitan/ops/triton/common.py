@@ -78,14 +78,26 @@ def segment_chunk(tok_lo, tok_hi, c, c_first, C: tl.constexpr):
     return tok0, c * C, tl.arange(0, C) < tok_hi - tok0
 
 
+# `gates_kernel` writes its per-row values (the log-decay gam, the row weights ke and qc) as
+# [NC, H, C]: each (chunk, head)'s C rows contiguous, so that a kernel's load of them coalesces. In the
+# token layout's order, [NC * C, H], the rows of one head lie H values apart: each load instruction
+# of such a vector, broadcast along a dot's output, touched one 32-byte sector per row (the output
+# kernel's SASS: 20 scalar loads against 4 scalar and 10 64-bit ones in this layout).
+
+@triton.jit
+def gate_rows(c, h, H, C: tl.constexpr):
+    """Offset of chunk `c`, head `h`'s first row in a `[NC, H, C]` array of `gates_kernel`."""
+    return (c * H + h) * C
+
+
 @triton.jit
 def stored_row_weights(ptr, c, h, H, C: tl.constexpr, live):
-    """Chunk `c`'s `[C]` row weights as `gates_kernel` stored them (`ke`, `qc`; padded rows), zeros
-    where not `live`. The sequential passes load them, and `c_end`, a chunk ahead and carry them
-    through the loop, so that these small loads are in flight during the previous chunk's dots
+    """Chunk `c`'s `[C]` row weights as `gates_kernel` stored them (`ke`, `qc`), zeros where not
+    `live`. The sequential passes load them, and `c_end`, a chunk ahead and carry them through the
+    loop, so that these small loads are in flight during the previous chunk's dots
     (`docs/kernels.md`, item 9, for what it measured)."""
     i = tl.arange(0, C)
-    return tl.load(ptr + (c * C + i) * H + h, mask=(i < C) & live, other=0.0)
+    return tl.load(ptr + gate_rows(c, h, H, C) + i, mask=(i < C) & live, other=0.0)
 
 
 # The tile helpers below address a tile as an int64 base pointer plus int32 offsets within it (rows
@@ -227,31 +239,32 @@ def chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C: tl.constexpr, HAS_G: tl.const
 
 
 @triton.jit
-def stored_gates(gam_ptr, run_ptr, row0, h, H, N: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr):
-    """`gamma [N]` and `run [N]` of the padded rows `row0 .. row0 + N`, as `gates_kernel` stored them
-    (loads instead of the cumulative sums `chunk_gates` computes; any N rows of a chunk)."""
+def stored_gates(gam_ptr, run_ptr, c, r0, h, H, C: tl.constexpr, N: tl.constexpr, HAS_G: tl.constexpr,
+                 HAS_RESET: tl.constexpr):
+    """`gamma [N]` and `run [N]` of chunk `c`'s rows `r0 .. r0 + N`, as `gates_kernel` stored them
+    (loads instead of the cumulative sums `chunk_gates` computes)."""
     i = tl.arange(0, N)
     if HAS_G:
-        gamma = tl.load(gam_ptr + (row0 + i) * H + h)
+        gamma = tl.load(gam_ptr + gate_rows(c, h, H, C) + r0 + i)
     else:
         gamma = tl.zeros([N], dtype=tl.float32)
     if HAS_RESET:
-        run = tl.load(run_ptr + row0 + i)
+        run = tl.load(run_ptr + c * C + r0 + i)
     else:
         run = tl.zeros([N], dtype=tl.int32)
     return gamma, run
 
 
 @triton.jit
-def stored_weights(gam_ptr, run_ptr, row0, h, H, gamma, run, C: tl.constexpr, HAS_G: tl.constexpr,
+def stored_weights(gam_ptr, run_ptr, c, h, H, gamma, run, C: tl.constexpr, HAS_G: tl.constexpr,
                    HAS_RESET: tl.constexpr):
-    """`chunk_weights` from the stored gates: the chunk's last row read as a scalar, not reduced."""
+    """`chunk_weights` from chunk `c`'s stored gates: its last row read as a scalar, not reduced."""
     g_last = 0.0
     r_last = 0
     if HAS_G:
-        g_last = tl.load(gam_ptr + (row0 + C - 1) * H + h)
+        g_last = tl.load(gam_ptr + gate_rows(c, h, H, C) + C - 1)
     if HAS_RESET:
-        r_last = tl.load(run_ptr + row0 + C - 1)
+        r_last = tl.load(run_ptr + c * C + C - 1)
     carry = tl.where(run == 0, tl.exp(gamma), 0.0)
     e = tl.where(run == r_last, tl.exp(g_last - gamma), 0.0)
     c_end = tl.where(r_last == 0, tl.exp(g_last), 0.0)
@@ -259,7 +272,7 @@ def stored_weights(gam_ptr, run_ptr, row0, h, H, gamma, run, C: tl.constexpr, HA
 
 
 @triton.jit
-def stored_decay(gam_ptr, run_ptr, row0, h, H, C: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr,
+def stored_decay(gam_ptr, run_ptr, c, h, H, C: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr,
                  TRANSPOSED: tl.constexpr):
     """The chunk's decay matrix D[i, j] = exp(gamma_i - gamma_j) for j <= i in the same run, else 0, or
     (TRANSPOSED) its transpose, built directly (transposing a tensor that comes out of a `tl.dot` and
@@ -272,10 +285,10 @@ def stored_decay(gam_ptr, run_ptr, row0, h, H, C: tl.constexpr, HAS_G: tl.conste
     else:
         m = i[:, None] >= i[None, :]
     if HAS_RESET:
-        m = m & (tl.load(run_ptr + row0 + i[:, None]) == tl.load(run_ptr + row0 + i[None, :]))
+        m = m & (tl.load(run_ptr + c * C + i[:, None]) == tl.load(run_ptr + c * C + i[None, :]))
     if HAS_G:
-        g_col = tl.load(gam_ptr + (row0 + i[:, None]) * H + h)
-        g_row = tl.load(gam_ptr + (row0 + i[None, :]) * H + h)
+        g_col = tl.load(gam_ptr + gate_rows(c, h, H, C) + i[:, None])
+        g_row = tl.load(gam_ptr + gate_rows(c, h, H, C) + i[None, :])
         diff = g_row - g_col if TRANSPOSED else g_col - g_row
         d = tl.where(m, tl.exp(tl.where(m, diff, 0.0)), 0.0)
     else:

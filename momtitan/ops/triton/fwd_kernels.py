@@ -26,9 +26,9 @@ import triton
 import triton.language as tl
 
 from momtitan.ops.triton.common import (
-    blocks_plus_cols_times, chunk_gates, chunk_rows, chunk_weights, inverse_blocks, load_rows, load_state_blocks, mdot,
-    row_scales, rows_times_blocks, segment_bounds, segment_chunk, store_rows, store_state_blocks, stored_decay,
-    stored_gates, stored_row_weights,
+    blocks_plus_cols_times, chunk_gates, chunk_rows, chunk_weights, gate_rows, inverse_blocks, load_rows,
+    load_state_blocks, mdot, row_scales, rows_times_blocks, segment_bounds, segment_chunk, store_rows,
+    store_state_blocks, stored_decay, stored_gates, stored_row_weights,
 )
 
 
@@ -44,7 +44,7 @@ def _rows_tile(x_ptr, tok0, nvalid, h, H, D, dd, r: tl.constexpr, BS: tl.constex
 def _block_gates(gam_ptr, run_ptr, beta_ptr, rk_ptr, c, tok0, nvalid, h, H, r: tl.constexpr, C: tl.constexpr,
                  BS: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr):
     """Row block r of chunk c: its stored log-decay and run ids, beta and rk (0 past the chunk's end)."""
-    gamma, run = stored_gates(gam_ptr, run_ptr, c * C + r * BS, h, H, BS, HAS_G, HAS_RESET)
+    gamma, run = stored_gates(gam_ptr, run_ptr, c, r * BS, h, H, C, BS, HAS_G, HAS_RESET)
     j = r * BS + tl.arange(0, BS)
     b = tl.load(beta_ptr + (tok0 + j) * H + h, mask=j < nvalid, other=0.0).to(tl.float32)
     return gamma, run, b, row_scales(rk_ptr, tok0 + j, j < nvalid, h, H, L2)
@@ -166,7 +166,7 @@ def wy_kernel(
     h = tl.program_id(1).to(tl.int64)
     tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     tok0 = tl.load(info_ptr + 2 * c)
-    gamma, run = stored_gates(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET)
+    gamma, run = stored_gates(gam_ptr, run_ptr, c, 0, h, H, C, C, HAS_G, HAS_RESET)
     carry = tl.where(run == 0, tl.exp(gamma), 0.0)
     b = tl.load(beta_ptr + tok * H + h, mask=valid, other=0.0).to(tl.float32)
     wk = row_scales(rk_ptr, tok, valid, h, H, L2) * b * carry
@@ -188,19 +188,21 @@ def gates_kernel(
     """Per (chunk, head), the chunk's gates, once, so that no other kernel scans or reduces them: the
     cumulative log-decay `gam` (with g) and the run ids `run` (with resets; stored by head 0), and the
     row weights of the sequential passes, `ke = e * rk` (each row's weight in the chunk's end state),
-    `qc = carry * rq` (the start state's weight at each row) and `c_end`; rows in the padded layout."""
+    `qc = carry * rq` (the start state's weight at each row), as `[NC, H, C]` (`gate_rows`), and `c_end`
+    as `[NC, H]`."""
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
     carry, e, c_end = chunk_weights(gamma, run, C)
+    rows = gate_rows(c, h, H, C) + tl.arange(0, C)
     if HAS_G:
-        tl.store(gam_ptr + prow * H + h, gamma)
+        tl.store(gam_ptr + rows, gamma)
     if HAS_RESET:
         if h == 0:
             tl.store(run_ptr + prow, run)
-    tl.store(ke_ptr + prow * H + h, e * row_scales(rk_ptr, tok, valid, h, H, L2))
-    tl.store(qc_ptr + prow * H + h, carry * row_scales(rq_ptr, tok, valid, h, H, L2))
+    tl.store(ke_ptr + rows, e * row_scales(rk_ptr, tok, valid, h, H, L2))
+    tl.store(qc_ptr + rows, carry * row_scales(rq_ptr, tok, valid, h, H, L2))
     tl.store(cend_ptr + c * H + h, c_end)
 
 
@@ -257,11 +259,11 @@ def output_kernel(
     tok0 = tl.load(info_ptr + 2 * c)
     v0 = vb * BV
     vv = v0 + tl.arange(0, BV)
-    qc = tl.load(qc_ptr + prow * H + h)  # carry * rq, from gates_kernel
+    qc = tl.load(qc_ptr + gate_rows(c, h, H, C) + tl.arange(0, C))  # carry * rq, from gates_kernel
     rq = row_scales(rq_ptr, tok, valid, h, H, L2)
     rk = row_scales(rk_ptr, tok, valid, h, H, L2)
     # the loads that do not wait for the K loop's dots go first, so that their latency overlaps it
-    D = (rq[:, None] * rk[None, :]) * stored_decay(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET, False)
+    D = (rq[:, None] * rk[None, :]) * stored_decay(gam_ptr, run_ptr, c, h, H, C, HAS_G, HAS_RESET, False)
     if DELTA:
         u = load_rows(u_ptr, c * C, valid, h, H, V, v0, BV, C)
     else:

@@ -167,10 +167,10 @@ def states(p: _Plan) -> dict:
     W = U = T = u = None
     # the chunk's gates once: cumulative log-decay and run ids (read by every chunk kernel), and the
     # sequential passes' row weights
-    gam = torch.empty(NC * C, H, device=dev, dtype=f32) if p.g is not None else None
+    gam = torch.empty(NC, H, C, device=dev, dtype=f32) if p.g is not None else None
     run = torch.empty(NC * C, device=dev, dtype=torch.int32) if p.reset is not None else None
-    ke = torch.empty(NC * C, H, device=dev, dtype=f32)
-    qc = torch.empty(NC * C, H, device=dev, dtype=f32)
+    ke = torch.empty(NC, H, C, device=dev, dtype=f32)
+    qc = torch.empty(NC, H, C, device=dev, dtype=f32)
     cend = torch.empty(NC, H, device=dev, dtype=f32)
     gates_kernel[(NC, H)](
         p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, p.ptr(gam), p.ptr(run), ke, qc, cend, H, C=C,
