@@ -78,7 +78,8 @@ def segment_chunk(tok_lo, tok_hi, c, c_first, C: tl.constexpr):
     return tok0, c * C, tl.arange(0, C) < tok_hi - tok0
 
 
-# `gates_kernel` writes its per-row values (the log-decay gam, the row weights ke and qc) as
+# `gates_kernel` writes its per-row values (the log-decay gam, the row weights ke and qc, a copy of
+# the reciprocal q / k norms rq and rk) as
 # [NC, H, C]: each (chunk, head)'s C rows contiguous, so that a kernel's load of them coalesces. In the
 # token layout's order, [NC * C, H], the rows of one head lie H values apart: each load instruction
 # of such a vector, broadcast along a dot's output, touched one 32-byte sector per row (the output
@@ -219,6 +220,17 @@ def row_scales(norm_ptr, tok, valid, h, H, L2: tl.constexpr):
     """Each row's reciprocal L2 norm (q or k) when `L2`, else 1; 0 on rows past the chunk's end."""
     if L2:
         r = tl.load(norm_ptr + tok * H + h, mask=valid, other=0.0)
+    else:
+        r = tl.where(valid, 1.0, 0.0)
+    return r
+
+
+@triton.jit
+def stored_scales(ptr, c, r0, h, H, C: tl.constexpr, N: tl.constexpr, valid, L2: tl.constexpr):
+    """`row_scales` of chunk `c`'s rows `r0 .. r0 + N` from the copy `gates_kernel` stored as
+    `[NC, H, C]` (`gate_rows`; 0 past the chunk's end) when `L2`, else 1 where `valid`, 0 past it."""
+    if L2:
+        r = tl.load(ptr + gate_rows(c, h, H, C) + r0 + tl.arange(0, N))
     else:
         r = tl.where(valid, 1.0, 0.0)
     return r

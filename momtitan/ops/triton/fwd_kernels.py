@@ -28,7 +28,7 @@ import triton.language as tl
 from momtitan.ops.triton.common import (
     blocks_plus_cols_times, chunk_gates, chunk_rows, chunk_weights, gate_rows, inverse_blocks, load_rows,
     load_state_blocks, mdot, row_scales, rows_times_blocks, segment_bounds, segment_chunk, store_rows,
-    store_state_blocks, stored_decay, stored_gates, stored_row_weights,
+    store_state_blocks, stored_decay, stored_gates, stored_row_weights, stored_scales,
 )
 
 
@@ -41,13 +41,13 @@ def _rows_tile(x_ptr, tok0, nvalid, h, H, D, dd, r: tl.constexpr, BS: tl.constex
 
 
 @triton.jit
-def _block_gates(gam_ptr, run_ptr, beta_ptr, rk_ptr, c, tok0, nvalid, h, H, r: tl.constexpr, C: tl.constexpr,
+def _block_gates(gam_ptr, run_ptr, beta_ptr, rk_rows_ptr, c, tok0, nvalid, h, H, r: tl.constexpr, C: tl.constexpr,
                  BS: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr):
     """Row block r of chunk c: its stored log-decay and run ids, beta and rk (0 past the chunk's end)."""
     gamma, run = stored_gates(gam_ptr, run_ptr, c, r * BS, h, H, C, BS, HAS_G, HAS_RESET)
     j = r * BS + tl.arange(0, BS)
     b = tl.load(beta_ptr + (tok0 + j) * H + h, mask=j < nvalid, other=0.0).to(tl.float32)
-    return gamma, run, b, row_scales(rk_ptr, tok0 + j, j < nvalid, h, H, L2)
+    return gamma, run, b, stored_scales(rk_rows_ptr, c, r * BS, h, H, C, BS, j < nvalid, L2)
 
 
 @triton.jit
@@ -71,7 +71,7 @@ def _store_block(t_ptr, c, h, H, x, r: tl.constexpr, q: tl.constexpr, C: tl.cons
 
 @triton.jit
 def inverse_kernel(
-    k_ptr, gam_ptr, beta_ptr, run_ptr, rk_ptr, info_ptr, t_ptr,
+    k_ptr, gam_ptr, beta_ptr, run_ptr, rk_rows_ptr, info_ptr, t_ptr,
     H: tl.constexpr, K: tl.constexpr,
     C: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr,
@@ -88,15 +88,19 @@ def inverse_kernel(
     nvalid = tl.load(info_ptr + 2 * c + 1)
 
     # per row block, loaded as such: log-decay, run ids, beta, rk (blocks past NB are placeholders)
-    g0, run0, b0, rk0 = _block_gates(gam_ptr, run_ptr, beta_ptr, rk_ptr, c, tok0, nvalid, h, H, 0, C, BS, HAS_G, HAS_RESET, L2)
+    g0, run0, b0, rk0 = _block_gates(gam_ptr, run_ptr, beta_ptr, rk_rows_ptr, c, tok0, nvalid, h, H, 0,
+                                     C, BS, HAS_G, HAS_RESET, L2)
     g1, run1, b1, rk1 = g0, run0, b0, rk0
     g2, run2, b2, rk2 = g0, run0, b0, rk0
     g3, run3, b3, rk3 = g0, run0, b0, rk0
     if NB >= 2:
-        g1, run1, b1, rk1 = _block_gates(gam_ptr, run_ptr, beta_ptr, rk_ptr, c, tok0, nvalid, h, H, 1, C, BS, HAS_G, HAS_RESET, L2)
+        g1, run1, b1, rk1 = _block_gates(gam_ptr, run_ptr, beta_ptr, rk_rows_ptr, c, tok0, nvalid, h, H, 1,
+                                         C, BS, HAS_G, HAS_RESET, L2)
     if NB >= 4:
-        g2, run2, b2, rk2 = _block_gates(gam_ptr, run_ptr, beta_ptr, rk_ptr, c, tok0, nvalid, h, H, 2, C, BS, HAS_G, HAS_RESET, L2)
-        g3, run3, b3, rk3 = _block_gates(gam_ptr, run_ptr, beta_ptr, rk_ptr, c, tok0, nvalid, h, H, 3, C, BS, HAS_G, HAS_RESET, L2)
+        g2, run2, b2, rk2 = _block_gates(gam_ptr, run_ptr, beta_ptr, rk_rows_ptr, c, tok0, nvalid, h, H, 2,
+                                         C, BS, HAS_G, HAS_RESET, L2)
+        g3, run3, b3, rk3 = _block_gates(gam_ptr, run_ptr, beta_ptr, rk_rows_ptr, c, tok0, nvalid, h, H, 3,
+                                         C, BS, HAS_G, HAS_RESET, L2)
 
     # the lower blocks of k k^T
     Z = tl.zeros([BS, BS], dtype=tl.float32)
@@ -154,7 +158,7 @@ def inverse_kernel(
 
 @triton.jit
 def wy_kernel(
-    k_ptr, v_ptr, gam_ptr, beta_ptr, run_ptr, rk_ptr, info_ptr, t_ptr, w_ptr, u_ptr,
+    k_ptr, v_ptr, gam_ptr, beta_ptr, run_ptr, rk_rows_ptr, info_ptr, t_ptr, w_ptr, u_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr,
@@ -169,7 +173,7 @@ def wy_kernel(
     gamma, run = stored_gates(gam_ptr, run_ptr, c, 0, h, H, C, C, HAS_G, HAS_RESET)
     carry = tl.where(run == 0, tl.exp(gamma), 0.0)
     b = tl.load(beta_ptr + tok * H + h, mask=valid, other=0.0).to(tl.float32)
-    wk = row_scales(rk_ptr, tok, valid, h, H, L2) * b * carry
+    wk = stored_scales(rk_rows_ptr, c, 0, h, H, C, C, valid, L2) * b * carry
     i = tl.arange(0, C)
     Tm = tl.load(t_ptr + (c * H + h) * C * C + (i[:, None] * C + i[None, :]))
     for kb in tl.static_range(NKB):
@@ -182,7 +186,7 @@ def wy_kernel(
 
 @triton.jit
 def gates_kernel(
-    g_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr, gam_ptr, run_ptr, ke_ptr, qc_ptr, cend_ptr,
+    g_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr, gam_ptr, run_ptr, ke_ptr, qc_ptr, rq_rows_ptr, rk_rows_ptr, cend_ptr,
     H, C: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr,
 ):
     """Per (chunk, head), the chunk's gates, once, so that no other kernel scans or reduces them: the
@@ -201,8 +205,13 @@ def gates_kernel(
     if HAS_RESET:
         if h == 0:
             tl.store(run_ptr + prow, run)
-    tl.store(ke_ptr + rows, e * row_scales(rk_ptr, tok, valid, h, H, L2))
-    tl.store(qc_ptr + rows, carry * row_scales(rq_ptr, tok, valid, h, H, L2))
+    rq = row_scales(rq_ptr, tok, valid, h, H, L2)
+    rk = row_scales(rk_ptr, tok, valid, h, H, L2)
+    tl.store(ke_ptr + rows, e * rk)
+    tl.store(qc_ptr + rows, carry * rq)
+    if L2:
+        tl.store(rq_rows_ptr + rows, rq)
+        tl.store(rk_rows_ptr + rows, rk)
     tl.store(cend_ptr + c * H + h, c_end)
 
 
@@ -246,7 +255,7 @@ def state_kernel(
 
 @triton.jit
 def output_kernel(
-    q_ptr, k_ptr, v_ptr, gam_ptr, run_ptr, qc_ptr, rq_ptr, rk_ptr, info_ptr, h_ptr, u_ptr, o_ptr,
+    q_ptr, k_ptr, v_ptr, gam_ptr, run_ptr, qc_ptr, rq_rows_ptr, rk_rows_ptr, info_ptr, h_ptr, u_ptr, o_ptr,
     scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DELTA: tl.constexpr,
@@ -260,8 +269,8 @@ def output_kernel(
     v0 = vb * BV
     vv = v0 + tl.arange(0, BV)
     qc = tl.load(qc_ptr + gate_rows(c, h, H, C) + tl.arange(0, C))  # carry * rq, from gates_kernel
-    rq = row_scales(rq_ptr, tok, valid, h, H, L2)
-    rk = row_scales(rk_ptr, tok, valid, h, H, L2)
+    rq = stored_scales(rq_rows_ptr, c, 0, h, H, C, C, valid, L2)
+    rk = stored_scales(rk_rows_ptr, c, 0, h, H, C, C, valid, L2)
     # the loads that do not wait for the K loop's dots go first, so that their latency overlaps it
     D = (rq[:, None] * rk[None, :]) * stored_decay(gam_ptr, run_ptr, c, h, H, C, HAS_G, HAS_RESET, False)
     if DELTA:
