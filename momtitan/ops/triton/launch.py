@@ -171,9 +171,9 @@ def states(p: _Plan) -> dict:
     run = torch.empty(NC * C, device=dev, dtype=torch.int32) if p.reset is not None else None
     ke = torch.empty(NC * C, H, device=dev, dtype=f32)
     qc = torch.empty(NC * C, H, device=dev, dtype=f32)
-    cend = torch.empty(NC, H, device=dev, dtype=f32)
+    cend = torch.empty(NC, H, p.BVS, device=dev, dtype=f32)
     gates_kernel[(NC, H)](
-        p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, p.ptr(gam), p.ptr(run), ke, qc, cend, H, C=C,
+        p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, p.ptr(gam), p.ptr(run), ke, qc, cend, H, C=C, BVS=p.BVS,
         HAS_G=p.g is not None, HAS_RESET=p.reset is not None, L2=p.l2, num_warps=p.warps_gates,
     )
     if p.delta:
