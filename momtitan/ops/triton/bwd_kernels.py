@@ -26,8 +26,8 @@ import triton.language as tl
 
 from momtitan.ops.triton.common import (
     blocks_plus_cols_times, chunk_rows, load_rows, load_state_blocks, mdot, rows_times_blocks,
-    segment_bounds, segment_chunk, store_rows, store_state_blocks, stored_decay, stored_gates, stored_row_weights,
-    stored_scales, stored_weights,
+    segment_bounds, segment_chunk, store_rows, store_state_blocks, stored_decay, stored_end_decay, stored_gates,
+    stored_row_weights, stored_scales, stored_weights,
 )
 
 
@@ -82,13 +82,13 @@ def state_bwd_kernel(
     live = c_start < c_stop
     ke_next = stored_row_weights(ke_ptr, c_stop - 1, h, H, C, live)
     qc_next = stored_row_weights(qc_ptr, c_stop - 1, h, H, C, live)
-    c_end_next = tl.load(cend_ptr + (c_stop - 1) * H + h, mask=live, other=0.0)
+    c_end_next = stored_end_decay(cend_ptr, c_stop - 1, h, H, BV, live)
     for cc in range(c_start, c_stop):
         c = c_start + c_stop - 1 - cc  # int64 bounds
         ke, qc, c_end = ke_next, qc_next, c_end_next
         ke_next = stored_row_weights(ke_ptr, c - 1, h, H, C, c > c_start)
         qc_next = stored_row_weights(qc_ptr, c - 1, h, H, C, c > c_start)
-        c_end_next = tl.load(cend_ptr + (c - 1) * H + h, mask=c > c_start, other=0.0)
+        c_end_next = stored_end_decay(cend_ptr, c - 1, h, H, BV, c > c_start)
         store_state_blocks(dh_ptr, c, h, H, K, V, vv, dS1, dS2, dS3, dS4, BK, NKB)
         tok0, prow0, valid = segment_chunk(tok_lo, tok_hi, c, c_start, C)
         # du = du_local + e * (k dS1)

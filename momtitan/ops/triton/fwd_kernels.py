@@ -28,7 +28,7 @@ import triton.language as tl
 from momtitan.ops.triton.common import (
     blocks_plus_cols_times, chunk_gates, chunk_rows, chunk_weights, gate_rows, inverse_blocks, load_rows,
     load_state_blocks, mdot, row_scales, rows_times_blocks, segment_bounds, segment_chunk, store_rows,
-    store_state_blocks, stored_decay, stored_gates, stored_row_weights, stored_scales,
+    store_state_blocks, stored_decay, stored_end_decay, stored_gates, stored_row_weights, stored_scales,
 )
 
 
@@ -187,13 +187,13 @@ def wy_kernel(
 @triton.jit
 def gates_kernel(
     g_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr, gam_ptr, run_ptr, ke_ptr, qc_ptr, rq_rows_ptr, rk_rows_ptr, cend_ptr,
-    H, C: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr,
+    H, C: tl.constexpr, BVS: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr,
 ):
     """Per (chunk, head), the chunk's gates, once, so that no other kernel scans or reduces them: the
     cumulative log-decay `gam` (with g) and the run ids `run` (with resets; stored by head 0), and the
     row weights of the sequential passes, `ke = e * rk` (each row's weight in the chunk's end state),
-    `qc = carry * rq` (the start state's weight at each row), as `[NC, H, C]` (`gate_rows`), and `c_end`
-    as `[NC, H]`."""
+    `qc = carry * rq` (the start state's weight at each row), as `[NC, H, C]` (`gate_rows`), and `c_end`,
+    `BVS` copies per (chunk, head) (`stored_end_decay`)."""
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
@@ -212,7 +212,7 @@ def gates_kernel(
     if L2:
         tl.store(rq_rows_ptr + rows, rq)
         tl.store(rk_rows_ptr + rows, rk)
-    tl.store(cend_ptr + c * H + h, c_end)
+    tl.store(cend_ptr + (c * H + h) * BVS + tl.arange(0, BVS), tl.zeros([BVS], dtype=tl.float32) + c_end)
 
 
 @triton.jit
@@ -233,12 +233,12 @@ def state_kernel(
     S1, S2, S3, S4 = load_state_blocks(h0_ptr, n, h, H, K, V, vv, HAS_H0, BK, BV, NKB)
     # from gates_kernel, a chunk ahead (`stored_row_weights`): e * rk (0 past the end) and c_end
     e_next = stored_row_weights(ke_ptr, c_start, h, H, C, c_start < c_stop)
-    c_end_next = tl.load(cend_ptr + c_start * H + h, mask=c_start < c_stop, other=0.0)
+    c_end_next = stored_end_decay(cend_ptr, c_start, h, H, BV, c_start < c_stop)
     for cc in range(c_start, c_stop):
         c = cc  # int64: the bounds are int64
         e, c_end = e_next, c_end_next
         e_next = stored_row_weights(ke_ptr, c + 1, h, H, C, c + 1 < c_stop)
-        c_end_next = tl.load(cend_ptr + (c + 1) * H + h, mask=c + 1 < c_stop, other=0.0)
+        c_end_next = stored_end_decay(cend_ptr, c + 1, h, H, BV, c + 1 < c_stop)
         store_state_blocks(h_ptr, c, h, H, K, V, vv, S1, S2, S3, S4, BK, NKB)
         tok0, prow0, valid = segment_chunk(tok_lo, tok_hi, c, c_start, C)
         if DELTA:  # u = U - W S0

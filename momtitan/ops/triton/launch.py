@@ -174,10 +174,10 @@ def states(p: _Plan) -> dict:
     qc = torch.empty(NC, H, C, device=dev, dtype=f32)
     rq_rows = torch.empty(NC, H, C, device=dev, dtype=f32) if p.l2 else None
     rk_rows = torch.empty(NC, H, C, device=dev, dtype=f32) if p.l2 else None
-    cend = torch.empty(NC, H, device=dev, dtype=f32)
+    cend = torch.empty(NC, H, p.BVS, device=dev, dtype=f32)
     gates_kernel[(NC, H)](
         p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, p.ptr(gam), p.ptr(run), ke, qc, p.ptr(rq_rows),
-        p.ptr(rk_rows), cend, H, C=C,
+        p.ptr(rk_rows), cend, H, C=C, BVS=p.BVS,
         HAS_G=p.g is not None, HAS_RESET=p.reset is not None, L2=p.l2, num_warps=p.warps_gates,
     )
     if p.delta:
