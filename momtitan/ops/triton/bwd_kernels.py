@@ -43,8 +43,7 @@ def local_du_kernel(
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     vb = tl.program_id(2)
-    tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
-    tok0 = tl.load(info_ptr + 2 * c)
+    tok0, tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     rq = stored_scales(rq_rows_ptr, c, 0, h, H, C, C, valid, L2)
     rk = stored_scales(rk_rows_ptr, c, 0, h, H, C, C, valid, L2)
     # P^T = (k q^T) * D^T, built directly: never tl.trans a dot result (Hopper miscompile); the loads that
@@ -120,8 +119,7 @@ def grads_kernel(
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     i = tl.arange(0, C)
-    tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
-    tok0 = tl.load(info_ptr + 2 * c)
+    tok0, tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     live = nvalid > 0
     gamma, run = stored_gates(gam_ptr, run_ptr, c, 0, h, H, C, C, HAS_G, HAS_RESET)
     carry, e, c_end = stored_weights(gam_ptr, run_ptr, c, h, H, gamma, run, C, HAS_G, HAS_RESET)

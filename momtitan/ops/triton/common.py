@@ -60,12 +60,12 @@ def mdot(a, b, DOT_MODE: tl.constexpr):
 
 @triton.jit
 def chunk_rows(info_ptr, c, C: tl.constexpr):
-    """Chunk `c`'s rows: token ids `tok [C]`, `valid [C]` (the chunk's first `nvalid` rows hold
-    tokens), `prow [C]` (its rows in the padded layout), and `nvalid`."""
+    """Chunk `c`'s rows: its first token `tok0`, token ids `tok [C]`, `valid [C]` (the chunk's first
+    `nvalid` rows hold tokens), `prow [C]` (its rows in the padded layout), and `nvalid`."""
     tok0 = tl.load(info_ptr + 2 * c)
     nvalid = tl.load(info_ptr + 2 * c + 1)
     i = tl.arange(0, C)
-    return tok0 + i, i < nvalid, c * C + i, nvalid
+    return tok0, tok0 + i, i < nvalid, c * C + i, nvalid
 
 
 @triton.jit
@@ -287,10 +287,7 @@ def stored_weights(gam_ptr, run_ptr, c, h, H, gamma, run, C: tl.constexpr, HAS_G
         g_last = tl.load(gam_ptr + gate_rows(c, h, H, C) + C - 1)
     if HAS_RESET:
         r_last = tl.load(run_ptr + c * C + C - 1)
-    carry = tl.where(run == 0, tl.exp(gamma), 0.0)
-    e = tl.where(run == r_last, tl.exp(g_last - gamma), 0.0)
-    c_end = tl.where(r_last == 0, tl.exp(g_last), 0.0)
-    return carry, e, c_end
+    return weights_from_last(gamma, run, g_last, r_last)
 
 
 @triton.jit
@@ -325,10 +322,21 @@ def chunk_weights(gamma, run, C: tl.constexpr):
     i = tl.arange(0, C)
     g_last = tl.sum(tl.where(i == C - 1, gamma, 0.0), 0)
     r_last = tl.sum(tl.where(i == C - 1, run, 0), 0)
-    carry = tl.where(run == 0, tl.exp(gamma), 0.0)
+    return weights_from_last(gamma, run, g_last, r_last)
+
+
+@triton.jit
+def start_weights(gamma, run):
+    """carry: each row's weight of the chunk's start state (0 after a reset in the chunk)."""
+    return tl.where(run == 0, tl.exp(gamma), 0.0)
+
+
+@triton.jit
+def weights_from_last(gamma, run, g_last, r_last):
+    """`chunk_weights` given the chunk's last row's log-decay `g_last` and run id `r_last`."""
     e = tl.where(run == r_last, tl.exp(g_last - gamma), 0.0)
     c_end = tl.where(r_last == 0, tl.exp(g_last), 0.0)
-    return carry, e, c_end
+    return start_weights(gamma, run), e, c_end
 
 
 @triton.jit

@@ -27,8 +27,9 @@ import triton.language as tl
 
 from momtitan.ops.triton.common import (
     blocks_plus_cols_times, chunk_gates, chunk_rows, chunk_weights, gate_rows, inverse_blocks, load_rows,
-    load_state_blocks, mdot, row_scales, rows_times_blocks, segment_bounds, segment_chunk, store_rows,
-    store_state_blocks, stored_decay, stored_end_decay, stored_gates, stored_row_weights, stored_scales,
+    load_state_blocks, mdot, row_scales, rows_times_blocks, segment_bounds, segment_chunk, start_weights,
+    store_rows, store_state_blocks, stored_decay, stored_end_decay, stored_gates, stored_row_weights,
+    stored_scales,
 )
 
 
@@ -168,10 +169,9 @@ def wy_kernel(
     T (`inverse_kernel`) as one [C, C] tile: one full-width dot per column block."""
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
-    tok0 = tl.load(info_ptr + 2 * c)
+    tok0, tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     gamma, run = stored_gates(gam_ptr, run_ptr, c, 0, h, H, C, C, HAS_G, HAS_RESET)
-    carry = tl.where(run == 0, tl.exp(gamma), 0.0)
+    carry = start_weights(gamma, run)
     b = tl.load(beta_ptr + tok * H + h, mask=valid, other=0.0).to(tl.float32)
     wk = stored_scales(rk_rows_ptr, c, 0, h, H, C, C, valid, L2) * b * carry
     i = tl.arange(0, C)
@@ -196,7 +196,7 @@ def gates_kernel(
     `BVS` copies per (chunk, head) (`stored_end_decay`)."""
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
+    _, tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
     carry, e, c_end = chunk_weights(gamma, run, C)
     rows = gate_rows(c, h, H, C) + tl.arange(0, C)
@@ -264,8 +264,7 @@ def output_kernel(
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     vb = tl.program_id(2)
-    tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
-    tok0 = tl.load(info_ptr + 2 * c)
+    tok0, tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     v0 = vb * BV
     vv = v0 + tl.arange(0, BV)
     qc = tl.load(qc_ptr + gate_rows(c, h, H, C) + tl.arange(0, C))  # carry * rq, from gates_kernel
