@@ -25,15 +25,15 @@ import triton
 import triton.language as tl
 
 from momtitan.ops.triton.common import (
-    blocks_plus_cols_times, chunk_rows, load_rows, load_state_blocks, mdot, row_scales, rows_times_blocks,
-    segment_bounds, segment_chunk, store_rows, store_state_blocks, stored_decay, stored_gates, stored_row_weights,
-    stored_weights,
+    blocks_plus_cols_times, chunk_rows, load_rows, load_state_blocks, mdot, rows_times_blocks,
+    segment_bounds, segment_chunk, store_rows, store_state_blocks, stored_decay, stored_end_decay, stored_gates,
+    stored_row_weights, stored_scales, stored_weights,
 )
 
 
 @triton.jit
 def local_du_kernel(
-    q_ptr, k_ptr, gam_ptr, run_ptr, rq_ptr, rk_ptr, info_ptr, do_ptr, dul_ptr,
+    q_ptr, k_ptr, gam_ptr, run_ptr, rq_rows_ptr, rk_rows_ptr, info_ptr, do_ptr, dul_ptr,
     scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DOT_MODE: tl.constexpr,
@@ -43,13 +43,12 @@ def local_du_kernel(
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     vb = tl.program_id(2)
-    tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
-    tok0 = tl.load(info_ptr + 2 * c)
-    rq = row_scales(rq_ptr, tok, valid, h, H, L2)
-    rk = row_scales(rk_ptr, tok, valid, h, H, L2)
+    tok0, tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
+    rq = stored_scales(rq_rows_ptr, c, 0, h, H, C, C, valid, L2)
+    rk = stored_scales(rk_rows_ptr, c, 0, h, H, C, C, valid, L2)
     # P^T = (k q^T) * D^T, built directly: never tl.trans a dot result (Hopper miscompile); the loads that
     # do not wait for the K loop's dots go first, so that their latency overlaps it
-    DT = (rk[:, None] * rq[None, :]) * stored_decay(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET, True)
+    DT = (rk[:, None] * rq[None, :]) * stored_decay(gam_ptr, run_ptr, c, h, H, C, HAS_G, HAS_RESET, True)
     dO = load_rows(do_ptr, tok0, valid, h, H, V, vb * BV, BV, C)
     KQ = tl.zeros([C, C], dtype=tl.float32)
     for kb in tl.static_range(NKB):
@@ -82,13 +81,13 @@ def state_bwd_kernel(
     live = c_start < c_stop
     ke_next = stored_row_weights(ke_ptr, c_stop - 1, h, H, C, live)
     qc_next = stored_row_weights(qc_ptr, c_stop - 1, h, H, C, live)
-    c_end_next = tl.load(cend_ptr + (c_stop - 1) * H + h, mask=live, other=0.0)
+    c_end_next = stored_end_decay(cend_ptr, c_stop - 1, h, H, BV, live)
     for cc in range(c_start, c_stop):
         c = c_start + c_stop - 1 - cc  # int64 bounds
         ke, qc, c_end = ke_next, qc_next, c_end_next
         ke_next = stored_row_weights(ke_ptr, c - 1, h, H, C, c > c_start)
         qc_next = stored_row_weights(qc_ptr, c - 1, h, H, C, c > c_start)
-        c_end_next = tl.load(cend_ptr + (c - 1) * H + h, mask=c > c_start, other=0.0)
+        c_end_next = stored_end_decay(cend_ptr, c - 1, h, H, BV, c > c_start)
         store_state_blocks(dh_ptr, c, h, H, K, V, vv, dS1, dS2, dS3, dS4, BK, NKB)
         tok0, prow0, valid = segment_chunk(tok_lo, tok_hi, c, c_start, C)
         # du = du_local + e * (k dS1)
@@ -109,7 +108,7 @@ def state_bwd_kernel(
 
 @triton.jit
 def grads_kernel(
-    q_ptr, k_ptr, v_ptr, gam_ptr, beta_ptr, run_ptr, rq_ptr, rk_ptr, info_ptr,
+    q_ptr, k_ptr, v_ptr, gam_ptr, beta_ptr, run_ptr, rq_rows_ptr, rk_rows_ptr, info_ptr,
     t_ptr, h_ptr, dh_ptr, u_ptr, du_ptr, do_ptr,
     dq_ptr, dk_ptr, dv_ptr, dg_ptr, db_ptr,
     scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -120,15 +119,14 @@ def grads_kernel(
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     i = tl.arange(0, C)
-    tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
-    tok0 = tl.load(info_ptr + 2 * c)
+    tok0, tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     live = nvalid > 0
-    gamma, run = stored_gates(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET)
-    carry, e, c_end = stored_weights(gam_ptr, run_ptr, c * C, h, H, gamma, run, C, HAS_G, HAS_RESET)
-    D = stored_decay(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET, False)
-    DT = stored_decay(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET, True)
-    rq = row_scales(rq_ptr, tok, valid, h, H, L2)
-    rk = row_scales(rk_ptr, tok, valid, h, H, L2)
+    gamma, run = stored_gates(gam_ptr, run_ptr, c, 0, h, H, C, C, HAS_G, HAS_RESET)
+    carry, e, c_end = stored_weights(gam_ptr, run_ptr, c, h, H, gamma, run, C, HAS_G, HAS_RESET)
+    D = stored_decay(gam_ptr, run_ptr, c, h, H, C, HAS_G, HAS_RESET, False)
+    DT = stored_decay(gam_ptr, run_ptr, c, h, H, C, HAS_G, HAS_RESET, True)
+    rq = stored_scales(rq_rows_ptr, c, 0, h, H, C, C, valid, L2)
+    rk = stored_scales(rk_rows_ptr, c, 0, h, H, C, C, valid, L2)
     if DELTA:
         b = tl.load(beta_ptr + tok * H + h, mask=valid, other=0.0).to(tl.float32)
         Tm = tl.load(t_ptr + (c * H + h) * C * C + (i[:, None] * C + i[None, :]), mask=live, other=0.0)

@@ -60,12 +60,12 @@ def mdot(a, b, DOT_MODE: tl.constexpr):
 
 @triton.jit
 def chunk_rows(info_ptr, c, C: tl.constexpr):
-    """Chunk `c`'s rows: token ids `tok [C]`, `valid [C]` (the chunk's first `nvalid` rows hold
-    tokens), `prow [C]` (its rows in the padded layout), and `nvalid`."""
+    """Chunk `c`'s rows: its first token `tok0`, token ids `tok [C]`, `valid [C]` (the chunk's first
+    `nvalid` rows hold tokens), `prow [C]` (its rows in the padded layout), and `nvalid`."""
     tok0 = tl.load(info_ptr + 2 * c)
     nvalid = tl.load(info_ptr + 2 * c + 1)
     i = tl.arange(0, C)
-    return tok0 + i, i < nvalid, c * C + i, nvalid
+    return tok0, tok0 + i, i < nvalid, c * C + i, nvalid
 
 
 @triton.jit
@@ -78,14 +78,37 @@ def segment_chunk(tok_lo, tok_hi, c, c_first, C: tl.constexpr):
     return tok0, c * C, tl.arange(0, C) < tok_hi - tok0
 
 
+# `gates_kernel` writes its per-row values (the log-decay gam, the row weights ke and qc, a copy of
+# the reciprocal q / k norms rq and rk) as
+# [NC, H, C]: each (chunk, head)'s C rows contiguous, so that a kernel's load of them coalesces. In the
+# token layout's order, [NC * C, H], the rows of one head lie H values apart: each load instruction
+# of such a vector, broadcast along a dot's output, touched one 32-byte sector per row (the output
+# kernel's SASS: 20 scalar loads against 4 scalar and 10 64-bit ones in this layout).
+
+@triton.jit
+def gate_rows(c, h, H, C: tl.constexpr):
+    """Offset of chunk `c`, head `h`'s first row in a `[NC, H, C]` array of `gates_kernel`."""
+    return (c * H + h) * C
+
+
 @triton.jit
 def stored_row_weights(ptr, c, h, H, C: tl.constexpr, live):
-    """Chunk `c`'s `[C]` row weights as `gates_kernel` stored them (`ke`, `qc`; padded rows), zeros
-    where not `live`. The sequential passes load them, and `c_end`, a chunk ahead and carry them
-    through the loop, so that these small loads are in flight during the previous chunk's dots
+    """Chunk `c`'s `[C]` row weights as `gates_kernel` stored them (`ke`, `qc`), zeros where not
+    `live`. The sequential passes load them, and `c_end`, a chunk ahead and carry them through the
+    loop, so that these small loads are in flight during the previous chunk's dots
     (`docs/kernels.md`, item 9, for what it measured)."""
     i = tl.arange(0, C)
-    return tl.load(ptr + (c * C + i) * H + h, mask=(i < C) & live, other=0.0)
+    return tl.load(ptr + gate_rows(c, h, H, C) + i, mask=(i < C) & live, other=0.0)
+
+
+@triton.jit
+def stored_end_decay(cend_ptr, c, h, H, BV: tl.constexpr, live):
+    """Chunk `c`'s `c_end` as `gates_kernel` stored it, `BV` copies per (chunk, head) (`[NC, H, BV]`),
+    loaded as a `[1, BV]` row to scale a sequential pass's `[BK, BV]` state blocks; 0 where not `live`.
+    A scalar load became a uniform register, which ptxas filled (`R2UR`) right after the load: the
+    pass waited there for a load it had issued a chunk ahead (`docs/kernels.md`, item 9)."""
+    j = tl.arange(0, BV)
+    return tl.load(cend_ptr + (c * H + h) * BV + j, mask=(j < BV) & live, other=0.0)[None, :]
 
 
 # The tile helpers below address a tile as an int64 base pointer plus int32 offsets within it (rows
@@ -213,6 +236,17 @@ def row_scales(norm_ptr, tok, valid, h, H, L2: tl.constexpr):
 
 
 @triton.jit
+def stored_scales(ptr, c, r0, h, H, C: tl.constexpr, N: tl.constexpr, valid, L2: tl.constexpr):
+    """`row_scales` of chunk `c`'s rows `r0 .. r0 + N` from the copy `gates_kernel` stored as
+    `[NC, H, C]` (`gate_rows`; 0 past the chunk's end) when `L2`, else 1 where `valid`, 0 past it."""
+    if L2:
+        r = tl.load(ptr + gate_rows(c, h, H, C) + r0 + tl.arange(0, N))
+    else:
+        r = tl.where(valid, 1.0, 0.0)
+    return r
+
+
+@triton.jit
 def chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr):
     """Cumulative log-decay `gamma [C]` from the chunk start and run ids `run [C]` (resets so far)."""
     if HAS_G:
@@ -227,39 +261,37 @@ def chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C: tl.constexpr, HAS_G: tl.const
 
 
 @triton.jit
-def stored_gates(gam_ptr, run_ptr, row0, h, H, N: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr):
-    """`gamma [N]` and `run [N]` of the padded rows `row0 .. row0 + N`, as `gates_kernel` stored them
-    (loads instead of the cumulative sums `chunk_gates` computes; any N rows of a chunk)."""
+def stored_gates(gam_ptr, run_ptr, c, r0, h, H, C: tl.constexpr, N: tl.constexpr, HAS_G: tl.constexpr,
+                 HAS_RESET: tl.constexpr):
+    """`gamma [N]` and `run [N]` of chunk `c`'s rows `r0 .. r0 + N`, as `gates_kernel` stored them
+    (loads instead of the cumulative sums `chunk_gates` computes)."""
     i = tl.arange(0, N)
     if HAS_G:
-        gamma = tl.load(gam_ptr + (row0 + i) * H + h)
+        gamma = tl.load(gam_ptr + gate_rows(c, h, H, C) + r0 + i)
     else:
         gamma = tl.zeros([N], dtype=tl.float32)
     if HAS_RESET:
-        run = tl.load(run_ptr + row0 + i)
+        run = tl.load(run_ptr + c * C + r0 + i)
     else:
         run = tl.zeros([N], dtype=tl.int32)
     return gamma, run
 
 
 @triton.jit
-def stored_weights(gam_ptr, run_ptr, row0, h, H, gamma, run, C: tl.constexpr, HAS_G: tl.constexpr,
+def stored_weights(gam_ptr, run_ptr, c, h, H, gamma, run, C: tl.constexpr, HAS_G: tl.constexpr,
                    HAS_RESET: tl.constexpr):
-    """`chunk_weights` from the stored gates: the chunk's last row read as a scalar, not reduced."""
+    """`chunk_weights` from chunk `c`'s stored gates: its last row read as a scalar, not reduced."""
     g_last = 0.0
     r_last = 0
     if HAS_G:
-        g_last = tl.load(gam_ptr + (row0 + C - 1) * H + h)
+        g_last = tl.load(gam_ptr + gate_rows(c, h, H, C) + C - 1)
     if HAS_RESET:
-        r_last = tl.load(run_ptr + row0 + C - 1)
-    carry = tl.where(run == 0, tl.exp(gamma), 0.0)
-    e = tl.where(run == r_last, tl.exp(g_last - gamma), 0.0)
-    c_end = tl.where(r_last == 0, tl.exp(g_last), 0.0)
-    return carry, e, c_end
+        r_last = tl.load(run_ptr + c * C + C - 1)
+    return weights_from_last(gamma, run, g_last, r_last)
 
 
 @triton.jit
-def stored_decay(gam_ptr, run_ptr, row0, h, H, C: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr,
+def stored_decay(gam_ptr, run_ptr, c, h, H, C: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr,
                  TRANSPOSED: tl.constexpr):
     """The chunk's decay matrix D[i, j] = exp(gamma_i - gamma_j) for j <= i in the same run, else 0, or
     (TRANSPOSED) its transpose, built directly (transposing a tensor that comes out of a `tl.dot` and
@@ -272,10 +304,10 @@ def stored_decay(gam_ptr, run_ptr, row0, h, H, C: tl.constexpr, HAS_G: tl.conste
     else:
         m = i[:, None] >= i[None, :]
     if HAS_RESET:
-        m = m & (tl.load(run_ptr + row0 + i[:, None]) == tl.load(run_ptr + row0 + i[None, :]))
+        m = m & (tl.load(run_ptr + c * C + i[:, None]) == tl.load(run_ptr + c * C + i[None, :]))
     if HAS_G:
-        g_col = tl.load(gam_ptr + (row0 + i[:, None]) * H + h)
-        g_row = tl.load(gam_ptr + (row0 + i[None, :]) * H + h)
+        g_col = tl.load(gam_ptr + gate_rows(c, h, H, C) + i[:, None])
+        g_row = tl.load(gam_ptr + gate_rows(c, h, H, C) + i[None, :])
         diff = g_row - g_col if TRANSPOSED else g_col - g_row
         d = tl.where(m, tl.exp(tl.where(m, diff, 0.0)), 0.0)
     else:
@@ -290,10 +322,21 @@ def chunk_weights(gamma, run, C: tl.constexpr):
     i = tl.arange(0, C)
     g_last = tl.sum(tl.where(i == C - 1, gamma, 0.0), 0)
     r_last = tl.sum(tl.where(i == C - 1, run, 0), 0)
-    carry = tl.where(run == 0, tl.exp(gamma), 0.0)
+    return weights_from_last(gamma, run, g_last, r_last)
+
+
+@triton.jit
+def start_weights(gamma, run):
+    """carry: each row's weight of the chunk's start state (0 after a reset in the chunk)."""
+    return tl.where(run == 0, tl.exp(gamma), 0.0)
+
+
+@triton.jit
+def weights_from_last(gamma, run, g_last, r_last):
+    """`chunk_weights` given the chunk's last row's log-decay `g_last` and run id `r_last`."""
     e = tl.where(run == r_last, tl.exp(g_last - gamma), 0.0)
     c_end = tl.where(r_last == 0, tl.exp(g_last), 0.0)
-    return carry, e, c_end
+    return start_weights(gamma, run), e, c_end
 
 
 @triton.jit

@@ -26,9 +26,10 @@ import triton
 import triton.language as tl
 
 from momtitan.ops.triton.common import (
-    blocks_plus_cols_times, chunk_gates, chunk_rows, chunk_weights, inverse_blocks, load_rows, load_state_blocks, mdot,
-    row_scales, rows_times_blocks, segment_bounds, segment_chunk, store_rows, store_state_blocks, stored_decay,
-    stored_gates, stored_row_weights,
+    blocks_plus_cols_times, chunk_gates, chunk_rows, chunk_weights, gate_rows, inverse_blocks, load_rows,
+    load_state_blocks, mdot, row_scales, rows_times_blocks, segment_bounds, segment_chunk, start_weights,
+    store_rows, store_state_blocks, stored_decay, stored_end_decay, stored_gates, stored_row_weights,
+    stored_scales,
 )
 
 
@@ -41,13 +42,13 @@ def _rows_tile(x_ptr, tok0, nvalid, h, H, D, dd, r: tl.constexpr, BS: tl.constex
 
 
 @triton.jit
-def _block_gates(gam_ptr, run_ptr, beta_ptr, rk_ptr, c, tok0, nvalid, h, H, r: tl.constexpr, C: tl.constexpr,
+def _block_gates(gam_ptr, run_ptr, beta_ptr, rk_rows_ptr, c, tok0, nvalid, h, H, r: tl.constexpr, C: tl.constexpr,
                  BS: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr):
     """Row block r of chunk c: its stored log-decay and run ids, beta and rk (0 past the chunk's end)."""
-    gamma, run = stored_gates(gam_ptr, run_ptr, c * C + r * BS, h, H, BS, HAS_G, HAS_RESET)
+    gamma, run = stored_gates(gam_ptr, run_ptr, c, r * BS, h, H, C, BS, HAS_G, HAS_RESET)
     j = r * BS + tl.arange(0, BS)
     b = tl.load(beta_ptr + (tok0 + j) * H + h, mask=j < nvalid, other=0.0).to(tl.float32)
-    return gamma, run, b, row_scales(rk_ptr, tok0 + j, j < nvalid, h, H, L2)
+    return gamma, run, b, stored_scales(rk_rows_ptr, c, r * BS, h, H, C, BS, j < nvalid, L2)
 
 
 @triton.jit
@@ -71,7 +72,7 @@ def _store_block(t_ptr, c, h, H, x, r: tl.constexpr, q: tl.constexpr, C: tl.cons
 
 @triton.jit
 def inverse_kernel(
-    k_ptr, gam_ptr, beta_ptr, run_ptr, rk_ptr, info_ptr, t_ptr,
+    k_ptr, gam_ptr, beta_ptr, run_ptr, rk_rows_ptr, info_ptr, t_ptr,
     H: tl.constexpr, K: tl.constexpr,
     C: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr,
@@ -88,15 +89,19 @@ def inverse_kernel(
     nvalid = tl.load(info_ptr + 2 * c + 1)
 
     # per row block, loaded as such: log-decay, run ids, beta, rk (blocks past NB are placeholders)
-    g0, run0, b0, rk0 = _block_gates(gam_ptr, run_ptr, beta_ptr, rk_ptr, c, tok0, nvalid, h, H, 0, C, BS, HAS_G, HAS_RESET, L2)
+    g0, run0, b0, rk0 = _block_gates(gam_ptr, run_ptr, beta_ptr, rk_rows_ptr, c, tok0, nvalid, h, H, 0,
+                                     C, BS, HAS_G, HAS_RESET, L2)
     g1, run1, b1, rk1 = g0, run0, b0, rk0
     g2, run2, b2, rk2 = g0, run0, b0, rk0
     g3, run3, b3, rk3 = g0, run0, b0, rk0
     if NB >= 2:
-        g1, run1, b1, rk1 = _block_gates(gam_ptr, run_ptr, beta_ptr, rk_ptr, c, tok0, nvalid, h, H, 1, C, BS, HAS_G, HAS_RESET, L2)
+        g1, run1, b1, rk1 = _block_gates(gam_ptr, run_ptr, beta_ptr, rk_rows_ptr, c, tok0, nvalid, h, H, 1,
+                                         C, BS, HAS_G, HAS_RESET, L2)
     if NB >= 4:
-        g2, run2, b2, rk2 = _block_gates(gam_ptr, run_ptr, beta_ptr, rk_ptr, c, tok0, nvalid, h, H, 2, C, BS, HAS_G, HAS_RESET, L2)
-        g3, run3, b3, rk3 = _block_gates(gam_ptr, run_ptr, beta_ptr, rk_ptr, c, tok0, nvalid, h, H, 3, C, BS, HAS_G, HAS_RESET, L2)
+        g2, run2, b2, rk2 = _block_gates(gam_ptr, run_ptr, beta_ptr, rk_rows_ptr, c, tok0, nvalid, h, H, 2,
+                                         C, BS, HAS_G, HAS_RESET, L2)
+        g3, run3, b3, rk3 = _block_gates(gam_ptr, run_ptr, beta_ptr, rk_rows_ptr, c, tok0, nvalid, h, H, 3,
+                                         C, BS, HAS_G, HAS_RESET, L2)
 
     # the lower blocks of k k^T
     Z = tl.zeros([BS, BS], dtype=tl.float32)
@@ -154,7 +159,7 @@ def inverse_kernel(
 
 @triton.jit
 def wy_kernel(
-    k_ptr, v_ptr, gam_ptr, beta_ptr, run_ptr, rk_ptr, info_ptr, t_ptr, w_ptr, u_ptr,
+    k_ptr, v_ptr, gam_ptr, beta_ptr, run_ptr, rk_rows_ptr, info_ptr, t_ptr, w_ptr, u_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr,
@@ -164,12 +169,11 @@ def wy_kernel(
     T (`inverse_kernel`) as one [C, C] tile: one full-width dot per column block."""
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
-    tok0 = tl.load(info_ptr + 2 * c)
-    gamma, run = stored_gates(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET)
-    carry = tl.where(run == 0, tl.exp(gamma), 0.0)
+    tok0, tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
+    gamma, run = stored_gates(gam_ptr, run_ptr, c, 0, h, H, C, C, HAS_G, HAS_RESET)
+    carry = start_weights(gamma, run)
     b = tl.load(beta_ptr + tok * H + h, mask=valid, other=0.0).to(tl.float32)
-    wk = row_scales(rk_ptr, tok, valid, h, H, L2) * b * carry
+    wk = stored_scales(rk_rows_ptr, c, 0, h, H, C, C, valid, L2) * b * carry
     i = tl.arange(0, C)
     Tm = tl.load(t_ptr + (c * H + h) * C * C + (i[:, None] * C + i[None, :]))
     for kb in tl.static_range(NKB):
@@ -182,26 +186,33 @@ def wy_kernel(
 
 @triton.jit
 def gates_kernel(
-    g_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr, gam_ptr, run_ptr, ke_ptr, qc_ptr, cend_ptr,
-    H, C: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr,
+    g_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr, gam_ptr, run_ptr, ke_ptr, qc_ptr, rq_rows_ptr, rk_rows_ptr, cend_ptr,
+    H, C: tl.constexpr, BVS: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr,
 ):
     """Per (chunk, head), the chunk's gates, once, so that no other kernel scans or reduces them: the
     cumulative log-decay `gam` (with g) and the run ids `run` (with resets; stored by head 0), and the
     row weights of the sequential passes, `ke = e * rk` (each row's weight in the chunk's end state),
-    `qc = carry * rq` (the start state's weight at each row) and `c_end`; rows in the padded layout."""
+    `qc = carry * rq` (the start state's weight at each row), as `[NC, H, C]` (`gate_rows`), and `c_end`,
+    `BVS` copies per (chunk, head) (`stored_end_decay`)."""
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
+    _, tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     gamma, run = chunk_gates(g_ptr, r_ptr, tok, valid, h, H, C, HAS_G, HAS_RESET)
     carry, e, c_end = chunk_weights(gamma, run, C)
+    rows = gate_rows(c, h, H, C) + tl.arange(0, C)
     if HAS_G:
-        tl.store(gam_ptr + prow * H + h, gamma)
+        tl.store(gam_ptr + rows, gamma)
     if HAS_RESET:
         if h == 0:
             tl.store(run_ptr + prow, run)
-    tl.store(ke_ptr + prow * H + h, e * row_scales(rk_ptr, tok, valid, h, H, L2))
-    tl.store(qc_ptr + prow * H + h, carry * row_scales(rq_ptr, tok, valid, h, H, L2))
-    tl.store(cend_ptr + c * H + h, c_end)
+    rq = row_scales(rq_ptr, tok, valid, h, H, L2)
+    rk = row_scales(rk_ptr, tok, valid, h, H, L2)
+    tl.store(ke_ptr + rows, e * rk)
+    tl.store(qc_ptr + rows, carry * rq)
+    if L2:
+        tl.store(rq_rows_ptr + rows, rq)
+        tl.store(rk_rows_ptr + rows, rk)
+    tl.store(cend_ptr + (c * H + h) * BVS + tl.arange(0, BVS), tl.zeros([BVS], dtype=tl.float32) + c_end)
 
 
 @triton.jit
@@ -222,12 +233,12 @@ def state_kernel(
     S1, S2, S3, S4 = load_state_blocks(h0_ptr, n, h, H, K, V, vv, HAS_H0, BK, BV, NKB)
     # from gates_kernel, a chunk ahead (`stored_row_weights`): e * rk (0 past the end) and c_end
     e_next = stored_row_weights(ke_ptr, c_start, h, H, C, c_start < c_stop)
-    c_end_next = tl.load(cend_ptr + c_start * H + h, mask=c_start < c_stop, other=0.0)
+    c_end_next = stored_end_decay(cend_ptr, c_start, h, H, BV, c_start < c_stop)
     for cc in range(c_start, c_stop):
         c = cc  # int64: the bounds are int64
         e, c_end = e_next, c_end_next
         e_next = stored_row_weights(ke_ptr, c + 1, h, H, C, c + 1 < c_stop)
-        c_end_next = tl.load(cend_ptr + (c + 1) * H + h, mask=c + 1 < c_stop, other=0.0)
+        c_end_next = stored_end_decay(cend_ptr, c + 1, h, H, BV, c + 1 < c_stop)
         store_state_blocks(h_ptr, c, h, H, K, V, vv, S1, S2, S3, S4, BK, NKB)
         tok0, prow0, valid = segment_chunk(tok_lo, tok_hi, c, c_start, C)
         if DELTA:  # u = U - W S0
@@ -244,7 +255,7 @@ def state_kernel(
 
 @triton.jit
 def output_kernel(
-    q_ptr, k_ptr, v_ptr, gam_ptr, run_ptr, qc_ptr, rq_ptr, rk_ptr, info_ptr, h_ptr, u_ptr, o_ptr,
+    q_ptr, k_ptr, v_ptr, gam_ptr, run_ptr, qc_ptr, rq_rows_ptr, rk_rows_ptr, info_ptr, h_ptr, u_ptr, o_ptr,
     scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DELTA: tl.constexpr,
@@ -253,15 +264,14 @@ def output_kernel(
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     vb = tl.program_id(2)
-    tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
-    tok0 = tl.load(info_ptr + 2 * c)
+    tok0, tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     v0 = vb * BV
     vv = v0 + tl.arange(0, BV)
-    qc = tl.load(qc_ptr + prow * H + h)  # carry * rq, from gates_kernel
-    rq = row_scales(rq_ptr, tok, valid, h, H, L2)
-    rk = row_scales(rk_ptr, tok, valid, h, H, L2)
+    qc = tl.load(qc_ptr + gate_rows(c, h, H, C) + tl.arange(0, C))  # carry * rq, from gates_kernel
+    rq = stored_scales(rq_rows_ptr, c, 0, h, H, C, C, valid, L2)
+    rk = stored_scales(rk_rows_ptr, c, 0, h, H, C, C, valid, L2)
     # the loads that do not wait for the K loop's dots go first, so that their latency overlaps it
-    D = (rq[:, None] * rk[None, :]) * stored_decay(gam_ptr, run_ptr, c * C, h, H, C, HAS_G, HAS_RESET, False)
+    D = (rq[:, None] * rk[None, :]) * stored_decay(gam_ptr, run_ptr, c, h, H, C, HAS_G, HAS_RESET, False)
     if DELTA:
         u = load_rows(u_ptr, c * C, valid, h, H, V, v0, BV, C)
     else:

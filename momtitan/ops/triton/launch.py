@@ -165,15 +165,19 @@ def states(p: _Plan) -> dict:
     dev = p.q.device
     f32 = torch.float32
     W = U = T = u = None
-    # the chunk's gates once: cumulative log-decay and run ids (read by every chunk kernel), and the
-    # sequential passes' row weights
-    gam = torch.empty(NC * C, H, device=dev, dtype=f32) if p.g is not None else None
+    # the chunk's gates once: cumulative log-decay and run ids (read by every chunk kernel), the
+    # sequential passes' row weights, and (qk L2 norm) the rows' reciprocal norms, each (chunk, head)'s
+    # rows contiguous (`common.gate_rows`)
+    gam = torch.empty(NC, H, C, device=dev, dtype=f32) if p.g is not None else None
     run = torch.empty(NC * C, device=dev, dtype=torch.int32) if p.reset is not None else None
-    ke = torch.empty(NC * C, H, device=dev, dtype=f32)
-    qc = torch.empty(NC * C, H, device=dev, dtype=f32)
-    cend = torch.empty(NC, H, device=dev, dtype=f32)
+    ke = torch.empty(NC, H, C, device=dev, dtype=f32)
+    qc = torch.empty(NC, H, C, device=dev, dtype=f32)
+    rq_rows = torch.empty(NC, H, C, device=dev, dtype=f32) if p.l2 else None
+    rk_rows = torch.empty(NC, H, C, device=dev, dtype=f32) if p.l2 else None
+    cend = torch.empty(NC, H, p.BVS, device=dev, dtype=f32)
     gates_kernel[(NC, H)](
-        p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, p.ptr(gam), p.ptr(run), ke, qc, cend, H, C=C,
+        p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, p.ptr(gam), p.ptr(run), ke, qc, p.ptr(rq_rows),
+        p.ptr(rk_rows), cend, H, C=C, BVS=p.BVS,
         HAS_G=p.g is not None, HAS_RESET=p.reset is not None, L2=p.l2, num_warps=p.warps_gates,
     )
     if p.delta:
@@ -181,11 +185,11 @@ def states(p: _Plan) -> dict:
         U = torch.empty(NC * C, H, V, device=dev, dtype=p.wy_dtype)
         T = torch.empty(NC, H, C, C, device=dev, dtype=f32)
         inverse_kernel[(NC, H)](
-            p.k, p.ptr(gam), p.beta, p.ptr(run), p.ptr(p.rk), p.info, T,
+            p.k, p.ptr(gam), p.beta, p.ptr(run), p.ptr(rk_rows), p.info, T,
             H, K, C=C, BS=16, BK=p.BK, NKB=p.NKB, num_warps=p.warps_inverse, **p.flags(),
         )
         wy_kernel[(NC, H)](
-            p.k, p.v, p.ptr(gam), p.beta, p.ptr(run), p.ptr(p.rk), p.info, T, W, U,
+            p.k, p.v, p.ptr(gam), p.beta, p.ptr(run), p.ptr(rk_rows), p.info, T, W, U,
             H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, NVB=p.NVB, num_warps=p.warps_wy, **p.flags(),
         )
         u = torch.empty(NC * C, H, V, device=dev, dtype=p.wy_dtype)
@@ -196,7 +200,8 @@ def states(p: _Plan) -> dict:
         h, p.ptr(u), ht, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BVS, DELTA=p.delta, HAS_H0=p.h0 is not None,
         num_warps=p.warps_seq, num_stages=p.stages_state, DOT_MODE=p.dot_mode,
     )
-    return dict(h=h, ht=ht, u=u, W=W, T=T, gam=gam, run=run, ke=ke, qc=qc, cend=cend)
+    return dict(h=h, ht=ht, u=u, W=W, T=T, gam=gam, run=run, ke=ke, qc=qc, rq_rows=rq_rows, rk_rows=rk_rows,
+                cend=cend)
 
 
 def forward(p: _Plan, scale: float):
@@ -204,8 +209,8 @@ def forward(p: _Plan, scale: float):
     s = states(p)
     o = torch.empty(p.B, p.T, p.H, p.V, device=p.q.device, dtype=p.v.dtype)
     output_kernel[(p.NC, p.H, p.NVB)](
-        p.q, p.k, p.v, p.ptr(s["gam"]), p.ptr(s["run"]), s["qc"], p.ptr(p.rq), p.ptr(p.rk), p.info, s["h"],
-        p.ptr(s["u"]), o,
+        p.q, p.k, p.v, p.ptr(s["gam"]), p.ptr(s["run"]), s["qc"], p.ptr(s["rq_rows"]), p.ptr(s["rk_rows"]), p.info,
+        s["h"], p.ptr(s["u"]), o,
         scale, p.H, p.K, p.V, C=p.C, BK=p.BK, NKB=p.NKB, BV=p.BV, DELTA=p.delta,
         num_warps=p.warps_chunk, **p.flags(),
     )
@@ -227,7 +232,7 @@ def backward(p: _Plan, scale: float, do, dht):
     # the state-independent part of du, chunk-parallel, so the sequential pass only carries dS
     du_local = torch.empty(NC * C, H, V, device=dev, dtype=f32)
     local_du_kernel[(NC, H, p.NVB)](
-        p.q, p.k, p.ptr(s["gam"]), p.ptr(s["run"]), p.ptr(p.rq), p.ptr(p.rk), p.info, do, du_local,
+        p.q, p.k, p.ptr(s["gam"]), p.ptr(s["run"]), p.ptr(s["rq_rows"]), p.ptr(s["rk_rows"]), p.info, do, du_local,
         scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, num_warps=p.warps_chunk, **p.flags(),
     )
     state_bwd_kernel[(p.N, H, p.NVBS)](
@@ -240,7 +245,7 @@ def backward(p: _Plan, scale: float, do, dht):
     dg = torch.empty(total, H, device=dev, dtype=f32) if p.g is not None else None
     db = torch.empty(total, H, device=dev, dtype=f32) if p.delta else None
     grads_kernel[(NC, H)](
-        p.q, p.k, p.v, p.ptr(s["gam"]), p.ptr(p.beta), p.ptr(s["run"]), p.ptr(p.rq), p.ptr(p.rk), p.info,
+        p.q, p.k, p.v, p.ptr(s["gam"]), p.ptr(p.beta), p.ptr(s["run"]), p.ptr(s["rq_rows"]), p.ptr(s["rk_rows"]), p.info,
         p.ptr(s["T"]), s["h"], dh, p.ptr(s["u"]), p.ptr(du if p.delta else None), do,
         dq, dk, dv, p.ptr(dg), p.ptr(db), scale, H, K, V,
         C=C, BK=p.BK, NKB=p.NKB, BV=p.BVG, NVB=p.NVBG, DELTA=p.delta, num_warps=p.warps_grad,
