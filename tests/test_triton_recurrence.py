@@ -170,6 +170,7 @@ def _worker():
     _worker_opcheck()
     _worker_compile()
     _worker_sac()
+    _worker_kept()
 
 
 def _worker_opcheck():
@@ -189,11 +190,12 @@ def _worker_opcheck():
         (plain["q"].requires_grad_(True), plain["k"], plain["v"], None, None, None, None, None, 0.25, False, 16),
     )
     det = [t.detach() if isinstance(t, torch.Tensor) else t for t in fwd_args]
-    bwd_args = (torch.randn_like(x["v"]), torch.randn(6, 2, 8, 16), *det)
+    kept = torch.ops.momtitan.linear_recurrence_fwd(*det)[2:]  # T, rq, rk: what the backward op reads
+    bwd_args = (torch.randn_like(x["v"]), torch.randn(6, 2, 8, 16), *det, *kept)
     torch.library.opcheck(torch.ops.momtitan.linear_recurrence_bwd, bwd_args)
     torch.library.opcheck(torch.ops.momtitan.linear_recurrence_bwd, (torch.randn_like(plain["v"]), None, *[
         t.detach() if isinstance(t, torch.Tensor) else t
-        for t in (plain["q"], plain["k"], plain["v"], None, None, None, None, None, 0.25, False, 16)
+        for t in (plain["q"], plain["k"], plain["v"], None, None, None, None, None, 0.25, False, 16, None, None, None)
     ]))
     gen = torch.Generator().manual_seed(5)
     step_args = (
@@ -282,6 +284,34 @@ def _worker_sac():
     print(json.dumps({"check": "sac", "calls": calls, "compiled_err": compiled_err}), flush=True)
 
 
+def _worker_kept():
+    """Launches of the inverse kernel and of the row-norm kernel in one forward+backward: the backward
+    reads the forward's T and norms instead of computing them again."""
+    from momtitan.ops.triton import launch
+
+    calls = {"inverse": 0, "norms": 0}
+
+    class CountedKernel:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            calls["inverse"] += 1
+            return self.kernel[grid]
+
+    def counted_norms(x):
+        calls["norms"] += 1
+        return norms(x)
+
+    inverse, norms = launch.inverse_kernel, launch.reciprocal_norms
+    launch.inverse_kernel, launch.reciprocal_norms = CountedKernel(inverse), counted_norms
+    try:
+        triton_results(CPU_CASES["gated_delta_batched"])
+    finally:
+        launch.inverse_kernel, launch.reciprocal_norms = inverse, norms
+    print(json.dumps({"check": "kept", "calls": calls}), flush=True)
+
+
 @pytest.fixture(scope="module")
 def interpreter_results():
     return run_worker(__file__, timeout=900)
@@ -317,6 +347,26 @@ def test_per_op_sac_keeps_the_recurrence_output(interpreter_results):
     r = result(interpreter_results, "sac")
     assert r["calls"] == {"saved": 1, "recomputed": 2}, r
     assert r["compiled_err"] < CPU_TOL, r
+
+
+def test_backward_keeps_the_forwards_inverse_and_norms(interpreter_results):
+    """One inverse launch and one norm launch each for q and k per forward+backward (the gradients
+    from the kept tensors are checked against the fp64 loop by the cases above)."""
+    assert result(interpreter_results, "kept")["calls"] == {"inverse": 1, "norms": 2}
+
+
+def test_backward_op_requires_the_kept_tensors():
+    """The backward op reads the forward's T and norms: called without them it says which is missing."""
+    from momtitan.ops.triton import recurrence_op  # noqa: F401  (registers the ops)
+
+    x, extra = make_inputs(CPU_CASES["gated_delta_batched"], "cpu", torch.float32)
+    args = (torch.randn_like(x["v"]), None, x["q"], x["k"], x["v"], x["g"], x["beta"], x["initial_state"], None,
+            None, 0.25, True, 16)
+    with pytest.raises(ValueError, match="T exactly when beta"):
+        torch.ops.momtitan.linear_recurrence_bwd(*args, None, None, None)
+    T = torch.zeros(6, 2, 16, 16)
+    with pytest.raises(ValueError, match="takes the forward's rq and rk"):
+        torch.ops.momtitan.linear_recurrence_bwd(*args, T, None, None)
 
 
 def test_interpreter_compile_fullgraph(interpreter_results):

@@ -4,9 +4,10 @@
    chunk kernel below and by the backward's (no kernel scans g again), and the row weights of the
    sequential passes (no scans in their loops).
 2. `inverse_kernel`  per (chunk, head), in 16-row blocks: A, T = (I + A)^-1 (diagonal blocks by
-   forward substitution, the rest by 16-wide dots), stored whole ([NC, H, C, C], fp32; the backward
-   reads it too). `wy_kernel` per (chunk, head): the WY factors W = T (beta*carry*k), U = T (beta*v)
-   from T as one [C, C] tile, one full-width dot per column block   (delta rules only).
+   forward substitution, the rest by 16-wide dots), stored whole ([NC, H, C, C], in the inputs'
+   dtype; the backward keeps the forward's). `wy_kernel` per (chunk, head): the WY factors
+   W = T (beta*carry*k), U = T (beta*v) from T as one [C, C] tile, one full-width dot per column
+   block (delta rules only).
 3. `state_kernel`    per (segment, head, V-block): the sequential pass over the segment's chunks;
    stores each chunk's start state h, the corrected values u = U - W h (delta rules), the final state.
 4. `output_kernel`   per (chunk, head, V-block): o = scale * ((carry*q) h + (q k^T * D) u).
@@ -65,9 +66,9 @@ def _a_block(KK, g_r, g_c, run_r, run_c, s_r, s_c, DIAG: tl.constexpr, BS: tl.co
 
 @triton.jit
 def _store_block(t_ptr, c, h, H, x, r: tl.constexpr, q: tl.constexpr, C: tl.constexpr, BS: tl.constexpr):
-    """Store `x [BS, BS]` as block (r, q) of chunk `c`'s `[C, C]` matrix in `T [NC, H, C, C]`."""
+    """Store `x [BS, BS]` as block (r, q) of chunk `c`'s `[C, C]` matrix in `T [NC, H, C, C]` (in its dtype)."""
     ii = tl.arange(0, BS)
-    tl.store(t_ptr + ((c * H + h) * C + r * BS + ii[:, None]) * C + q * BS + ii[None, :], x)
+    tl.store(t_ptr + ((c * H + h) * C + r * BS + ii[:, None]) * C + q * BS + ii[None, :], x.to(t_ptr.dtype.element_ty))
 
 
 @triton.jit

@@ -47,7 +47,9 @@ def _env_overrides() -> dict[str, int]:
 class _Plan:
     """Everything derived from shapes: flattened views, chunk map, tiles."""
 
-    def __init__(self, q, k, v, g, beta, initial_state, cu_seqlens, reset, qk_l2norm, chunk):
+    def __init__(self, q, k, v, g, beta, initial_state, cu_seqlens, reset, qk_l2norm, chunk, norms=None):
+        """`norms`: the rows' reciprocal norms `(rq, rk)` as a forward computed them (`forward`), so that
+        its backward does not compute them again."""
         B, T, H, K = q.shape
         V = v.shape[-1]
         self.B, self.T, self.H, self.K, self.V = B, T, H, K, V
@@ -67,7 +69,7 @@ class _Plan:
         self.h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
         self.l2 = qk_l2norm
         if qk_l2norm:
-            self.rq, self.rk = reciprocal_norms(self.q), reciprocal_norms(self.k)
+            self.rq, self.rk = norms if norms is not None else (reciprocal_norms(self.q), reciprocal_norms(self.k))
         else:
             self.rq = self.rk = None
         self.delta = beta is not None
@@ -157,14 +159,16 @@ class _Plan:
         return dict(HAS_G=self.g is not None, HAS_RESET=self.reset is not None, L2=self.l2, DOT_MODE=self.dot_mode)
 
 
-def states(p: _Plan) -> dict:
+def states(p: _Plan, T=None) -> dict:
     """The chunk start states `h`, the final states `ht`, and for the delta rules the corrected values
-    `u`, the WY factor `W` and `T = (I + A)^-1`: all the backward needs, which recomputes them rather
-    than keeping them from the forward."""
+    `u`, the WY factor `W` and `T = (I + A)^-1` (the forward's `T` when given: the backward keeps it,
+    as fla keeps its A, and recomputes the rest). `T` is stored in the inputs' dtype: every kernel
+    that reads it casts it to its dots' operand dtype, the inputs' (`mdot`), so storing it wider
+    would only cost memory."""
     H, K, V, C, NC = p.H, p.K, p.V, p.C, p.NC
     dev = p.q.device
     f32 = torch.float32
-    W = U = T = u = None
+    W = U = u = None
     # the chunk's gates once: cumulative log-decay and run ids (read by every chunk kernel), the
     # sequential passes' row weights, and (qk L2 norm) the rows' reciprocal norms, each (chunk, head)'s
     # rows contiguous (`common.gate_rows`)
@@ -183,11 +187,12 @@ def states(p: _Plan) -> dict:
     if p.delta:
         W = torch.empty(NC * C, H, K, device=dev, dtype=p.wy_dtype)
         U = torch.empty(NC * C, H, V, device=dev, dtype=p.wy_dtype)
-        T = torch.empty(NC, H, C, C, device=dev, dtype=f32)
-        inverse_kernel[(NC, H)](
-            p.k, p.ptr(gam), p.beta, p.ptr(run), p.ptr(rk_rows), p.info, T,
-            H, K, C=C, BS=16, BK=p.BK, NKB=p.NKB, num_warps=p.warps_inverse, **p.flags(),
-        )
+        if T is None:
+            T = torch.empty(NC, H, C, C, device=dev, dtype=p.q.dtype)
+            inverse_kernel[(NC, H)](
+                p.k, p.ptr(gam), p.beta, p.ptr(run), p.ptr(rk_rows), p.info, T,
+                H, K, C=C, BS=16, BK=p.BK, NKB=p.NKB, num_warps=p.warps_inverse, **p.flags(),
+            )
         wy_kernel[(NC, H)](
             p.k, p.v, p.ptr(gam), p.beta, p.ptr(run), p.ptr(rk_rows), p.info, T, W, U,
             H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, NVB=p.NVB, num_warps=p.warps_wy, **p.flags(),
@@ -205,7 +210,8 @@ def states(p: _Plan) -> dict:
 
 
 def forward(p: _Plan, scale: float):
-    """Returns `(o [B, T, H, V], final_state [N, H, K, V] fp32)`."""
+    """Returns `(o [B, T, H, V], final_state [N, H, K, V] fp32, T, rq, rk)`: the last three (None where
+    the rule or `qk_l2norm` has none) for `backward`, which does not compute them again."""
     s = states(p)
     o = torch.empty(p.B, p.T, p.H, p.V, device=p.q.device, dtype=p.v.dtype)
     output_kernel[(p.NC, p.H, p.NVB)](
@@ -214,15 +220,16 @@ def forward(p: _Plan, scale: float):
         scale, p.H, p.K, p.V, C=p.C, BK=p.BK, NKB=p.NKB, BV=p.BV, DELTA=p.delta,
         num_warps=p.warps_chunk, **p.flags(),
     )
-    return o, s["ht"]
+    return o, s["ht"], s["T"], p.rq, p.rk
 
 
-def backward(p: _Plan, scale: float, do, dht):
-    """Returns `(dq, dk, dv, dg, dbeta, dh0)` (None where the input is absent)."""
+def backward(p: _Plan, scale: float, do, dht, T=None):
+    """Returns `(dq, dk, dv, dg, dbeta, dh0)` (None where the input is absent); `T` is the forward's,
+    and `p` holds its row norms (`forward`)."""
     H, K, V, C, NC, total = p.H, p.K, p.V, p.C, p.NC, p.total
     dev = p.q.device
     f32 = torch.float32
-    s = states(p)  # the output itself is not needed
+    s = states(p, T)  # the output itself is not needed
     do = do.reshape(total, H, V).contiguous()
     dht = dht.to(f32).contiguous() if dht is not None else None
     dh = torch.empty(NC, H, K, V, device=dev, dtype=p.chunk_state_dtype)
