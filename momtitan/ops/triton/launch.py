@@ -78,7 +78,13 @@ class _Plan:
         self.BK = min(self.BKF, 64)
         self.NKB = self.BKF // self.BK
         self.BVF = pow2(V)
-        self.BV = min(self.BVF, 64)  # V tile of the per-chunk forward kernels
+        # V tile of the per-chunk kernels (output, local du, WY's U): with 16-bit inputs 128 wide at 4 warps
+        # (below), so that the q k^T product and the decay matrix are formed once per chunk at d = 128:
+        # forward+backward 1.11x (gated delta) and 1.19x (simple GLA) against 64 wide at 8 warps, 32/128
+        # B8 T4096 bf16, H200 (`tune_kernels.py --groups chunk`); ptxas: 231 registers, no spills. fp32
+        # operands at 128 wide would spill 1 KB a thread in the output kernel: 64 wide at 8 warps.
+        wide_chunk_tiles = q.dtype != torch.float32
+        self.BV = min(self.BVF, 128 if wide_chunk_tiles else 64)
         self.BVG = min(self.BVF, 32)  # V tile of the gradient kernel (many live [C, BV] tiles)
         # V tile of the sequential passes; never 16 at 8 warps (16-wide tiles at 8 warps miscompiled)
         self.BVS = min(self.BVF, 32)
@@ -92,7 +98,7 @@ class _Plan:
         # the W.S dot spread over all 8 warps beside [4, 2] state-update dots), and delta-128-fp16
         # passed at 4; at 4 warps they do not spill at d <= 128 (`scripts/kernel_registers.py`)
         self.warps_seq = 4
-        self.warps_chunk = 4 if small else 8
+        self.warps_chunk = 4 if small or wide_chunk_tiles else 8
         # the inverse: one warp, so that the substitution's row reductions stay within a warp (no shared
         # memory round trip and barrier per step); 1.17x the op's fwd+bwd at 32x128 against 4 warps (B8
         # T4096 bf16 gated delta, H200, tune_kernels.py), and its 16-row dots never at 8 warps (above)
