@@ -124,7 +124,7 @@ def linear_recurrence(
 def _linear_recurrence(q, k, v, g, beta, *, varying_rows: bool = False, **kwargs):
     """Dispatch without the host-side value checks; for callers that build `cu_seqlens` themselves.
 
-    CUDA inputs of a supported dtype and head size go to the Triton kernels (`momtitan.ops.triton`,
+    CUDA inputs that the Triton kernels support (`momtitan.ops.triton.supports`) go to them (`momtitan.ops.triton`,
     imported lazily), everything else to the chunked PyTorch path. `varying_rows`: the row count
     changes from call to call (expert parallelism's received rows), a dynamic size under
     torch.compile. The Triton ops take it as it comes; the chunked path carries the state in a
@@ -134,7 +134,7 @@ def _linear_recurrence(q, k, v, g, beta, *, varying_rows: bool = False, **kwargs
     if q.is_cuda:
         from momtitan.ops.triton import supports, triton_linear_recurrence
 
-        if supports(q, v):
+        if supports(q, v, beta):
             return triton_linear_recurrence(q, k, v, g, beta, **kwargs)
     if varying_rows:
         return _chunked_between_graphs(q, k, v, g, beta, **kwargs)
