@@ -39,9 +39,10 @@ from unittest import mock
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# inputs and outputs in the inputs' dtype (--dtype); the per-chunk states and the WY factors in the
-# dtypes the plan stores them in; every other pointer is fp32 (or int64, below)
-IO_ARGS = {"q_ptr", "k_ptr", "v_ptr", "beta_ptr", "do_ptr", "o_ptr", "dv_ptr"}
+# inputs and outputs, and the delta rules' T (`launch.states`), in the inputs' dtype (--dtype); the
+# per-chunk states and the WY factors in the dtypes the plan stores them in; every other pointer is
+# fp32 (or int64, below)
+IO_ARGS = {"q_ptr", "k_ptr", "v_ptr", "beta_ptr", "do_ptr", "o_ptr", "dv_ptr", "t_ptr"}
 CHUNK_STATE_ARGS = {"h_ptr", "dh_ptr"}
 WY_ARGS = {"w_ptr", "u_ptr", "uin_ptr", "unew_ptr"}
 DTYPES = ("bf16", "fp16", "fp32")
