@@ -109,7 +109,8 @@ def test_bad_arguments_raise():
 
 
 def test_pointer_dtypes_follow_the_rule():
-    """Without beta the reverse pass writes dv (v's dtype) through du_ptr; the delta rules' du is fp32."""
+    """Without beta the reverse pass writes dv (v's dtype) through du_ptr; the delta rules' du is fp32.
+    T is in the inputs' dtype."""
     import torch
 
     kr = load_script("kernel_registers")
@@ -119,3 +120,4 @@ def test_pointer_dtypes_follow_the_rule():
     plan = launch._Plan(x, x, x, None, x[..., 0], None, None, None, False, launch.DEFAULT_CHUNK)
     assert kr.pointer_dtypes(plan, "bf16", "gated")["du_ptr"] == "bf16"
     assert "du_ptr" not in kr.pointer_dtypes(plan, "bf16", "gated_delta")  # fp32
+    assert kr.pointer_dtypes(plan, "bf16", "gated_delta")["t_ptr"] == "bf16"

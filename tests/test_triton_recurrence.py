@@ -158,6 +158,14 @@ CPU_CASES = {
     "delta_strong_decay_resets": dict(rule="gated_delta", shape=(1, 36, 1, 16, 16), C=16, decay=6.0, reset=0.3),
 }
 
+# fp16 under the interpreter (which computes fp16 right, bf16 not): the 16-bit paths (T and the chunk
+# states in the inputs' dtype, 128-wide chunk tiles, 16-bit dots, dq / dk stored in fp16 without the
+# L2 norm), against the fp64 loop of the fp16-rounded inputs with the GPU's fp16 bounds
+FP16_CASES = {
+    "gated_delta_fp16_wide": dict(rule="gated_delta", shape=(1, 45, 1, 40, 128), cu=[0, 0, 20, 45], reset=0.05),
+    "gated_fp16_no_l2": dict(rule="gated", shape=(2, 21, 1, 40, 128), l2=False),
+}
+
 # scratch buffers poisoned with NaN: varlen with empty segments and partial chunks, every rule, and
 # the sequential passes' K blocks partly past K
 UNWRITTEN_READ_CASES = [f"{r}_varlen_zero" for r in RULES] + ["gated_delta_four_k_blocks"]
@@ -167,6 +175,9 @@ def _worker():
     torch.manual_seed(0)
     for name, spec in CPU_CASES.items():
         errs, finite = check_case(spec)
+        print(json.dumps({"check": name, "errs": errs, "finite": finite}), flush=True)
+    for name, spec in FP16_CASES.items():
+        errs, finite = check_case(spec, dtype=torch.float16)
         print(json.dumps({"check": name, "errs": errs, "finite": finite}), flush=True)
     for rule in RULES:
         print(json.dumps({"check": f"step_{rule}", "errs": check_step(rule)}), flush=True)
@@ -330,6 +341,12 @@ def test_interpreter_matches_naive_fp64(interpreter_results, name):
     assert r["finite"], r
     bad = {k: v for k, v in r["errs"].items() if not v < CPU_TOL}
     assert not bad, f"{name}: relative errors above {CPU_TOL}: {bad} (all: {r['errs']})"
+
+
+@pytest.mark.parametrize("name", list(FP16_CASES))
+def test_interpreter_fp16_matches_naive_fp64(interpreter_results, name):
+    r = result(interpreter_results, name)
+    _assert_errs(r["errs"], r["finite"], *GPU_TOL["fp16"], name)
 
 
 @pytest.mark.parametrize("name", [f"step_{r}" for r in RULES] + ["step_linear_no_l2", "step_permuted"])
