@@ -124,8 +124,8 @@ def linear_recurrence(
 def _linear_recurrence(q, k, v, g, beta, *, varying_rows: bool = False, **kwargs):
     """Dispatch without the host-side value checks; for callers that build `cu_seqlens` themselves.
 
-    CUDA inputs that the Triton kernels support (`momtitan.ops.triton.supports`) go to them (`momtitan.ops.triton`,
-    imported lazily), everything else to the chunked PyTorch path. `varying_rows`: the row count
+    CUDA inputs that the Triton kernels support (`momtitan.ops.triton.supports`, imported lazily) go
+    to them, everything else to the chunked PyTorch path. `varying_rows`: the row count
     changes from call to call (expert parallelism's received rows), a dynamic size under
     torch.compile. The Triton ops take it as it comes; the chunked path carries the state in a
     Python loop over chunks, which would recompile for every chunk count, so it then runs between

@@ -12,9 +12,9 @@ from momtitan.ops.triton.recurrence_op import known_wrong, triton_linear_recurre
 from momtitan.ops.triton.step_op import triton_linear_recurrence_step
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
-# On for CUDA tensors by default (the GPU matrix, rules x head dims 32/64/128/256 x dtypes, on an H200:
-# docs/gpu_notes.md; `known_wrong` names the inputs it failed). MOMTITAN_TRITON=0 sends CUDA tensors to
-# the PyTorch paths instead.
+# On for CUDA tensors by default (the GPU matrix, every rule x head dims 32-256 x dtypes, run on an
+# H200: docs/gpu_notes.md; `known_wrong` names the inputs it failed). MOMTITAN_TRITON=0 sends CUDA
+# tensors to the PyTorch paths instead.
 _SWITCH = os.environ.get("MOMTITAN_TRITON", "1")
 if _SWITCH not in ("0", "1"):
     raise ValueError(f"MOMTITAN_TRITON must be 0 (PyTorch paths) or 1 (Triton kernels), got {_SWITCH!r}")
