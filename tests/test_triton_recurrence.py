@@ -22,9 +22,10 @@ import json
 import pytest
 import torch
 
+from momtitan.config import RULE_INPUTS
 from tests.interpreter import DTYPES, assert_compiled_matches_eager, rel_err, result, run_worker, unwritten_reads
 
-RULES = {"linear": (False, False), "gated": (True, False), "delta": (False, True), "gated_delta": (True, True)}
+RULES = RULE_INPUTS  # rule -> (has g, has beta)
 
 
 def make_inputs(spec, device, dtype, seed=0):

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
+from momtitan.config import RULE_INPUTS
 from momtitan.ops import linear_recurrence, linear_recurrence_step
 from momtitan.ops.recurrence import chunk_linear_recurrence, naive_linear_recurrence
 from tests.conftest import assert_close
 
-RULES = {"linear": (False, False), "gated": (True, False), "delta": (False, True), "gated_delta": (True, True)}
+RULES = RULE_INPUTS  # rule -> (has g, has beta)
 
 
 def make_inputs(B, T, H, K, V, rule, dtype=torch.float64, N=None):

@@ -17,8 +17,8 @@ In the chunk kernels (all but `gates_kernel`) the head count H and head dims K, 
 compile-time constants, as the tiles are (one compile per model width): the row strides fold into the address arithmetic and the masks past K and V vanish
 where the tiles cover them exactly, which frees registers in the sequential passes
 (`scripts/kernel_registers.py`).
-Tensors in token layout are `[total, H, *]`; W, U, u and the stored gates live in the padded layout
-`[NC*C, H, *]`.
+Tensors in token layout are `[total, H, *]`; W, U, u live in the padded layout `[NC*C, H, *]`, the
+per-row values `gates_kernel` stores in `[NC, H, C]` (`common.gate_rows`).
 """
 
 from __future__ import annotations
@@ -268,7 +268,9 @@ def output_kernel(
     tok0, tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     v0 = vb * BV
     vv = v0 + tl.arange(0, BV)
-    qc = tl.load(qc_ptr + gate_rows(c, h, H, C) + tl.arange(0, C))  # carry * rq, from gates_kernel
+    # carry * rq, from gates_kernel; unmasked (every chunk has its row): `stored_row_weights`' mask
+    # would add 8 SASS instructions here
+    qc = tl.load(qc_ptr + gate_rows(c, h, H, C) + tl.arange(0, C))
     rq = stored_scales(rq_rows_ptr, c, 0, h, H, C, C, valid, L2)
     rk = stored_scales(rk_rows_ptr, c, 0, h, H, C, C, valid, L2)
     # the loads that do not wait for the K loop's dots go first, so that their latency overlaps it
