@@ -105,10 +105,11 @@ class _Plan:
         self.warps_inverse = 1
         self.warps_wy = 4
         self.warps_gates = 1  # per (chunk, head) one C-row scan
-        # the gradient kernel at d = 64 too: its ~10 live C x C tiles spill over a KB per thread at 4 warps
-        # and ~100 B at 8 (scripts/kernel_registers.py); the tiles stay 32 wide, not the 16-wide tiles that
-        # miscompiled
-        self.warps_grad = 8 if chunk > 32 and self.BKF >= 64 and self.BVF >= 32 else 4
+        # the gradient kernel at d = 32 and 64 too: its ~10 live C x C tiles spill over a KB per thread at 4
+        # warps and ~100 B at 8 at d = 64, and with the delta rules at d = 32 200 B at 4 warps (255
+        # registers) against 88 at 8 (scripts/kernel_registers.py); the tiles stay 32 wide, not the
+        # 16-wide tiles that miscompiled
+        self.warps_grad = 8 if chunk > 32 and self.BVF >= 32 else 4
         # the sequential passes' tile loads software-pipelined (their small per-chunk weights are loaded a
         # chunk ahead by hand, `stored_row_weights`): 2 stages, 1.09x / 1.12x the op's fwd+bwd at 32x128 /
         # 4x256 against 1 (B8 T4096 bf16 gated delta, H200); 3 fit the forward only (the reverse pass at
