@@ -89,14 +89,17 @@ def constants(name: str, plan, warps: int | None, stages: int | None = None, rul
     return values, warps or default_warps, stages or default_stages
 
 
-def pointer_dtypes(plan, dtype: str, rule: str = "gated_delta") -> dict[str, str]:
+def pointer_dtypes(plan, dtype: str, rule: str = "gated_delta", l2: bool = True) -> dict[str, str]:
     """The Triton dtype of each pointer argument that is not fp32 or int64, as the plan allocates them
-    for `rule` (without beta the reverse pass writes dv, in v's dtype, where the delta rules' du is fp32)."""
+    for `rule` (without beta the reverse pass writes dv, in v's dtype, where the delta rules' du is fp32)
+    and `l2` (without the L2 norm the gradient kernel writes dq, dk in the inputs' dtype, else fp32)."""
     name = {torch_dtype: short for short, torch_dtype in _torch_dtypes().items()}
     out = {**dict.fromkeys(IO_ARGS, dtype), **dict.fromkeys(CHUNK_STATE_ARGS, name[plan.chunk_state_dtype]),
            **dict.fromkeys(WY_ARGS, name[plan.wy_dtype])}
     if not rule_flags(rule)["DELTA"]:
         out["du_ptr"] = dtype
+    if not l2:
+        out["dq_ptr"] = out["dk_ptr"] = dtype
     return out
 
 
@@ -244,7 +247,8 @@ def main(argv=None) -> None:
                     sass_path = (a.sass_dir / f"{name}_{a.rule}{'' if a.qk_l2norm else '_nol2'}_{a.dtype}_d{d}_w{warps}"
                                                 f"_s{stages}.sass") if a.sass_dir else None
                     regs, stores, loads, shared, seconds, (instructions, ldg, scalar) = ptxas_report(
-                        found[name], consts, warps, stages, a.arch, pointer_dtypes(plan, a.dtype, a.rule), sass_path)
+                        found[name], consts, warps, stages, a.arch, pointer_dtypes(plan, a.dtype, a.rule, a.qk_l2norm),
+                        sass_path)
                     over = " (over sm_90's limit)" if a.arch == 90 and shared > HOPPER_SHARED_BYTES else ""
                     print(f"| {name} | {d} | {warps} | {stages} | {regs} | {stores} / {loads} | {shared}{over} "
                           f"| {seconds:.1f} | {instructions} | {ldg} ({scalar}) |", flush=True)
