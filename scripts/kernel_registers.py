@@ -77,9 +77,9 @@ def constants(name: str, plan, warps: int | None, stages: int | None = None, rul
               l2: bool = True) -> tuple[dict, int, int]:
     """The constexpr values `launch.py` passes `name` for this plan and rule, its warps and its stages."""
     seq, grad = name in ("state_kernel", "state_bwd_kernel"), name == "grads_kernel"
-    bv = plan.BVS if seq else plan.BVG if grad else plan.BV
+    bv = {"state_kernel": plan.BVS, "state_bwd_kernel": plan.BVS_bwd}.get(name, plan.BVG if grad else plan.BV)
     values = dict(H=plan.H, K=plan.K, V=plan.V, C=plan.C, BK=plan.BK, NKB=plan.NKB, BKF=plan.BKF, BS=16, BV=bv,
-                  BVS=plan.BVS, NVB=plan.BVF // bv,
+                  NCOPY=plan.cend_copies, NVB=plan.BVF // bv,
                   **rule_flags(rule), HAS_RESET=False, L2=l2, HAS_H0=True, HAS_DHT=True,
                   DOT_MODE=plan.dot_mode_state_bwd if name == "state_bwd_kernel" else plan.dot_mode)
     default_warps = {"gates_kernel": plan.warps_gates, "inverse_kernel": plan.warps_inverse, "wy_kernel": plan.warps_wy}.get(
