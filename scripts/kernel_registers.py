@@ -77,9 +77,9 @@ def constants(name: str, plan, warps: int | None, stages: int | None = None, rul
               l2: bool = True) -> tuple[dict, int, int]:
     """The constexpr values `launch.py` passes `name` for this plan and rule, its warps and its stages."""
     seq, grad = name in ("state_kernel", "state_bwd_kernel"), name == "grads_kernel"
-    bv = plan.BVS if seq else plan.BVG if grad else plan.BV
+    bv = {"state_kernel": plan.BVS, "state_bwd_kernel": plan.BVS_bwd}.get(name, plan.BVG if grad else plan.BV)
     values = dict(H=plan.H, K=plan.K, V=plan.V, C=plan.C, BK=plan.BK, NKB=plan.NKB, BKF=plan.BKF, BS=16, BV=bv,
-                  BVS=plan.BVS, NVB=plan.BVF // bv,
+                  NCOPY=plan.cend_copies, NVB=plan.BVF // bv,
                   **rule_flags(rule), HAS_RESET=False, L2=l2, HAS_H0=True, HAS_DHT=True,
                   DOT_MODE=plan.dot_mode_state_bwd if name == "state_bwd_kernel" else plan.dot_mode)
     default_warps = {"gates_kernel": plan.warps_gates, "inverse_kernel": plan.warps_inverse, "wy_kernel": plan.warps_wy}.get(
@@ -89,14 +89,17 @@ def constants(name: str, plan, warps: int | None, stages: int | None = None, rul
     return values, warps or default_warps, stages or default_stages
 
 
-def pointer_dtypes(plan, dtype: str, rule: str = "gated_delta") -> dict[str, str]:
+def pointer_dtypes(plan, dtype: str, rule: str = "gated_delta", l2: bool = True) -> dict[str, str]:
     """The Triton dtype of each pointer argument that is not fp32 or int64, as the plan allocates them
-    for `rule` (without beta the reverse pass writes dv, in v's dtype, where the delta rules' du is fp32)."""
+    for `rule` (without beta the reverse pass writes dv, in v's dtype, where the delta rules' du is fp32)
+    and `l2` (without the L2 norm the gradient kernel writes dq, dk in the inputs' dtype, else fp32)."""
     name = {torch_dtype: short for short, torch_dtype in _torch_dtypes().items()}
     out = {**dict.fromkeys(IO_ARGS, dtype), **dict.fromkeys(CHUNK_STATE_ARGS, name[plan.chunk_state_dtype]),
            **dict.fromkeys(WY_ARGS, name[plan.wy_dtype])}
     if not rule_flags(rule)["DELTA"]:
         out["du_ptr"] = dtype
+    if not l2:
+        out["dq_ptr"] = out["dk_ptr"] = dtype
     return out
 
 
@@ -244,7 +247,8 @@ def main(argv=None) -> None:
                     sass_path = (a.sass_dir / f"{name}_{a.rule}{'' if a.qk_l2norm else '_nol2'}_{a.dtype}_d{d}_w{warps}"
                                                 f"_s{stages}.sass") if a.sass_dir else None
                     regs, stores, loads, shared, seconds, (instructions, ldg, scalar) = ptxas_report(
-                        found[name], consts, warps, stages, a.arch, pointer_dtypes(plan, a.dtype, a.rule), sass_path)
+                        found[name], consts, warps, stages, a.arch, pointer_dtypes(plan, a.dtype, a.rule, a.qk_l2norm),
+                        sass_path)
                     over = " (over sm_90's limit)" if a.arch == 90 and shared > HOPPER_SHARED_BYTES else ""
                     print(f"| {name} | {d} | {warps} | {stages} | {regs} | {stores} / {loads} | {shared}{over} "
                           f"| {seconds:.1f} | {instructions} | {ldg} ({scalar}) |", flush=True)

@@ -3,8 +3,8 @@
 For one shape and rule, every candidate sets `momtitan.ops.triton.launch.OVERRIDES` for one group of
 choices and leaves the others at their defaults:
 
-    seq    the sequential state passes (state_kernel, state_bwd_kernel): BVS, warps_seq, stages_state,
-           stages_state_bwd
+    seq    the sequential state passes (state_kernel, state_bwd_kernel): BVS, BVS_bwd, warps_seq,
+           stages_state, stages_state_bwd
     chunk  the per-chunk kernels (W and U, output, local du): BV, warps_chunk
     inverse  the delta rules' (I + A)^-1 per chunk: warps_inverse
     grad   the gradient kernel: BVG, warps_grad, stages_grad
@@ -67,8 +67,8 @@ def candidates(groups: list[str], head_dim: int, dtype: str = "bfloat16") -> lis
     out = []
     for group in groups:
         if group == "seq":
-            grid = [dict(BVS=t, warps_seq=w, stages_state=s, stages_state_bwd=sb)
-                    for t, w, s, sb in itertools.product(tiles, (2, 4, 8), (1, 2, 3), (1, 2, 3))]
+            grid = [dict(BVS=t, BVS_bwd=tb, warps_seq=w, stages_state=s, stages_state_bwd=sb)
+                    for t, tb, w, s, sb in itertools.product(tiles, tiles, (2, 4, 8), (1, 2, 3), (1, 2, 3))]
         elif group == "inverse":
             grid = [dict(warps_inverse=w) for w in (1, 2, 4)]
         elif group == "chunk":

@@ -110,7 +110,7 @@ def test_bad_arguments_raise():
 
 def test_pointer_dtypes_follow_the_rule():
     """Without beta the reverse pass writes dv (v's dtype) through du_ptr; the delta rules' du is fp32.
-    T is in the inputs' dtype."""
+    T is in the inputs' dtype; dq, dk too without the L2 norm, fp32 with it."""
     import torch
 
     kr = load_script("kernel_registers")
@@ -121,3 +121,5 @@ def test_pointer_dtypes_follow_the_rule():
     assert kr.pointer_dtypes(plan, "bf16", "gated")["du_ptr"] == "bf16"
     assert "du_ptr" not in kr.pointer_dtypes(plan, "bf16", "gated_delta")  # fp32
     assert kr.pointer_dtypes(plan, "bf16", "gated_delta")["t_ptr"] == "bf16"
+    assert "dq_ptr" not in kr.pointer_dtypes(plan, "bf16", "gated_delta", l2=True)
+    assert kr.pointer_dtypes(plan, "bf16", "gated", l2=False)["dq_ptr"] == "bf16"

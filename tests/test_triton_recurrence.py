@@ -190,6 +190,7 @@ def _worker():
     _worker_compile()
     _worker_sac()
     _worker_kept()
+    _worker_split_seq_tiles()
 
 
 def _worker_opcheck():
@@ -331,6 +332,24 @@ def _worker_kept():
     print(json.dumps({"check": "kept", "calls": calls}), flush=True)
 
 
+# the sequential passes at different V tiles (c_end's row stored as wide as the wider one)
+SPLIT_SEQ_TILES = ({"BVS": 16, "BVS_bwd": 32}, {"BVS": 32, "BVS_bwd": 16})
+
+
+def _worker_split_seq_tiles():
+    from momtitan.ops.triton import launch
+
+    spec = dict(rule="gated_delta", shape=(1, 37, 2, 16, 32), C=16, cu=[0, 0, 20, 37], reset=0.1)
+    for tiles in SPLIT_SEQ_TILES:
+        launch.OVERRIDES.update(tiles)
+        try:
+            errs, finite = check_case(spec)
+        finally:
+            launch.OVERRIDES.clear()
+        print(json.dumps({"check": f"split_{tiles['BVS']}_{tiles['BVS_bwd']}", "errs": errs, "finite": finite}),
+              flush=True)
+
+
 @pytest.fixture(scope="module")
 def interpreter_results():
     return run_worker(__file__, timeout=900)
@@ -392,6 +411,12 @@ def test_backward_op_requires_the_kept_tensors():
     T = torch.zeros(6, 2, 16, 16)
     with pytest.raises(ValueError, match="takes the forward's rq and rk"):
         torch.ops.momtitan.linear_recurrence_bwd(*args, T, None, None)
+
+
+@pytest.mark.parametrize("tiles", SPLIT_SEQ_TILES, ids=lambda t: f"{t['BVS']}_{t['BVS_bwd']}")
+def test_interpreter_sequential_passes_at_their_own_tiles(interpreter_results, tiles):
+    r = result(interpreter_results, f"split_{tiles['BVS']}_{tiles['BVS_bwd']}")
+    _assert_errs(r["errs"], r["finite"], CPU_TOL, CPU_TOL, str(tiles))
 
 
 def test_interpreter_compile_fullgraph(interpreter_results):

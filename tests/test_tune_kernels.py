@@ -16,7 +16,7 @@ tune = load_script("tune_kernels")
 
 
 def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps():
-    assert tune.default_choices(128) == dict(BV=128, BVG=32, BVS=32, warps_seq=4, warps_chunk=4, warps_grad=8,
+    assert tune.default_choices(128) == dict(BV=128, BVG=32, BVS=32, BVS_bwd=32, warps_seq=4, warps_chunk=4, warps_grad=8,
                                              warps_inverse=1, stages_state=2, stages_state_bwd=2, stages_grad=3,
                                              chunk_states_in_input_dtype=1, wy_in_input_dtype=1,
                                              state_bwd_dots_in_input_dtype=0)
@@ -28,13 +28,15 @@ def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps
         dict(chunk_states_in_input_dtype=1, wy_in_input_dtype=0, group="storage"),
         dict(chunk_states_in_input_dtype=0, wy_in_input_dtype=0, group="storage")]
     seq = tune.candidates(["seq"], head_dim=128)
-    assert {c["BVS"] for c in seq} == {16, 32, 64, 128}
+    assert {c["BVS"] for c in seq} == {c["BVS_bwd"] for c in seq} == {16, 32, 64, 128}
     assert {c["stages_state"] for c in seq} == {c["stages_state_bwd"] for c in seq} == {1, 2, 3}
-    assert not any(c["BVS"] == 16 and c["warps_seq"] == 8 for c in seq)
-    assert len(seq) == 4 * 3 * 9 - 9 - 1  # no 16-wide tile at 8 warps, and not the defaults themselves
-    # nearest the defaults (BVS 32, 4 warps, 2 stages each) first: one choice changed in each of the first eight
-    near = (("BVS", 32), ("warps_seq", 4), ("stages_state", 2), ("stages_state_bwd", 2))
-    assert all(sum(c[k] != v for k, v in near) == 1 for c in seq[:8])
+    assert not any(16 in (c["BVS"], c["BVS_bwd"]) and c["warps_seq"] == 8 for c in seq)
+    # no 16-wide tile at 8 warps (63 of the 144 at 8 warps), and not the defaults themselves
+    assert len(seq) == 16 * 3 * 9 - 63 - 1
+    # nearest the defaults (BVS 32 both ways, 4 warps, 2 stages each) first: one choice changed in each of
+    # the first eleven
+    near = (("BVS", 32), ("BVS_bwd", 32), ("warps_seq", 4), ("stages_state", 2), ("stages_state_bwd", 2))
+    assert all(sum(c[k] != v for k, v in near) == 1 for c in seq[:11])
     assert tune.candidates(["inverse"], head_dim=64) == [dict(warps_inverse=w, group="inverse") for w in (2, 4)]
     assert {c["BV"] for c in tune.candidates(["chunk"], head_dim=256)} == {32, 64, 128}
     assert {c["BVG"] for c in tune.candidates(["grad"], head_dim=256)} == {16, 32, 64}

@@ -65,8 +65,8 @@ def state_bwd_kernel(
     q_ptr, k_ptr, ke_ptr, qc_ptr, cend_ptr, seg_ptr, w_ptr, do_ptr, dht_ptr, dul_ptr,
     dh_ptr, du_ptr, dh0_ptr,
     scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr,
-    HAS_DHT: tl.constexpr, DOT_MODE: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NCOPY: tl.constexpr,
+    DELTA: tl.constexpr, HAS_DHT: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """The reverse sequential pass: per (segment, head, V-block), chunk by chunk from the end,
     stores each chunk's end-state gradient dh, the full du (the chunk-local part from
@@ -81,13 +81,13 @@ def state_bwd_kernel(
     live = c_start < c_stop
     ke_next = stored_row_weights(ke_ptr, c_stop - 1, h, H, C, live)
     qc_next = stored_row_weights(qc_ptr, c_stop - 1, h, H, C, live)
-    c_end_next = stored_end_decay(cend_ptr, c_stop - 1, h, H, BV, live)
+    c_end_next = stored_end_decay(cend_ptr, c_stop - 1, h, H, BV, NCOPY, live)
     for cc in range(c_start, c_stop):
         c = c_start + c_stop - 1 - cc  # int64 bounds
         ke, qc, c_end = ke_next, qc_next, c_end_next
         ke_next = stored_row_weights(ke_ptr, c - 1, h, H, C, c > c_start)
         qc_next = stored_row_weights(qc_ptr, c - 1, h, H, C, c > c_start)
-        c_end_next = stored_end_decay(cend_ptr, c - 1, h, H, BV, c > c_start)
+        c_end_next = stored_end_decay(cend_ptr, c - 1, h, H, BV, NCOPY, c > c_start)
         store_state_blocks(dh_ptr, c, h, H, K, V, vv, dS1, dS2, dS3, dS4, BK, NKB)
         tok0, prow0, valid = segment_chunk(tok_lo, tok_hi, c, c_start, C)
         # du = du_local + e * (k dS1)

@@ -102,13 +102,13 @@ def stored_row_weights(ptr, c, h, H, C: tl.constexpr, live):
 
 
 @triton.jit
-def stored_end_decay(cend_ptr, c, h, H, BV: tl.constexpr, live):
-    """Chunk `c`'s `c_end` as `gates_kernel` stored it, `BV` copies per (chunk, head) (`[NC, H, BV]`),
-    loaded as a `[1, BV]` row to scale a sequential pass's `[BK, BV]` state blocks; 0 where not `live`.
+def stored_end_decay(cend_ptr, c, h, H, BV: tl.constexpr, NCOPY: tl.constexpr, live):
+    """Chunk `c`'s `c_end` as `gates_kernel` stored it, `NCOPY >= BV` copies per (chunk, head) (`[NC, H,
+    NCOPY]`), loaded as a `[1, BV]` row to scale a sequential pass's `[BK, BV]` state blocks; 0 where not `live`.
     A scalar load became a uniform register, which ptxas filled (`R2UR`) right after the load: the
     pass waited there for a load it had issued a chunk ahead (`docs/kernels.md`, item 9)."""
     j = tl.arange(0, BV)
-    return tl.load(cend_ptr + (c * H + h) * BV + j, mask=(j < BV) & live, other=0.0)[None, :]
+    return tl.load(cend_ptr + (c * H + h) * NCOPY + j, mask=(j < BV) & live, other=0.0)[None, :]
 
 
 # The tile helpers below address a tile as an int64 base pointer plus int32 offsets within it (rows

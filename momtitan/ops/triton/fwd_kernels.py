@@ -188,13 +188,13 @@ def wy_kernel(
 @triton.jit
 def gates_kernel(
     g_ptr, r_ptr, rq_ptr, rk_ptr, info_ptr, gam_ptr, run_ptr, ke_ptr, qc_ptr, rq_rows_ptr, rk_rows_ptr, cend_ptr,
-    H, C: tl.constexpr, BVS: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr,
+    H, C: tl.constexpr, NCOPY: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr,
 ):
     """Per (chunk, head), the chunk's gates, once, so that no other kernel scans or reduces them: the
     cumulative log-decay `gam` (with g) and the run ids `run` (with resets; stored by head 0), and the
     row weights of the sequential passes, `ke = e * rk` (each row's weight in the chunk's end state),
     `qc = carry * rq` (the start state's weight at each row), as `[NC, H, C]` (`gate_rows`), and `c_end`,
-    `BVS` copies per (chunk, head) (`stored_end_decay`)."""
+    `NCOPY` copies per (chunk, head) (`stored_end_decay`), as wide as the sequential passes' V tiles."""
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     _, tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
@@ -213,7 +213,7 @@ def gates_kernel(
     if L2:
         tl.store(rq_rows_ptr + rows, rq)
         tl.store(rk_rows_ptr + rows, rk)
-    tl.store(cend_ptr + (c * H + h) * BVS + tl.arange(0, BVS), tl.zeros([BVS], dtype=tl.float32) + c_end)
+    tl.store(cend_ptr + (c * H + h) * NCOPY + tl.arange(0, NCOPY), tl.zeros([NCOPY], dtype=tl.float32) + c_end)
 
 
 @triton.jit
@@ -221,8 +221,8 @@ def state_kernel(
     k_ptr, v_ptr, ke_ptr, cend_ptr, seg_ptr, w_ptr, uin_ptr, h0_ptr,
     h_ptr, unew_ptr, ht_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr,
-    HAS_H0: tl.constexpr, DOT_MODE: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NCOPY: tl.constexpr,
+    DELTA: tl.constexpr, HAS_H0: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """The sequential pass over one segment's chunks for one head and V tile, the state held as NKB
     `[BK, BV]` blocks (`common.load_state_blocks`)."""
@@ -234,12 +234,12 @@ def state_kernel(
     S1, S2, S3, S4 = load_state_blocks(h0_ptr, n, h, H, K, V, vv, HAS_H0, BK, BV, NKB)
     # from gates_kernel, a chunk ahead (`stored_row_weights`): e * rk (0 past the end) and c_end
     e_next = stored_row_weights(ke_ptr, c_start, h, H, C, c_start < c_stop)
-    c_end_next = stored_end_decay(cend_ptr, c_start, h, H, BV, c_start < c_stop)
+    c_end_next = stored_end_decay(cend_ptr, c_start, h, H, BV, NCOPY, c_start < c_stop)
     for cc in range(c_start, c_stop):
         c = cc  # int64: the bounds are int64
         e, c_end = e_next, c_end_next
         e_next = stored_row_weights(ke_ptr, c + 1, h, H, C, c + 1 < c_stop)
-        c_end_next = stored_end_decay(cend_ptr, c + 1, h, H, BV, c + 1 < c_stop)
+        c_end_next = stored_end_decay(cend_ptr, c + 1, h, H, BV, NCOPY, c + 1 < c_stop)
         store_state_blocks(h_ptr, c, h, H, K, V, vv, S1, S2, S3, S4, BK, NKB)
         tok0, prow0, valid = segment_chunk(tok_lo, tok_hi, c, c_start, C)
         if DELTA:  # u = U - W S0

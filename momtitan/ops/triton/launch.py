@@ -22,8 +22,8 @@ MAX_HEAD_DIM = 256
 # tuning experiments: scripts/tune_kernels.py), with the values each may take (None: a V tile, a
 # power of two from 16 to the padded head dim). Empty in normal use.
 _WARPS, _STAGES = (1, 2, 4, 8, 16), (1, 2, 3, 4)
-TUNABLE = {"BV": None, "BVG": None, "BVS": None, "warps_seq": _WARPS, "warps_chunk": _WARPS, "warps_grad": _WARPS,
-           "warps_inverse": _WARPS, "stages_state": _STAGES, "stages_state_bwd": _STAGES, "stages_grad": _STAGES,
+TUNABLE = {"BV": None, "BVG": None, "BVS": None, "BVS_bwd": None, "warps_seq": _WARPS, "warps_chunk": _WARPS,
+           "warps_grad": _WARPS, "warps_inverse": _WARPS, "stages_state": _STAGES, "stages_state_bwd": _STAGES, "stages_grad": _STAGES,
            "chunk_states_in_input_dtype": (0, 1), "wy_in_input_dtype": (0, 1), "state_bwd_dots_in_input_dtype": (0, 1)}
 OVERRIDES: dict[str, int] = {}
 # The same from the environment, for a whole process (e.g. the GPU test suite under a candidate choice):
@@ -86,8 +86,11 @@ class _Plan:
         wide_chunk_tiles = q.dtype != torch.float32
         self.BV = min(self.BVF, 128 if wide_chunk_tiles else 64)
         self.BVG = min(self.BVF, 32)  # V tile of the gradient kernel (many live [C, BV] tiles)
-        # V tile of the sequential passes; never 16 at 8 warps (16-wide tiles at 8 warps miscompiled)
+        # V tiles of the sequential passes, forward and reverse; never 16 at 8 warps (16-wide tiles at 8
+        # warps miscompiled). Each its own: 64 wide, the forward pass holds its state blocks without
+        # spills at d = 128 (248 registers at 4 warps), the reverse pass spills 620 B (kernel_registers.py)
         self.BVS = min(self.BVF, 32)
+        self.BVS_bwd = min(self.BVF, 32)
         # warps: chosen from ptxas register/spill reports for sm_90 (C = 64; fewer warps spill more).
         # Small heads get 4: with 8 warps and 16-wide tiles (head dim 16) Triton 3.6 miscompiled the
         # output and gradient kernels on an H200 (wrong outputs, then an illegal memory access). The
@@ -146,6 +149,8 @@ class _Plan:
         self.NVB = self.BVF // self.BV
         self.NVBG = self.BVF // self.BVG
         self.NVBS = self.BVF // self.BVS
+        self.NVBS_bwd = self.BVF // self.BVS_bwd
+        self.cend_copies = max(self.BVS, self.BVS_bwd)  # c_end's row, as wide as either pass's V tile
         self.dummy = torch.empty(1, device=dev, dtype=torch.float32)
 
     def _apply_overrides(self) -> None:
@@ -185,10 +190,10 @@ def states(p: _Plan, T=None) -> dict:
     qc = torch.empty(NC, H, C, device=dev, dtype=f32)
     rq_rows = torch.empty(NC, H, C, device=dev, dtype=f32) if p.l2 else None
     rk_rows = torch.empty(NC, H, C, device=dev, dtype=f32) if p.l2 else None
-    cend = torch.empty(NC, H, p.BVS, device=dev, dtype=f32)
+    cend = torch.empty(NC, H, p.cend_copies, device=dev, dtype=f32)
     gates_kernel[(NC, H)](
         p.ptr(p.g), p.ptr(p.reset), p.ptr(p.rq), p.ptr(p.rk), p.info, p.ptr(gam), p.ptr(run), ke, qc, p.ptr(rq_rows),
-        p.ptr(rk_rows), cend, H, C=C, BVS=p.BVS,
+        p.ptr(rk_rows), cend, H, C=C, NCOPY=p.cend_copies,
         HAS_G=p.g is not None, HAS_RESET=p.reset is not None, L2=p.l2, num_warps=p.warps_gates,
     )
     if p.delta:
@@ -209,7 +214,8 @@ def states(p: _Plan, T=None) -> dict:
     ht = torch.empty(p.N, H, K, V, device=dev, dtype=f32)
     state_kernel[(p.N, H, p.NVBS)](
         p.k, p.v, ke, cend, p.seg, p.ptr(W), p.ptr(U), p.ptr(p.h0),
-        h, p.ptr(u), ht, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BVS, DELTA=p.delta, HAS_H0=p.h0 is not None,
+        h, p.ptr(u), ht, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BVS, NCOPY=p.cend_copies, DELTA=p.delta,
+        HAS_H0=p.h0 is not None,
         num_warps=p.warps_seq, num_stages=p.stages_state, DOT_MODE=p.dot_mode,
     )
     return dict(h=h, ht=ht, u=u, W=W, T=T, gam=gam, run=run, ke=ke, qc=qc, rq_rows=rq_rows, rk_rows=rk_rows,
@@ -249,13 +255,17 @@ def backward(p: _Plan, scale: float, do, dht, T=None):
         p.q, p.k, p.ptr(s["gam"]), p.ptr(s["run"]), p.ptr(s["rq_rows"]), p.ptr(s["rk_rows"]), p.info, do, du_local,
         scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, num_warps=p.warps_chunk, **p.flags(),
     )
-    state_bwd_kernel[(p.N, H, p.NVBS)](
+    state_bwd_kernel[(p.N, H, p.NVBS_bwd)](
         p.q, p.k, s["ke"], s["qc"], s["cend"], p.seg, p.ptr(s["W"]), do,
-        p.ptr(dht), du_local, dh, du, dh0, scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BVS, DELTA=p.delta,
+        p.ptr(dht), du_local, dh, du, dh0, scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BVS_bwd,
+        NCOPY=p.cend_copies, DELTA=p.delta,
         HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=p.stages_state_bwd, DOT_MODE=p.dot_mode_state_bwd,
     )
-    dq = torch.empty(total, H, K, device=dev, dtype=f32)
-    dk = torch.empty(total, H, K, device=dev, dtype=f32)
+    # dq, dk in fp32 where the L2 norm's backward reads them next; otherwise the kernel rounds them to the
+    # inputs' dtype as it stores them (as the cast after it did: the same values, without a separate
+    # cast kernel reading and writing both again, 0.37 ms of simple GLA's 5.7 at 32/128 B8 T4096 bf16)
+    dq = torch.empty(total, H, K, device=dev, dtype=f32 if p.l2 else p.q.dtype)
+    dk = torch.empty(total, H, K, device=dev, dtype=f32 if p.l2 else p.k.dtype)
     dg = torch.empty(total, H, device=dev, dtype=f32) if p.g is not None else None
     db = torch.empty(total, H, device=dev, dtype=f32) if p.delta else None
     grads_kernel[(NC, H)](
