@@ -57,21 +57,15 @@ def make_inputs(spec, device, dtype, seed=0):
     return x, extra
 
 
-def triton_results(spec, device="cpu", dtype=torch.float32, seed=0, dispatched=False):
+def triton_results(spec, device="cpu", dtype=torch.float32, seed=0):
     """The Triton op's output, final state and every input gradient under random cotangents
-    (`{"o", "final_state", "d<input>"}`), and the inputs and cotangents that produced them.
-    `dispatched`: through `linear_recurrence`, whichever path it picks (at the default chunk)."""
-    from momtitan.ops.recurrence import linear_recurrence
+    (`{"o", "final_state", "d<input>"}`), and the inputs and cotangents that produced them."""
     from momtitan.ops.triton import triton_linear_recurrence
 
     x, extra = make_inputs(spec, device, dtype, seed)
     names = [n for n, t in x.items() if t is not None]
     leaves = {n: x[n].detach().clone().requires_grad_(True) for n in names}
-    inputs = {n: leaves.get(n) for n in x}
-    if dispatched:
-        o, ht = linear_recurrence(**inputs, **extra)
-    else:
-        o, ht = triton_linear_recurrence(**inputs, **extra, chunk_size=spec.get("C", 64))
+    o, ht = triton_linear_recurrence(**{n: leaves.get(n) for n in x}, **extra, chunk_size=spec.get("C", 64))
     gen = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(o.shape, generator=gen).to(device)
     loss = (o.float() * do).sum()
@@ -84,12 +78,11 @@ def triton_results(spec, device="cpu", dtype=torch.float32, seed=0, dispatched=F
     return out, (x, extra, names, do, dht)
 
 
-def check_case(spec, device="cpu", dtype=torch.float32, seed=0, dispatched=False):
-    """Relative errors of the Triton op (`dispatched`: of `linear_recurrence`) against the fp64 token
-    loop: o, final state, all grads."""
+def check_case(spec, device="cpu", dtype=torch.float32, seed=0):
+    """Relative errors of the Triton op against the fp64 token loop: o, final state, all grads."""
     from momtitan.ops.recurrence.naive import naive_linear_recurrence
 
-    out, (x, extra, names, do, dht) = triton_results(spec, device, dtype, seed, dispatched)
+    out, (x, extra, names, do, dht) = triton_results(spec, device, dtype, seed)
     ref_leaves = {n: x[n].detach().double().requires_grad_(True) for n in names}
     o2, ht2 = naive_linear_recurrence(**{n: ref_leaves.get(n) for n in x}, **extra)
     loss2 = (o2 * do.double()).sum() + ((ht2 * dht.double()).sum() if ht2 is not None else 0)
@@ -441,19 +434,12 @@ def _assert_errs(errs, finite, tol_o, tol_g, what):
 @pytest.mark.parametrize("d", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("rule", list(RULES))
 def test_gpu_matrix(rule, d, dtype):
-    """Every rule, head dim and dtype against the fp64 loop; where the Triton op refuses the inputs
-    (`known_wrong`), `linear_recurrence` runs them on the PyTorch path, checked the same way."""
-    from momtitan.ops.triton import known_wrong
-
+    """Every rule, head dim and dtype against the fp64 loop."""
     tol_o, tol_g = GPU_TOL[dtype]
     varlen = dict(rule=rule, shape=(1, 200, 2, d, d), cu=[0, 0, 70, 71, 71, 200], reset=0.02)
     batched = dict(rule=rule, shape=(2, 100, 2, d, d), reset=0.02)
-    refused = known_wrong(torch.empty(1, 1, 1, d, dtype=DTYPES[dtype]), torch.empty(0) if RULES[rule][1] else None)
     for what, spec in (("varlen", varlen), ("batched", batched)):
-        if refused:
-            with pytest.raises(ValueError, match="wrong gradients"):
-                triton_results(spec, "cuda", DTYPES[dtype])
-        errs, finite = check_case(spec, "cuda", DTYPES[dtype], dispatched=refused is not None)
+        errs, finite = check_case(spec, "cuda", DTYPES[dtype])
         _assert_errs(errs, finite, tol_o, tol_g, f"{rule} d={d} {dtype} {what}")
 
 
@@ -496,23 +482,6 @@ def test_gpu_long_sequences_vs_chunk_fp64(dtype):
     errs.update({"d" + n: rel_err(a, b) for n, a, b in zip(names, grads, grads2)})
     tol_o, tol_g = GPU_TOL[dtype]
     _assert_errs(errs, True, tol_o, tol_g, f"long {dtype}")
-
-
-def test_known_wrong_inputs_go_to_the_pytorch_path():
-    """The delta rules with 16-bit inputs at K <= 32: `supports` says no (so `linear_recurrence` runs
-    the PyTorch path), and the Triton op refuses them, naming K; other rules, dtypes and dims pass."""
-    from momtitan.ops.triton import supports, triton_linear_recurrence
-
-    def qvb(K, dtype, beta=True):
-        q = torch.zeros(1, 4, 2, K, dtype=dtype)
-        return q, torch.zeros(1, 4, 2, 16, dtype=dtype), torch.zeros(1, 4, 2) if beta else None
-
-    assert not supports(*qvb(32, torch.bfloat16)) and not supports(*qvb(16, torch.float16))
-    assert supports(*qvb(32, torch.float32)) and supports(*qvb(64, torch.bfloat16))
-    assert supports(*qvb(32, torch.bfloat16, beta=False))
-    q, v, beta = qvb(32, torch.bfloat16)
-    with pytest.raises(ValueError, match=r"wrong gradients for torch.bfloat16 inputs at head dim K <= 32 \(got K = 32\)"):
-        triton_linear_recurrence(q, q, v, None, beta)
 
 
 def test_triton_switch_follows_env():

@@ -134,7 +134,7 @@ def _linear_recurrence(q, k, v, g, beta, *, varying_rows: bool = False, **kwargs
     if q.is_cuda:
         from momtitan.ops.triton import supports, triton_linear_recurrence
 
-        if supports(q, v, beta):
+        if supports(q, v):
             return triton_linear_recurrence(q, k, v, g, beta, **kwargs)
     if varying_rows:
         return _chunked_between_graphs(q, k, v, g, beta, **kwargs)

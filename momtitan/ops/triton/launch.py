@@ -87,9 +87,12 @@ class _Plan:
         self.BV = min(self.BVF, 128 if wide_chunk_tiles else 64)
         self.BVG = min(self.BVF, 32)  # V tile of the gradient kernel (many live [C, BV] tiles)
         # V tiles of the sequential passes, forward and reverse; never 16 at 8 warps (16-wide tiles at 8
-        # warps miscompiled). Each its own: 64 wide, the forward pass holds its state blocks without
-        # spills at d = 128 (248 registers at 4 warps), the reverse pass spills 620 B (kernel_registers.py)
-        self.BVS = min(self.BVF, 32)
+        # warps miscompiled). Each its own: with 16-bit inputs the forward pass holds 64-wide state blocks
+        # without spills up to d = 128 (248 registers at 4 warps; at d = 256 it spills 212 B, fp32 inputs
+        # spill from d = 64), and takes each chunk's k and W once per two 32-wide tiles: fwd+bwd 1.10x at
+        # 32/128 (gated delta B8 T4096 bf16, H200, BVS 64 against 32 in turn); the reverse pass would
+        # spill 620 B at 64 wide (kernel_registers.py)
+        self.BVS = min(self.BVF, 64 if wide_chunk_tiles and self.BVF <= 128 else 32)
         self.BVS_bwd = min(self.BVF, 32)
         # warps: chosen from ptxas register/spill reports for sm_90 (C = 64; fewer warps spill more).
         # Small heads get 4: with 8 warps and 16-wide tiles (head dim 16) Triton 3.6 miscompiled the
@@ -110,8 +113,10 @@ class _Plan:
         self.warps_gates = 1  # per (chunk, head) one C-row scan
         # the gradient kernel at d = 32 and 64 too: its ~10 live C x C tiles spill over a KB per thread at 4
         # warps and ~100 B at 8 at d = 64, and with the delta rules at d = 32 200 B at 4 warps (255
-        # registers) against 88 at 8 (scripts/kernel_registers.py); the tiles stay 32 wide, not the
-        # 16-wide tiles that miscompiled
+        # registers) against 88 at 8 (scripts/kernel_registers.py). At d = 32 and 4 warps, with T kept in
+        # 16 bits, Triton 3.6 miscompiled it for Hopper (the delta rules' dq / dk / dbeta wrong, an illegal
+        # access; H200, kernels.md "Fixed"); at 8 warps every d 16 / 32 case passes. The tiles stay 32
+        # wide, not the 16-wide tiles that miscompiled
         self.warps_grad = 8 if chunk > 32 and self.BVF >= 32 else 4
         # the sequential passes' tile loads software-pipelined (their small per-chunk weights are loaded a
         # chunk ahead by hand, `stored_row_weights`): 2 stages, 1.09x / 1.12x the op's fwd+bwd at 32x128 /

@@ -118,17 +118,6 @@ def _backward(ctx, do, dht, *_):
 linear_recurrence_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def known_wrong(q, beta) -> str | None:
-    """Why the Triton op must not run these inputs, or None. The delta rules' gradients with 16-bit
-    inputs at head dims K <= 32 (32-wide K tiles) came out wrong (dq, dk, dbeta; or an illegal memory
-    access) on an H200 (`docs/kernels.md`, "Known wrong"); `linear_recurrence` sends such inputs to
-    the PyTorch path until the kernels are fixed."""
-    if beta is not None and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 32:
-        return (f"the Triton delta-rule kernels give wrong gradients for {q.dtype} inputs at head dim "
-                f"K <= 32 (got K = {q.shape[-1]}); use linear_recurrence, which runs these on the PyTorch path")
-    return None
-
-
 def triton_linear_recurrence(
     q, k, v, g=None, beta=None, *, scale=None, initial_state=None, output_final_state=False,
     cu_seqlens=None, reset=None, qk_l2norm=False, chunk_size=DEFAULT_CHUNK,
@@ -136,9 +125,6 @@ def triton_linear_recurrence(
     """`linear_recurrence` on the Triton kernels (same arguments and results; `chunk_size` 16, 32 or 64)."""
     if chunk_size not in (16, 32, 64):
         raise ValueError(f"chunk_size must be 16, 32 or 64 for the Triton kernels, got {chunk_size!r}")
-    reason = known_wrong(q, beta)
-    if reason is not None:
-        raise ValueError(reason)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     o, ht, *_ = linear_recurrence_fwd(q, k, v, g, beta, initial_state, cu_seqlens, reset, scale, qk_l2norm, chunk_size)
     return o, (ht if output_final_state else None)
