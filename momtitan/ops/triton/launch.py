@@ -87,12 +87,13 @@ class _Plan:
         self.BV = min(self.BVF, 128 if wide_chunk_tiles else 64)
         self.BVG = min(self.BVF, 32)  # V tile of the gradient kernel (many live [C, BV] tiles)
         # V tiles of the sequential passes, forward and reverse; never 16 at 8 warps (16-wide tiles at 8
-        # warps miscompiled). Each its own: with 16-bit inputs the forward pass holds 64-wide state blocks
-        # without spills up to d = 128 (248 registers at 4 warps; at d = 256 it spills 212 B, fp32 inputs
-        # spill from d = 64), and takes each chunk's k and W once per two 32-wide tiles: fwd+bwd 1.10x at
-        # 32/128 (gated delta B8 T4096 bf16, H200, BVS 64 against 32 in turn); the reverse pass would
-        # spill 620 B at 64 wide (kernel_registers.py)
-        self.BVS = min(self.BVF, 64 if wide_chunk_tiles and self.BVF <= 128 else 32)
+        # warps miscompiled). Each its own: at d = 128 with 16-bit inputs the forward pass holds 64-wide
+        # state blocks without spills (248 registers at 4 warps; at d = 256 it spills 212 B, fp32 inputs
+        # from d = 64) and loads each chunk's k and W once per two 32-wide tiles: fwd+bwd 1.10x at 32/128
+        # (gated delta B8 T4096 bf16, H200, BVS 64 against 32 in turn). At d = 64 one 64-wide tile halves
+        # the programs: simple GLA's forward 0.58 -> 0.85 ms at 32/64, gated delta unchanged, so 32 there.
+        # The reverse pass would spill 620 B at 64 wide (kernel_registers.py)
+        self.BVS = min(self.BVF, 64 if wide_chunk_tiles and self.BVF == 128 else 32)
         self.BVS_bwd = min(self.BVF, 32)
         # warps: chosen from ptxas register/spill reports for sm_90 (C = 64; fewer warps spill more).
         # Small heads get 4: with 8 warps and 16-wide tiles (head dim 16) Triton 3.6 miscompiled the
