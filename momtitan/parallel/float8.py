@@ -33,10 +33,6 @@ MEMORY_FQN = "memories"  # MoMLayer.memories: the MemoryProjections module
 FLOAT8_GROUP_ALIGNMENT = 16
 
 
-def float8_enabled(job_config) -> bool:
-    return FLOAT8_CONVERTER in job_config.model.converters
-
-
 def grouped_float8_enabled(job_config) -> bool:
     return GROUPED_FLOAT8_CONVERTER in job_config.model.converters
 
