@@ -16,9 +16,9 @@ tune = load_script("tune_kernels")
 
 
 def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps():
-    assert tune.default_choices(128) == dict(BV=128, BVG=32, BVS=64, BVS_bwd=32, warps_seq=4, warps_chunk=4, warps_grad=8,
-                                             warps_inverse=1, stages_state=2, stages_state_bwd=2, stages_grad=3,
-                                             chunk_states_in_input_dtype=1, wy_in_input_dtype=1,
+    assert tune.default_choices(128) == dict(BV=128, BVG=32, BVS=64, BVS_bwd=32, warps_seq=4, warps_chunk=4,
+                                             warps_grad=8, warps_inverse=1, stages_state=2, stages_state_bwd=2,
+                                             stages_grad=3, chunk_states_in_input_dtype=1, wy_in_input_dtype=1,
                                              state_bwd_dots_in_input_dtype=0)
     fp32 = tune.default_choices(128, "float32")
     assert fp32["stages_grad"] == 2  # 3 need more shared memory than Hopper has

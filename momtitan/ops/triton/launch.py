@@ -22,8 +22,9 @@ MAX_HEAD_DIM = 256
 # tuning experiments: scripts/tune_kernels.py), with the values each may take (None: a V tile, a
 # power of two from 16 to the padded head dim). Empty in normal use.
 _WARPS, _STAGES = (1, 2, 4, 8, 16), (1, 2, 3, 4)
-TUNABLE = {"BV": None, "BVG": None, "BVS": None, "BVS_bwd": None, "warps_seq": _WARPS, "warps_chunk": _WARPS,
-           "warps_grad": _WARPS, "warps_inverse": _WARPS, "stages_state": _STAGES, "stages_state_bwd": _STAGES, "stages_grad": _STAGES,
+TUNABLE = {"BV": None, "BVG": None, "BVS": None, "BVS_bwd": None,
+           "warps_seq": _WARPS, "warps_chunk": _WARPS, "warps_grad": _WARPS, "warps_inverse": _WARPS,
+           "stages_state": _STAGES, "stages_state_bwd": _STAGES, "stages_grad": _STAGES,
            "chunk_states_in_input_dtype": (0, 1), "wy_in_input_dtype": (0, 1), "state_bwd_dots_in_input_dtype": (0, 1)}
 OVERRIDES: dict[str, int] = {}
 # The same from the environment, for a whole process (e.g. the GPU test suite under a candidate choice):
@@ -284,8 +285,8 @@ def backward(p: _Plan, scale: float, do, dht, T=None):
     if p.l2:
         dq = l2norm_bwd(p.q, p.rq, dq)  # in q's dtype
         dk = l2norm_bwd(p.k, p.rk, dk)
-    dq = dq.reshape(p.B, p.T, H, K).to(p.q.dtype)
-    dk = dk.reshape(p.B, p.T, H, K).to(p.k.dtype)
+    dq = dq.reshape(p.B, p.T, H, K)  # in the inputs' dtype either way
+    dk = dk.reshape(p.B, p.T, H, K)
     dg = dg.reshape(p.B, p.T, H) if dg is not None else None
     db = db.reshape(p.B, p.T, H) if db is not None else None
     return dq, dk, dv, dg, db, dh0
