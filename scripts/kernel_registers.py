@@ -91,11 +91,13 @@ def constants(name: str, plan, warps: int | None, stages: int | None = None, rul
 
 def pointer_dtypes(plan, dtype: str, rule: str = "gated_delta", l2: bool = True) -> dict[str, str]:
     """The Triton dtype of each pointer argument that is not fp32 or int64, as the plan allocates them
-    for `rule` (without beta the reverse pass writes dv, in v's dtype, where the delta rules' du is fp32)
+    for `rule` (without beta the reverse pass writes dv, in v's dtype, where the delta rules' du takes the
+    plan's `du_dtype`, as du's chunk-local part does)
     and `l2` (without the L2 norm the gradient kernel writes dq, dk in the inputs' dtype, else fp32)."""
     name = {torch_dtype: short for short, torch_dtype in _torch_dtypes().items()}
     out = {**dict.fromkeys(IO_ARGS, dtype), **dict.fromkeys(CHUNK_STATE_ARGS, name[plan.chunk_state_dtype]),
            **dict.fromkeys(WY_ARGS, name[plan.wy_dtype])}
+    out["du_ptr"] = out["dul_ptr"] = name[plan.du_dtype]
     if not rule_flags(rule)["DELTA"]:
         out["du_ptr"] = dtype
     if not l2:

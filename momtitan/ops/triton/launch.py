@@ -25,7 +25,8 @@ _WARPS, _STAGES = (1, 2, 4, 8, 16), (1, 2, 3, 4)
 TUNABLE = {"BV": None, "BVG": None, "BVS": None, "BVS_bwd": None,
            "warps_seq": _WARPS, "warps_chunk": _WARPS, "warps_grad": _WARPS, "warps_inverse": _WARPS,
            "stages_state": _STAGES, "stages_state_bwd": _STAGES, "stages_grad": _STAGES,
-           "chunk_states_in_input_dtype": (0, 1), "wy_in_input_dtype": (0, 1), "state_bwd_dots_in_input_dtype": (0, 1)}
+           "chunk_states_in_input_dtype": (0, 1), "wy_in_input_dtype": (0, 1), "du_in_input_dtype": (0, 1),
+           "state_bwd_dots_in_input_dtype": (0, 1)}
 OVERRIDES: dict[str, int] = {}
 # The same from the environment, for a whole process (e.g. the GPU test suite under a candidate choice):
 # MOMTITAN_KERNEL_OVERRIDES='{"warps_inverse": 2}', read and checked by every plan; OVERRIDES win over it.
@@ -139,6 +140,11 @@ class _Plan:
         # 1: the delta rules' WY factors W, U and corrected values u ([NC*C, H, K or V]) are stored in
         # the inputs' dtype, as fla stores them; 0: in fp32
         self.wy_in_input_dtype = 1
+        # 1: the value gradients between the backward's kernels, du's chunk-local part (`local_du_kernel`
+        # -> `state_bwd_kernel`) and the delta rules' du (-> `grads_kernel`, which reads it once per K
+        # block too), in the inputs' dtype, as fla stores its dv; 0: in fp32. The reverse pass carries
+        # its state gradient from the unrounded du either way.
+        self.du_in_input_dtype = 1
         # The reverse state pass with 16-bit dot operands was miscompiled by Triton 3.6 on Hopper (H200:
         # wrong dv/dk/dbeta/dh0, NaN, or an illegal memory access, whatever the warps) when it held the
         # state as one [K, BV] tile and transposed its tiles in registers; with fp32 operands it is
@@ -153,6 +159,7 @@ class _Plan:
             self.dot_mode_state_bwd = self.dot_mode if self.state_bwd_dots_in_input_dtype else 3
         self.chunk_state_dtype = q.dtype if self.chunk_states_in_input_dtype else torch.float32
         self.wy_dtype = q.dtype if self.wy_in_input_dtype else torch.float32
+        self.du_dtype = q.dtype if self.du_in_input_dtype else torch.float32
         self.NVB = self.BVF // self.BV
         self.NVBG = self.BVF // self.BVG
         self.NVBS = self.BVF // self.BVS
@@ -255,9 +262,9 @@ def backward(p: _Plan, scale: float, do, dht, T=None):
     dh = torch.empty(NC, H, K, V, device=dev, dtype=p.chunk_state_dtype)
     dh0 = torch.empty(p.N, H, K, V, device=dev, dtype=f32)
     dv = torch.empty(p.B, p.T, H, V, device=dev, dtype=p.v.dtype)
-    du = torch.empty(NC * C, H, V, device=dev, dtype=f32) if p.delta else dv
+    du = torch.empty(NC * C, H, V, device=dev, dtype=p.du_dtype) if p.delta else dv
     # the state-independent part of du, chunk-parallel, so the sequential pass only carries dS
-    du_local = torch.empty(NC * C, H, V, device=dev, dtype=f32)
+    du_local = torch.empty(NC * C, H, V, device=dev, dtype=p.du_dtype)
     local_du_kernel[(NC, H, p.NVB)](
         p.q, p.k, p.ptr(s["gam"]), p.ptr(s["run"]), p.ptr(s["rq_rows"]), p.ptr(s["rk_rows"]), p.info, do, du_local,
         scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, num_warps=p.warps_chunk, **p.flags(),
