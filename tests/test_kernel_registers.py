@@ -121,5 +121,5 @@ def test_pointer_dtypes_follow_the_rule():
     assert kr.pointer_dtypes(plan, "bf16", "gated")["du_ptr"] == "bf16"
     assert "du_ptr" not in kr.pointer_dtypes(plan, "bf16", "gated_delta")  # fp32
     assert kr.pointer_dtypes(plan, "bf16", "gated_delta")["t_ptr"] == "bf16"
-    assert "dq_ptr" not in kr.pointer_dtypes(plan, "bf16", "gated_delta", l2=True)
-    assert kr.pointer_dtypes(plan, "bf16", "gated", l2=False)["dq_ptr"] == "bf16"
+    assert kr.pointer_dtypes(plan, "bf16", "gated_delta")["dq_ptr"] == "bf16"
+    assert "dqn_ptr" not in kr.pointer_dtypes(plan, "bf16", "gated_delta")  # fp32 scratch
