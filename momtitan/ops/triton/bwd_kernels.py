@@ -16,7 +16,8 @@ Per chunk (start state S0, end state S1, carry c, end weights e, decay D, P = (q
    on the K-block (dO u^T, dbv u^T and their transposes, dv) once; a second pass per K-block forms
    the terms through the states and writes that block of dq and dk. Gradients of gamma (cumulative
    log-decay) are turned into gradients of g by a reverse cumsum in the chunk.
-Gradients w.r.t. the L2-normalised q, k come out in fp32; the norm's backward is applied outside.
+With the L2 norm, the gradients w.r.t. the normalised q, k go to fp32 scratch until their row sums
+cover every K block; the kernel then applies the norm's backward and writes dq, dk in the inputs' dtype.
 """
 
 from __future__ import annotations
