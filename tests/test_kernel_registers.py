@@ -110,8 +110,8 @@ def test_bad_arguments_raise():
 
 def test_pointer_dtypes_follow_the_rule(monkeypatch):
     """Without beta the reverse pass writes dv (v's dtype) through du_ptr; the delta rules' du and du's
-    chunk-local part take the plan's du dtype. T is in the inputs' dtype; dq, dk too without the L2
-    norm, fp32 with it."""
+    chunk-local part take the plan's du dtype. T, dq and dk are in the inputs' dtype (the L2 norm's
+    scratch in fp32)."""
     import torch
 
     kr = load_script("kernel_registers")
@@ -126,5 +126,5 @@ def test_pointer_dtypes_follow_the_rule(monkeypatch):
     fp32_du = launch._Plan(x, x, x, None, x[..., 0], None, None, None, False, launch.DEFAULT_CHUNK)
     assert kr.pointer_dtypes(fp32_du, "bf16", "gated_delta")["du_ptr"] == "fp32"
     assert kr.pointer_dtypes(plan, "bf16", "gated_delta")["t_ptr"] == "bf16"
-    assert "dq_ptr" not in kr.pointer_dtypes(plan, "bf16", "gated_delta", l2=True)
-    assert kr.pointer_dtypes(plan, "bf16", "gated", l2=False)["dq_ptr"] == "bf16"
+    assert kr.pointer_dtypes(plan, "bf16", "gated_delta")["dq_ptr"] == "bf16"
+    assert "dqn_ptr" not in kr.pointer_dtypes(plan, "bf16", "gated_delta")  # fp32 scratch

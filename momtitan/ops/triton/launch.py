@@ -14,7 +14,7 @@ from momtitan.ops.triton.bwd_kernels import grads_kernel, local_du_kernel, state
 from momtitan.ops.triton.common import DOT_MODES, chunk_map, pow2
 from momtitan.ops.triton.fwd_kernels import gates_kernel, inverse_kernel, output_kernel, state_kernel, wy_kernel
 from momtitan.ops.segments import uniform_cu_seqlens
-from momtitan.ops.triton.l2norm import l2norm_bwd, reciprocal_norms
+from momtitan.ops.triton.l2norm import reciprocal_norms
 
 DEFAULT_CHUNK = 64
 MAX_HEAD_DIM = 256
@@ -275,24 +275,22 @@ def backward(p: _Plan, scale: float, do, dht, T=None):
         NCOPY=p.cend_copies, DELTA=p.delta,
         HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=p.stages_state_bwd, DOT_MODE=p.dot_mode_state_bwd,
     )
-    # dq, dk in fp32 where the L2 norm's backward reads them next; otherwise the kernel rounds them to the
-    # inputs' dtype as it stores them (as the cast after it did: the same values, without a separate
-    # cast kernel reading and writing both again, 0.37 ms of simple GLA's 5.7 at 32/128 B8 T4096 bf16)
-    dq = torch.empty(total, H, K, device=dev, dtype=f32 if p.l2 else p.q.dtype)
-    dk = torch.empty(total, H, K, device=dev, dtype=f32 if p.l2 else p.k.dtype)
+    # dq, dk in the inputs' dtype, rounded as the kernel stores them; with the L2 norm the kernel applies
+    # its backward too, from the gradients w.r.t. the normalised rows it keeps in fp32 scratch (dqn, dkn)
+    dq = torch.empty(total, H, K, device=dev, dtype=p.q.dtype)
+    dk = torch.empty(total, H, K, device=dev, dtype=p.k.dtype)
+    dqn = torch.empty(total, H, K, device=dev, dtype=f32) if p.l2 else None
+    dkn = torch.empty(total, H, K, device=dev, dtype=f32) if p.l2 else None
     dg = torch.empty(total, H, device=dev, dtype=f32) if p.g is not None else None
     db = torch.empty(total, H, device=dev, dtype=f32) if p.delta else None
     grads_kernel[(NC, H)](
         p.q, p.k, p.v, p.ptr(s["gam"]), p.ptr(p.beta), p.ptr(s["run"]), p.ptr(s["rq_rows"]), p.ptr(s["rk_rows"]), p.info,
         p.ptr(s["T"]), s["h"], dh, p.ptr(s["u"]), p.ptr(du if p.delta else None), do,
-        dq, dk, dv, p.ptr(dg), p.ptr(db), scale, H, K, V,
+        dq, dk, p.ptr(dqn), p.ptr(dkn), dv, p.ptr(dg), p.ptr(db), scale, H, K, V,
         C=C, BK=p.BK, NKB=p.NKB, BV=p.BVG, NVB=p.NVBG, DELTA=p.delta, num_warps=p.warps_grad,
         num_stages=p.stages_grad, **p.flags(),
     )
-    if p.l2:
-        dq = l2norm_bwd(p.q, p.rq, dq)  # in q's dtype
-        dk = l2norm_bwd(p.k, p.rk, dk)
-    dq = dq.reshape(p.B, p.T, H, K)  # in the inputs' dtype either way
+    dq = dq.reshape(p.B, p.T, H, K)
     dk = dk.reshape(p.B, p.T, H, K)
     dg = dg.reshape(p.B, p.T, H) if dg is not None else None
     db = db.reshape(p.B, p.T, H) if db is not None else None
