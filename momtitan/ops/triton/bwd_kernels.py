@@ -216,8 +216,12 @@ def grads_kernel(
             acc_ek += mdot(ub, tl.trans(dS1), DOT_MODE)
             dcC += tl.sum(tl.sum(S0.to(tl.float32) * dS1.to(tl.float32), 1), 0)
             if DELTA:
+                # du's tile passes through a where (a no-op: load_rows zeroes the same rows) before its
+                # dot. Loaded straight into the dot's operand, 16-bit du made this dot wrong on some runs
+                # (Triton 3.6, H200: gated delta's dk / dg / dbeta at d = 64 and 256, about every other
+                # run; compute-sanitizer's initcheck and racecheck clean); with the where, 12 of 12 passed
                 dub = load_rows(du_ptr, c * C, valid, h, H, V, vb * BV, BV, C)
-                acc_us += mdot(dub, tl.trans(S0), DOT_MODE)
+                acc_us += mdot(tl.where(valid[:, None], dub, 0.0).to(dub.dtype), tl.trans(S0), DOT_MODE)
         if DELTA:
             acc_bk = mdot(tl.trans(Tm), acc_us, DOT_MODE)  # dbv S0^T: one T^T dot per K block
         qb = load_rows(q_ptr, tok0, valid, h, H, K, kb * BK, BK, C).to(tl.float32) * rq[:, None]
