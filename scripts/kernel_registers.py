@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 # inputs and outputs, and the delta rules' T (`launch.states`), in the inputs' dtype (--dtype); the
 # per-chunk states and the WY factors in the dtypes the plan stores them in; every other pointer is
 # fp32 (or int64, below)
-IO_ARGS = {"q_ptr", "k_ptr", "v_ptr", "beta_ptr", "do_ptr", "o_ptr", "dv_ptr", "t_ptr"}
+IO_ARGS = {"q_ptr", "k_ptr", "v_ptr", "beta_ptr", "do_ptr", "o_ptr", "dv_ptr", "t_ptr", "dq_ptr", "dk_ptr"}
 CHUNK_STATE_ARGS = {"h_ptr", "dh_ptr"}
 WY_ARGS = {"w_ptr", "u_ptr", "uin_ptr", "unew_ptr"}
 DTYPES = ("bf16", "fp16", "fp32")
@@ -89,17 +89,17 @@ def constants(name: str, plan, warps: int | None, stages: int | None = None, rul
     return values, warps or default_warps, stages or default_stages
 
 
-def pointer_dtypes(plan, dtype: str, rule: str = "gated_delta", l2: bool = True) -> dict[str, str]:
+def pointer_dtypes(plan, dtype: str, rule: str = "gated_delta") -> dict[str, str]:
     """The Triton dtype of each pointer argument that is not fp32 or int64, as the plan allocates them
-    for `rule` (without beta the reverse pass writes dv, in v's dtype, where the delta rules' du is fp32)
-    and `l2` (without the L2 norm the gradient kernel writes dq, dk in the inputs' dtype, else fp32)."""
+    for `rule` (without beta the reverse pass writes dv, in v's dtype, where the delta rules' du takes the
+    plan's `du_dtype`, as du's chunk-local part does; the gradient kernel writes dq, dk in the inputs'
+    dtype and keeps the L2 norm's scratch dqn, dkn in fp32)."""
     name = {torch_dtype: short for short, torch_dtype in _torch_dtypes().items()}
     out = {**dict.fromkeys(IO_ARGS, dtype), **dict.fromkeys(CHUNK_STATE_ARGS, name[plan.chunk_state_dtype]),
            **dict.fromkeys(WY_ARGS, name[plan.wy_dtype])}
+    out["du_ptr"] = out["dul_ptr"] = name[plan.du_dtype]
     if not rule_flags(rule)["DELTA"]:
         out["du_ptr"] = dtype
-    if not l2:
-        out["dq_ptr"] = out["dk_ptr"] = dtype
     return out
 
 
@@ -247,7 +247,7 @@ def main(argv=None) -> None:
                     sass_path = (a.sass_dir / f"{name}_{a.rule}{'' if a.qk_l2norm else '_nol2'}_{a.dtype}_d{d}_w{warps}"
                                                 f"_s{stages}.sass") if a.sass_dir else None
                     regs, stores, loads, shared, seconds, (instructions, ldg, scalar) = ptxas_report(
-                        found[name], consts, warps, stages, a.arch, pointer_dtypes(plan, a.dtype, a.rule, a.qk_l2norm),
+                        found[name], consts, warps, stages, a.arch, pointer_dtypes(plan, a.dtype, a.rule),
                         sass_path)
                     over = " (over sm_90's limit)" if a.arch == 90 and shared > HOPPER_SHARED_BYTES else ""
                     print(f"| {name} | {d} | {warps} | {stages} | {regs} | {stores} / {loads} | {shared}{over} "

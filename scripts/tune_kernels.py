@@ -8,8 +8,8 @@ choices and leaves the others at their defaults:
     chunk  the per-chunk kernels (W and U, output, local du): BV, warps_chunk
     inverse  the delta rules' (I + A)^-1 per chunk: warps_inverse
     grad   the gradient kernel: BVG, warps_grad, stages_grad
-    storage  the per-chunk states h and dh, the WY factors W, U and the values u in the inputs' dtype
-             or in fp32 (each choice changed, then both)
+    storage  the per-chunk states h and dh, the WY factors W, U and the values u, and the value
+             gradients du in the inputs' dtype or in fp32 (each choice changed, then two, then all)
     dots   the reverse state pass's dot operands in the inputs' 16-bit dtype instead of TF32
 
 Each candidate runs in its own process (a miscompiled choice may fault or hang the process) and
@@ -77,7 +77,8 @@ def candidates(groups: list[str], head_dim: int, dtype: str = "bfloat16") -> lis
             grid = [dict(BVG=t, warps_grad=w, stages_grad=s)
                     for t, w, s in itertools.product([t for t in tiles if t <= 64], (4, 8), (1, 2, 3))]
         elif group == "storage":
-            grid = [dict(chunk_states_in_input_dtype=c, wy_in_input_dtype=w) for c, w in itertools.product((0, 1), (0, 1))]
+            grid = [dict(chunk_states_in_input_dtype=c, wy_in_input_dtype=w, du_in_input_dtype=d)
+                    for c, w, d in itertools.product((0, 1), (0, 1), (0, 1))]
         elif group == "dots":
             grid = [dict(state_bwd_dots_in_input_dtype=1)]
         else:

@@ -108,9 +108,10 @@ def test_bad_arguments_raise():
         kr.main(["--kernels", "wy_kernel", "--heads", "64", "--rule", "gated"])
 
 
-def test_pointer_dtypes_follow_the_rule():
-    """Without beta the reverse pass writes dv (v's dtype) through du_ptr; the delta rules' du is fp32.
-    T is in the inputs' dtype; dq, dk too without the L2 norm, fp32 with it."""
+def test_pointer_dtypes_follow_the_rule(monkeypatch):
+    """Without beta the reverse pass writes dv (v's dtype) through du_ptr; the delta rules' du and du's
+    chunk-local part take the plan's du dtype. T, dq and dk are in the inputs' dtype (the L2 norm's
+    scratch in fp32)."""
     import torch
 
     kr = load_script("kernel_registers")
@@ -119,7 +120,11 @@ def test_pointer_dtypes_follow_the_rule():
     x = torch.zeros(1, 1, 2, 64, dtype=torch.bfloat16)
     plan = launch._Plan(x, x, x, None, x[..., 0], None, None, None, False, launch.DEFAULT_CHUNK)
     assert kr.pointer_dtypes(plan, "bf16", "gated")["du_ptr"] == "bf16"
-    assert "du_ptr" not in kr.pointer_dtypes(plan, "bf16", "gated_delta")  # fp32
+    assert kr.pointer_dtypes(plan, "bf16", "gated_delta")["du_ptr"] == "bf16"
+    assert kr.pointer_dtypes(plan, "bf16", "gated")["dul_ptr"] == "bf16"
+    monkeypatch.setattr(launch, "OVERRIDES", {"du_in_input_dtype": 0})
+    fp32_du = launch._Plan(x, x, x, None, x[..., 0], None, None, None, False, launch.DEFAULT_CHUNK)
+    assert kr.pointer_dtypes(fp32_du, "bf16", "gated_delta")["du_ptr"] == "fp32"
     assert kr.pointer_dtypes(plan, "bf16", "gated_delta")["t_ptr"] == "bf16"
-    assert "dq_ptr" not in kr.pointer_dtypes(plan, "bf16", "gated_delta", l2=True)
-    assert kr.pointer_dtypes(plan, "bf16", "gated", l2=False)["dq_ptr"] == "bf16"
+    assert kr.pointer_dtypes(plan, "bf16", "gated_delta")["dq_ptr"] == "bf16"
+    assert "dqn_ptr" not in kr.pointer_dtypes(plan, "bf16", "gated_delta")  # fp32 scratch

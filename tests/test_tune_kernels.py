@@ -19,16 +19,17 @@ def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps
     assert tune.default_choices(128) == dict(BV=128, BVG=32, BVS=64, BVS_bwd=32, warps_seq=4, warps_chunk=4,
                                              warps_grad=8, warps_inverse=1, stages_state=2, stages_state_bwd=2,
                                              stages_grad=3, chunk_states_in_input_dtype=1, wy_in_input_dtype=1,
+                                             du_in_input_dtype=1,
                                              state_bwd_dots_in_input_dtype=0)
     fp32 = tune.default_choices(128, "float32")
     assert fp32["stages_grad"] == 2  # 3 need more shared memory than Hopper has
     assert (fp32["BV"], fp32["warps_chunk"]) == (64, 8)  # 128-wide chunk tiles of fp32 operands would spill
     # 64-wide state blocks would spill at d = 256 and with fp32, and halve the programs at d = 64
     assert fp32["BVS"] == tune.default_choices(256)["BVS"] == tune.default_choices(64)["BVS"] == 32
-    assert tune.candidates(["storage"], head_dim=128) == [
-        dict(chunk_states_in_input_dtype=0, wy_in_input_dtype=1, group="storage"),
-        dict(chunk_states_in_input_dtype=1, wy_in_input_dtype=0, group="storage"),
-        dict(chunk_states_in_input_dtype=0, wy_in_input_dtype=0, group="storage")]
+    storage = tune.candidates(["storage"], head_dim=128)
+    assert len(storage) == 7 and storage[0] == dict(chunk_states_in_input_dtype=0, wy_in_input_dtype=1,
+                                                      du_in_input_dtype=1, group="storage")
+    assert storage[-1] == dict(chunk_states_in_input_dtype=0, wy_in_input_dtype=0, du_in_input_dtype=0, group="storage")
     seq = tune.candidates(["seq"], head_dim=128)
     assert {c["BVS"] for c in seq} == {c["BVS_bwd"] for c in seq} == {16, 32, 64, 128}
     assert {c["stages_state"] for c in seq} == {c["stages_state_bwd"] for c in seq} == {1, 2, 3}
@@ -94,11 +95,12 @@ def test_overrides_reach_the_plan_and_bad_ones_raise(monkeypatch):
     monkeypatch.setattr(launch, "OVERRIDES", {"stages_state_bwd": 0})
     with pytest.raises(ValueError, match=r"OVERRIDES\['stages_state_bwd'\] must be one of \(1, 2, 3, 4\), got 0"):
         plan()
-    monkeypatch.setattr(launch, "OVERRIDES", {"chunk_states_in_input_dtype": 1, "wy_in_input_dtype": 1})
-    assert plan().chunk_state_dtype == plan().wy_dtype == torch.float32  # fp32 inputs
+    monkeypatch.setattr(launch, "OVERRIDES", {"chunk_states_in_input_dtype": 1, "wy_in_input_dtype": 1,
+                                              "du_in_input_dtype": 1})
+    assert plan().chunk_state_dtype == plan().wy_dtype == plan().du_dtype == torch.float32  # fp32 inputs
     q16, v16 = q.bfloat16(), v.bfloat16()
     plan16 = launch._Plan(q16, q16, v16, None, None, None, None, None, False, 64)
-    assert plan16.chunk_state_dtype == plan16.wy_dtype == torch.bfloat16
+    assert plan16.chunk_state_dtype == plan16.wy_dtype == plan16.du_dtype == torch.bfloat16
     assert plan16.dot_mode_state_bwd == 3  # TF32 unless the dots group asks for 16-bit operands
     monkeypatch.setattr(launch, "OVERRIDES", {"state_bwd_dots_in_input_dtype": 1})
     assert launch._Plan(q16, q16, v16, None, None, None, None, None, False, 64).dot_mode_state_bwd == 1

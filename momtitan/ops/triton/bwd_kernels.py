@@ -16,7 +16,8 @@ Per chunk (start state S0, end state S1, carry c, end weights e, decay D, P = (q
    on the K-block (dO u^T, dbv u^T and their transposes, dv) once; a second pass per K-block forms
    the terms through the states and writes that block of dq and dk. Gradients of gamma (cumulative
    log-decay) are turned into gradients of g by a reverse cumsum in the chunk.
-Gradients w.r.t. the L2-normalised q, k come out in fp32; the norm's backward is applied outside.
+With the L2 norm, the gradients w.r.t. the normalised q, k go to fp32 scratch until their row sums
+cover every K block; the kernel then applies the norm's backward and writes dq, dk in the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def state_bwd_kernel(
 def grads_kernel(
     q_ptr, k_ptr, v_ptr, gam_ptr, beta_ptr, run_ptr, rq_rows_ptr, rk_rows_ptr, info_ptr,
     t_ptr, h_ptr, dh_ptr, u_ptr, du_ptr, do_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dg_ptr, db_ptr,
+    dq_ptr, dk_ptr, dqn_ptr, dkn_ptr, dv_ptr, dg_ptr, db_ptr,
     scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DELTA: tl.constexpr,
@@ -190,6 +191,8 @@ def grads_kernel(
     dc = tl.zeros([C], dtype=tl.float32)  # d(carry), summed over K-blocks
     de = tl.zeros([C], dtype=tl.float32)  # d(end weights)
     dcC = 0.0  # d(c_end)
+    sq = tl.zeros([C], dtype=tl.float32)  # <qn, dqn> per row, for the L2 norm's backward
+    sk = tl.zeros([C], dtype=tl.float32)  # <kn, dkn>
     for kb in tl.range(0, NKB):
         kk = kb * BK + tl.arange(0, BK)
         km = kk < K
@@ -213,8 +216,12 @@ def grads_kernel(
             acc_ek += mdot(ub, tl.trans(dS1), DOT_MODE)
             dcC += tl.sum(tl.sum(S0.to(tl.float32) * dS1.to(tl.float32), 1), 0)
             if DELTA:
+                # du's tile passes through a where (a no-op: load_rows zeroes the same rows) before its
+                # dot. Loaded straight into the dot's operand, 16-bit du made this dot wrong on some runs
+                # (Triton 3.6, H200: gated delta's dk / dg / dbeta at d = 64 and 256, about every other
+                # run; compute-sanitizer's initcheck and racecheck clean); with the where, 12 of 12 passed
                 dub = load_rows(du_ptr, c * C, valid, h, H, V, vb * BV, BV, C)
-                acc_us += mdot(dub, tl.trans(S0), DOT_MODE)
+                acc_us += mdot(tl.where(valid[:, None], dub, 0.0).to(dub.dtype), tl.trans(S0), DOT_MODE)
         if DELTA:
             acc_bk = mdot(tl.trans(Tm), acc_us, DOT_MODE)  # dbv S0^T: one T^T dot per K block
         qb = load_rows(q_ptr, tok0, valid, h, H, K, kb * BK, BK, C).to(tl.float32) * rq[:, None]
@@ -228,8 +235,26 @@ def grads_kernel(
             kdb = -tl.sum(kbt * acc_bk, 1)
             dc += b * kdb
             dbeta += carry * kdb
-        store_rows(dq_ptr, tok0, valid, h, H, K, kb * BK, dq, BK, C)
-        store_rows(dk_ptr, tok0, valid, h, H, K, kb * BK, dk, BK, C)
+        if L2:  # gradients w.r.t. the normalised rows, in fp32 until the row sums are complete
+            store_rows(dqn_ptr, tok0, valid, h, H, K, kb * BK, dq, BK, C)
+            store_rows(dkn_ptr, tok0, valid, h, H, K, kb * BK, dk, BK, C)
+            sq += tl.sum(qb * dq, 1)
+            sk += tl.sum(kbt * dk, 1)
+        else:
+            store_rows(dq_ptr, tok0, valid, h, H, K, kb * BK, dq, BK, C)
+            store_rows(dk_ptr, tok0, valid, h, H, K, kb * BK, dk, BK, C)
+    if L2:
+        # The L2 norm's backward, dx = r (dxn - xn <xn, dxn>) with xn = x r, once the row sums cover every
+        # K block: each block's dxn read back from where this program wrote it (the barrier orders the
+        # program's stores before its loads, whose layouts may differ), the result in the inputs' dtype.
+        tl.debug_barrier()
+        for kb in tl.range(0, NKB):
+            qb = load_rows(q_ptr, tok0, valid, h, H, K, kb * BK, BK, C).to(tl.float32) * rq[:, None]
+            kbt = load_rows(k_ptr, tok0, valid, h, H, K, kb * BK, BK, C).to(tl.float32) * rk[:, None]
+            dqn = load_rows(dqn_ptr, tok0, valid, h, H, K, kb * BK, BK, C)
+            dkn = load_rows(dkn_ptr, tok0, valid, h, H, K, kb * BK, BK, C)
+            store_rows(dq_ptr, tok0, valid, h, H, K, kb * BK, rq[:, None] * (dqn - qb * sq[:, None]), BK, C)
+            store_rows(dk_ptr, tok0, valid, h, H, K, kb * BK, rk[:, None] * (dkn - kbt * sk[:, None]), BK, C)
     if DELTA:
         tl.store(db_ptr + tok * H + h, dbeta, mask=valid)
     if HAS_G:

@@ -14,7 +14,7 @@ from momtitan.ops.triton.bwd_kernels import grads_kernel, local_du_kernel, state
 from momtitan.ops.triton.common import DOT_MODES, chunk_map, pow2
 from momtitan.ops.triton.fwd_kernels import gates_kernel, inverse_kernel, output_kernel, state_kernel, wy_kernel
 from momtitan.ops.segments import uniform_cu_seqlens
-from momtitan.ops.triton.l2norm import l2norm_bwd, reciprocal_norms
+from momtitan.ops.triton.l2norm import reciprocal_norms
 
 DEFAULT_CHUNK = 64
 MAX_HEAD_DIM = 256
@@ -25,7 +25,8 @@ _WARPS, _STAGES = (1, 2, 4, 8, 16), (1, 2, 3, 4)
 TUNABLE = {"BV": None, "BVG": None, "BVS": None, "BVS_bwd": None,
            "warps_seq": _WARPS, "warps_chunk": _WARPS, "warps_grad": _WARPS, "warps_inverse": _WARPS,
            "stages_state": _STAGES, "stages_state_bwd": _STAGES, "stages_grad": _STAGES,
-           "chunk_states_in_input_dtype": (0, 1), "wy_in_input_dtype": (0, 1), "state_bwd_dots_in_input_dtype": (0, 1)}
+           "chunk_states_in_input_dtype": (0, 1), "wy_in_input_dtype": (0, 1), "du_in_input_dtype": (0, 1),
+           "state_bwd_dots_in_input_dtype": (0, 1)}
 OVERRIDES: dict[str, int] = {}
 # The same from the environment, for a whole process (e.g. the GPU test suite under a candidate choice):
 # MOMTITAN_KERNEL_OVERRIDES='{"warps_inverse": 2}', read and checked by every plan; OVERRIDES win over it.
@@ -139,6 +140,11 @@ class _Plan:
         # 1: the delta rules' WY factors W, U and corrected values u ([NC*C, H, K or V]) are stored in
         # the inputs' dtype, as fla stores them; 0: in fp32
         self.wy_in_input_dtype = 1
+        # 1: the value gradients between the backward's kernels, du's chunk-local part (`local_du_kernel`
+        # -> `state_bwd_kernel`) and the delta rules' du (-> `grads_kernel`, which reads it once per K
+        # block too), in the inputs' dtype, as fla stores its dv; 0: in fp32. The reverse pass carries
+        # its state gradient from the unrounded du either way.
+        self.du_in_input_dtype = 1
         # The reverse state pass with 16-bit dot operands was miscompiled by Triton 3.6 on Hopper (H200:
         # wrong dv/dk/dbeta/dh0, NaN, or an illegal memory access, whatever the warps) when it held the
         # state as one [K, BV] tile and transposed its tiles in registers; with fp32 operands it is
@@ -153,6 +159,7 @@ class _Plan:
             self.dot_mode_state_bwd = self.dot_mode if self.state_bwd_dots_in_input_dtype else 3
         self.chunk_state_dtype = q.dtype if self.chunk_states_in_input_dtype else torch.float32
         self.wy_dtype = q.dtype if self.wy_in_input_dtype else torch.float32
+        self.du_dtype = q.dtype if self.du_in_input_dtype else torch.float32
         self.NVB = self.BVF // self.BV
         self.NVBG = self.BVF // self.BVG
         self.NVBS = self.BVF // self.BVS
@@ -255,9 +262,9 @@ def backward(p: _Plan, scale: float, do, dht, T=None):
     dh = torch.empty(NC, H, K, V, device=dev, dtype=p.chunk_state_dtype)
     dh0 = torch.empty(p.N, H, K, V, device=dev, dtype=f32)
     dv = torch.empty(p.B, p.T, H, V, device=dev, dtype=p.v.dtype)
-    du = torch.empty(NC * C, H, V, device=dev, dtype=f32) if p.delta else dv
+    du = torch.empty(NC * C, H, V, device=dev, dtype=p.du_dtype) if p.delta else dv
     # the state-independent part of du, chunk-parallel, so the sequential pass only carries dS
-    du_local = torch.empty(NC * C, H, V, device=dev, dtype=f32)
+    du_local = torch.empty(NC * C, H, V, device=dev, dtype=p.du_dtype)
     local_du_kernel[(NC, H, p.NVB)](
         p.q, p.k, p.ptr(s["gam"]), p.ptr(s["run"]), p.ptr(s["rq_rows"]), p.ptr(s["rk_rows"]), p.info, do, du_local,
         scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, num_warps=p.warps_chunk, **p.flags(),
@@ -268,24 +275,22 @@ def backward(p: _Plan, scale: float, do, dht, T=None):
         NCOPY=p.cend_copies, DELTA=p.delta,
         HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=p.stages_state_bwd, DOT_MODE=p.dot_mode_state_bwd,
     )
-    # dq, dk in fp32 where the L2 norm's backward reads them next; otherwise the kernel rounds them to the
-    # inputs' dtype as it stores them (as the cast after it did: the same values, without a separate
-    # cast kernel reading and writing both again, 0.37 ms of simple GLA's 5.7 at 32/128 B8 T4096 bf16)
-    dq = torch.empty(total, H, K, device=dev, dtype=f32 if p.l2 else p.q.dtype)
-    dk = torch.empty(total, H, K, device=dev, dtype=f32 if p.l2 else p.k.dtype)
+    # dq, dk in the inputs' dtype, rounded as the kernel stores them; with the L2 norm the kernel applies
+    # its backward too, from the gradients w.r.t. the normalised rows it keeps in fp32 scratch (dqn, dkn)
+    dq = torch.empty(total, H, K, device=dev, dtype=p.q.dtype)
+    dk = torch.empty(total, H, K, device=dev, dtype=p.k.dtype)
+    dqn = torch.empty(total, H, K, device=dev, dtype=f32) if p.l2 else None
+    dkn = torch.empty(total, H, K, device=dev, dtype=f32) if p.l2 else None
     dg = torch.empty(total, H, device=dev, dtype=f32) if p.g is not None else None
     db = torch.empty(total, H, device=dev, dtype=f32) if p.delta else None
     grads_kernel[(NC, H)](
         p.q, p.k, p.v, p.ptr(s["gam"]), p.ptr(p.beta), p.ptr(s["run"]), p.ptr(s["rq_rows"]), p.ptr(s["rk_rows"]), p.info,
         p.ptr(s["T"]), s["h"], dh, p.ptr(s["u"]), p.ptr(du if p.delta else None), do,
-        dq, dk, dv, p.ptr(dg), p.ptr(db), scale, H, K, V,
+        dq, dk, p.ptr(dqn), p.ptr(dkn), dv, p.ptr(dg), p.ptr(db), scale, H, K, V,
         C=C, BK=p.BK, NKB=p.NKB, BV=p.BVG, NVB=p.NVBG, DELTA=p.delta, num_warps=p.warps_grad,
         num_stages=p.stages_grad, **p.flags(),
     )
-    if p.l2:
-        dq = l2norm_bwd(p.q, p.rq, dq)  # in q's dtype
-        dk = l2norm_bwd(p.k, p.rk, dk)
-    dq = dq.reshape(p.B, p.T, H, K)  # in the inputs' dtype either way
+    dq = dq.reshape(p.B, p.T, H, K)
     dk = dk.reshape(p.B, p.T, H, K)
     dg = dg.reshape(p.B, p.T, H) if dg is not None else None
     db = db.reshape(p.B, p.T, H) if db is not None else None
