@@ -10,7 +10,7 @@ choices and leaves the others at their defaults:
     grad   the gradient kernel: BVG, warps_grad, stages_grad
     storage  the per-chunk states h and dh, the WY factors W, U and the values u, and the value
              gradients du in the inputs' dtype or in fp32 (each choice changed, then two, then all)
-    dots   the reverse state pass's dot operands in the inputs' 16-bit dtype instead of TF32
+    dots   the reverse state pass's dot operands: the inputs' 16-bit dtype or TF32, whichever is not the default
 
 Each candidate runs in its own process (a miscompiled choice may fault or hang the process) and
 reports forward and forward+backward time (median of `--reps`, CUDA events on a GPU) and the
@@ -80,7 +80,7 @@ def candidates(groups: list[str], head_dim: int, dtype: str = "bfloat16") -> lis
             grid = [dict(chunk_states_in_input_dtype=c, wy_in_input_dtype=w, du_in_input_dtype=d)
                     for c, w, d in itertools.product((0, 1), (0, 1), (0, 1))]
         elif group == "dots":
-            grid = [dict(state_bwd_dots_in_input_dtype=1)]
+            grid = [dict(state_bwd_dots_in_input_dtype=d) for d in (0, 1)]
         else:
             raise ValueError(f"--groups takes seq, chunk, inverse, grad, storage and dots, got {group!r}")
         changed = {id(c): sum(c[k] != defaults[k] for k in c) for c in grid}

@@ -16,11 +16,10 @@ tune = load_script("tune_kernels")
 
 
 def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps():
-    assert tune.default_choices(128) == dict(BV=128, BVG=32, BVS=64, BVS_bwd=32, warps_seq=4, warps_chunk=4,
+    assert tune.default_choices(128) == dict(BV=128, BVG=32, BVS=64, BVS_bwd=64, warps_seq=4, warps_chunk=4,
                                              warps_grad=8, warps_inverse=1, stages_state=2, stages_state_bwd=2,
                                              stages_grad=3, chunk_states_in_input_dtype=1, wy_in_input_dtype=1,
-                                             du_in_input_dtype=1,
-                                             state_bwd_dots_in_input_dtype=0)
+                                             du_in_input_dtype=1, state_bwd_dots_in_input_dtype=1)
     fp32 = tune.default_choices(128, "float32")
     assert fp32["stages_grad"] == 2  # 3 need more shared memory than Hopper has
     assert (fp32["BV"], fp32["warps_chunk"]) == (64, 8)  # 128-wide chunk tiles of fp32 operands would spill
@@ -36,14 +35,17 @@ def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps
     assert not any(16 in (c["BVS"], c["BVS_bwd"]) and c["warps_seq"] == 8 for c in seq)
     # no 16-wide tile at 8 warps (63 of the 144 at 8 warps), and not the defaults themselves
     assert len(seq) == 16 * 3 * 9 - 63 - 1
-    # nearest the defaults (BVS 64 forward and 32 reverse, 4 warps, 2 stages each) first: one choice changed in each of
+    # nearest the defaults (BVS 64 forward and reverse, 4 warps, 2 stages each) first: one choice changed in each of
     # the first eleven
-    near = (("BVS", 64), ("BVS_bwd", 32), ("warps_seq", 4), ("stages_state", 2), ("stages_state_bwd", 2))
+    near = (("BVS", 64), ("BVS_bwd", 64), ("warps_seq", 4), ("stages_state", 2), ("stages_state_bwd", 2))
     assert all(sum(c[k] != v for k, v in near) == 1 for c in seq[:11])
     assert tune.candidates(["inverse"], head_dim=64) == [dict(warps_inverse=w, group="inverse") for w in (2, 4)]
     assert {c["BV"] for c in tune.candidates(["chunk"], head_dim=256)} == {32, 64, 128}
     assert {c["BVG"] for c in tune.candidates(["grad"], head_dim=256)} == {16, 32, 64}
+    # 16-bit reverse-pass dots with the 64-wide reverse pass (d = 128, 16-bit inputs) only
     assert tune.candidates(["dots"], head_dim=64) == [dict(state_bwd_dots_in_input_dtype=1, group="dots")]
+    assert tune.candidates(["dots"], head_dim=128) == [dict(state_bwd_dots_in_input_dtype=0, group="dots")]
+    assert tune.default_choices(128, "float32")["BVS_bwd"] == tune.default_choices(256)["BVS_bwd"] == 32
     with pytest.raises(ValueError, match="--groups takes seq, chunk, inverse, grad, storage and dots, got 'tiles'"):
         tune.candidates(["tiles"], head_dim=64)
     with pytest.raises(ValueError, match="--heads must be H x d"):

@@ -94,9 +94,13 @@ class _Plan:
         # from d = 64) and loads each chunk's k and W once per two 32-wide tiles: fwd+bwd 1.10x at 32/128
         # (gated delta B8 T4096 bf16, H200, BVS 64 against 32 in turn). At d = 64 one 64-wide tile halves
         # the programs: simple GLA's forward 0.58 -> 0.85 ms at 32/64, gated delta unchanged, so 32 there.
-        # The reverse pass would spill 620 B at 64 wide (kernel_registers.py)
+        # The reverse pass likewise at d = 128 with 16-bit inputs, with its dots in the inputs' dtype (below;
+        # with fp32 operands it spilled 620 B at 64 wide, with 16-bit ones and du in 16 bits none): fwd+bwd
+        # 8.29 -> 7.76 ms gated delta, 7.80 -> 7.29 delta, 4.88 -> 4.30 simple GLA at 32/128 B8 T4096
+        # bf16 (H200, in turn). At d = 256 64 wide needs 254 KB of shared memory.
+        wide_state_bwd = wide_chunk_tiles and self.BVF == 128
         self.BVS = min(self.BVF, 64 if wide_chunk_tiles and self.BVF == 128 else 32)
-        self.BVS_bwd = min(self.BVF, 32)
+        self.BVS_bwd = min(self.BVF, 64 if wide_state_bwd else 32)
         # warps: chosen from ptxas register/spill reports for sm_90 (C = 64; fewer warps spill more).
         # Small heads get 4: with 8 warps and 16-wide tiles (head dim 16) Triton 3.6 miscompiled the
         # output and gradient kernels on an H200 (wrong outputs, then an illegal memory access). The
@@ -149,9 +153,11 @@ class _Plan:
         # wrong dv/dk/dbeta/dh0, NaN, or an illegal memory access, whatever the warps) when it held the
         # state as one [K, BV] tile and transposed its tiles in registers; with fp32 operands it is
         # correct. 0: single TF32 products for bf16/fp16 inputs (a 10-bit mantissa, at least the
-        # operands' precision); 1: the inputs' 16-bit dtype, to retry with the blocked pass, whose
-        # transposed operands are loaded as such. fp32 inputs take 3xTF32 either way.
-        self.state_bwd_dots_in_input_dtype = 0
+        # operands' precision); 1: the inputs' 16-bit dtype. The blocked pass, whose transposed operands
+        # are loaded as such, passes the GPU matrix and long sequences with them (H200, 19th session):
+        # 1 with the 64-wide reverse pass (d = 128), where it is faster; alone, at 32 wide, it was not
+        # (8.26 -> 8.34 ms gated delta at 32/128). fp32 inputs take 3xTF32 either way.
+        self.state_bwd_dots_in_input_dtype = int(wide_state_bwd)
         self._apply_overrides()
         if q.dtype == torch.float32:
             self.dot_mode_state_bwd = 0
