@@ -217,10 +217,9 @@ def grads_kernel(
             dcC += tl.sum(tl.sum(S0.to(tl.float32) * dS1.to(tl.float32), 1), 0)
             if DELTA:
                 # du's tile passes through a where (a no-op: load_rows zeroes the same rows) before its
-                # dot. Loaded straight into the dot's operand, 16-bit du made this dot wrong on some runs
-                # (Triton 3.6, H200: gated delta's dk / dg / dbeta at d = 64 and 256, on most
-                # runs; compute-sanitizer's initcheck and racecheck clean); with the where, every run passed
-                # (kernels.md, "Fixed")
+                # dot. Loaded straight into the dot's operand, 16-bit du made this dot wrong on most runs
+                # (Triton 3.6, H200: gated delta's dk / dg / dbeta at d = 64 and 256; compute-sanitizer's
+                # initcheck and racecheck clean); with the where, every run passed (kernels.md, "Fixed")
                 dub = load_rows(du_ptr, c * C, valid, h, H, V, vb * BV, BV, C)
                 acc_us += mdot(tl.where(valid[:, None], dub, 0.0).to(dub.dtype), tl.trans(S0), DOT_MODE)
         if DELTA:

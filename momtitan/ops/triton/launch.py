@@ -98,9 +98,8 @@ class _Plan:
         # with fp32 operands it spilled 620 B at 64 wide, with 16-bit ones and du in 16 bits none): fwd+bwd
         # 8.29 -> 7.76 ms gated delta, 7.80 -> 7.29 delta, 4.88 -> 4.30 simple GLA at 32/128 B8 T4096
         # bf16 (H200, in turn). At d = 256 64 wide needs 254 KB of shared memory.
-        wide_state_bwd = wide_chunk_tiles and self.BVF == 128
-        self.BVS = min(self.BVF, 64 if wide_chunk_tiles and self.BVF == 128 else 32)
-        self.BVS_bwd = min(self.BVF, 64 if wide_state_bwd else 32)
+        wide_state_tiles = wide_chunk_tiles and self.BVF == 128
+        self.BVS = self.BVS_bwd = 64 if wide_state_tiles else min(self.BVF, 32)
         # warps: chosen from ptxas register/spill reports for sm_90 (C = 64; fewer warps spill more).
         # Small heads get 4: with 8 warps and 16-wide tiles (head dim 16) Triton 3.6 miscompiled the
         # output and gradient kernels on an H200 (wrong outputs, then an illegal memory access). The
@@ -157,7 +156,7 @@ class _Plan:
         # are loaded as such, passes the GPU matrix and long sequences with them (H200, 19th session):
         # 1 with the 64-wide reverse pass (d = 128), where it is faster; alone, at 32 wide, it was not
         # (8.26 -> 8.34 ms gated delta at 32/128). fp32 inputs take 3xTF32 either way.
-        self.state_bwd_dots_in_input_dtype = int(wide_state_bwd)
+        self.state_bwd_dots_in_input_dtype = int(wide_state_tiles)
         self._apply_overrides()
         if q.dtype == torch.float32:
             self.dot_mode_state_bwd = 0
