@@ -78,8 +78,10 @@ def constants(name: str, plan, warps: int | None, stages: int | None = None, rul
     """The constexpr values `launch.py` passes `name` for this plan and rule, its warps and its stages."""
     seq, grad = name in ("state_kernel", "state_bwd_kernel"), name == "grads_kernel"
     bv = {"state_kernel": plan.BVS, "state_bwd_kernel": plan.BVS_bwd}.get(name, plan.BVG if grad else plan.BV)
-    values = dict(H=plan.H, K=plan.K, V=plan.V, C=plan.C, BK=plan.BK, NKB=plan.NKB, BKF=plan.BKF, BS=16, BV=bv,
-                  NCOPY=plan.cend_copies, NVB=plan.BVF // bv,
+    # the forward pass split along K (`state_k_split`, the rules without beta): NKS programs of NKB / NKS blocks
+    nks = plan.NKB if name == "state_kernel" and plan.state_k_split and not rule_flags(rule)["DELTA"] else 1
+    values = dict(H=plan.H, K=plan.K, V=plan.V, C=plan.C, BK=plan.BK, NKB=plan.NKB // nks, BKF=plan.BKF, BS=16, BV=bv,
+                  NCOPY=plan.cend_copies, NVB=plan.BVF // bv, NKS=nks,
                   **rule_flags(rule), HAS_RESET=False, L2=l2, HAS_H0=True, HAS_DHT=True,
                   DOT_MODE=plan.dot_mode_state_bwd if name == "state_bwd_kernel" else plan.dot_mode)
     default_warps = {"gates_kernel": plan.warps_gates, "inverse_kernel": plan.warps_inverse, "wy_kernel": plan.warps_wy}.get(

@@ -11,6 +11,7 @@ choices and leaves the others at their defaults:
     storage  the per-chunk states h and dh, the WY factors W, U and the values u, and the value
              gradients du in the inputs' dtype or in fp32 (each choice changed, then two, then all)
     dots   the reverse state pass's dot operands: the inputs' 16-bit dtype or TF32, whichever is not the default
+    split  the forward state pass along K as well as V (the rules without beta; `--rule simple_gla`)
 
 Each candidate runs in its own process (a miscompiled choice may fault or hang the process) and
 reports forward and forward+backward time (median of `--reps`, CUDA events on a GPU) and the
@@ -81,8 +82,10 @@ def candidates(groups: list[str], head_dim: int, dtype: str = "bfloat16") -> lis
                     for c, w, d in itertools.product((0, 1), (0, 1), (0, 1))]
         elif group == "dots":
             grid = [dict(state_bwd_dots_in_input_dtype=d) for d in (0, 1)]
+        elif group == "split":
+            grid = [dict(state_k_split=d) for d in (0, 1)]
         else:
-            raise ValueError(f"--groups takes seq, chunk, inverse, grad, storage and dots, got {group!r}")
+            raise ValueError(f"--groups takes seq, chunk, inverse, grad, storage, dots and split, got {group!r}")
         changed = {id(c): sum(c[k] != defaults[k] for k in c) for c in grid}
         grid = sorted((c for c in grid if changed[id(c)] and not _narrow_at_8_warps(c)), key=lambda c: changed[id(c)])
         out += [dict(c, group=group) for c in grid]
@@ -221,8 +224,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--groups", default="seq,chunk,inverse,grad,storage,dots",
-                   help="comma list of seq, chunk, inverse, grad, storage, dots")
+    p.add_argument("--groups", default="seq,chunk,inverse,grad,storage,dots,split",
+                   help="comma list of seq, chunk, inverse, grad, storage, dots, split")
     p.add_argument("--limit", type=int, default=None, help="try only the first N candidates of each group")
     p.add_argument("--tolerance", type=float, default=2e-2)
     p.add_argument("--timeout", type=int, default=180, help="seconds per candidate")

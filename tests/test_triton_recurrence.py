@@ -184,6 +184,7 @@ def _worker():
     _worker_sac()
     _worker_kept()
     _worker_split_seq_tiles()
+    _worker_state_k_split()
 
 
 def _worker_opcheck():
@@ -343,6 +344,52 @@ def _worker_split_seq_tiles():
               flush=True)
 
 
+# the forward state pass split along K (`state_k_split`): two and four K blocks (the last partly past K),
+# varlen with an empty segment and resets; the delta rules hold every row whatever the choice
+K_SPLIT_CASES = {
+    "gated": (dict(rule="gated", shape=(1, 24, 2, 80, 72), C=16, cu=[0, 0, 9, 24], reset=0.1, l2=False), 2),
+    "linear": (dict(rule="linear", shape=(1, 20, 1, 200, 24), C=16, cu=[0, 0, 7, 20], reset=0.1), 4),
+    "gated_delta": (dict(rule="gated_delta", shape=(1, 24, 1, 80, 24), C=16, reset=0.1), 1),
+}
+
+
+def _worker_state_k_split():
+    """Per case: the errors against the fp64 loop with the split, the results that differ from the
+    unsplit pass's (bit for bit), and the forward pass's programs per (segment, head) with and without."""
+    from momtitan.ops.triton import launch
+
+    programs = []
+
+    class RecordedKernel:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            programs.append(grid[2])
+            return self.kernel[grid]
+
+    state_kernel = launch.state_kernel
+    launch.state_kernel = RecordedKernel(state_kernel)
+    try:
+        for name, (spec, _) in K_SPLIT_CASES.items():
+            programs.clear()
+            whole = triton_results(spec)[0]
+            whole_programs = list(programs)
+            launch.OVERRIDES["state_k_split"] = 1
+            try:
+                programs.clear()
+                split = triton_results(spec)[0]
+                split_programs = list(programs)
+                errs, finite = check_case(spec)
+            finally:
+                launch.OVERRIDES.clear()
+            changed = sorted(k for k in whole if not torch.equal(whole[k], split[k]))
+            print(json.dumps({"check": f"k_split_{name}", "errs": errs, "finite": finite, "changed": changed,
+                              "programs": [whole_programs, split_programs]}), flush=True)
+    finally:
+        launch.state_kernel = state_kernel
+
+
 @pytest.fixture(scope="module")
 def interpreter_results():
     return run_worker(__file__, timeout=900)
@@ -412,6 +459,18 @@ def test_interpreter_sequential_passes_at_their_own_tiles(interpreter_results, t
     _assert_errs(r["errs"], r["finite"], CPU_TOL, CPU_TOL, str(tiles))
 
 
+@pytest.mark.parametrize("name", list(K_SPLIT_CASES))
+def test_interpreter_forward_pass_split_along_k(interpreter_results, name):
+    """`state_k_split`: the rules without beta run the forward state pass in NKB programs per V tile
+    (each launch, the forward's and the backward's recompute), with the unsplit pass's results bit for
+    bit; the delta rules keep one."""
+    r = result(interpreter_results, f"k_split_{name}")
+    _assert_errs(r["errs"], r["finite"], CPU_TOL, CPU_TOL, name)
+    assert r["changed"] == [], r
+    whole, split = r["programs"]
+    assert len(whole) == len(split) == 2 and split == [K_SPLIT_CASES[name][1] * n for n in whole], r
+
+
 def test_interpreter_compile_fullgraph(interpreter_results):
     r = result(interpreter_results, "compile")["errs"]
     assert all(v < CPU_TOL for v in r.values()), r
@@ -441,6 +500,20 @@ def test_gpu_matrix(rule, d, dtype):
     for what, spec in (("varlen", varlen), ("batched", batched)):
         errs, finite = check_case(spec, "cuda", DTYPES[dtype])
         _assert_errs(errs, finite, tol_o, tol_g, f"{rule} d={d} {dtype} {what}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("d", [128, 256])
+@pytest.mark.parametrize("rule", [r for r, (_, delta) in RULES.items() if not delta])
+def test_gpu_forward_pass_split_along_k(rule, d, dtype, monkeypatch):
+    """`state_k_split` (a tuning choice, off by default) against the fp64 loop at the GPU's tiles."""
+    from momtitan.ops.triton import launch
+
+    monkeypatch.setattr(launch, "OVERRIDES", {"state_k_split": 1})
+    spec = dict(rule=rule, shape=(1, 200, 2, d, d), cu=[0, 0, 70, 71, 71, 200], reset=0.02)
+    errs, finite = check_case(spec, "cuda", DTYPES[dtype])
+    _assert_errs(errs, finite, *GPU_TOL[dtype], f"{rule} d={d} {dtype} split along K")
 
 
 @pytest.mark.gpu

@@ -19,7 +19,7 @@ def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps
     assert tune.default_choices(128) == dict(BV=128, BVG=32, BVS=64, BVS_bwd=64, warps_seq=4, warps_chunk=4,
                                              warps_grad=8, warps_inverse=1, stages_state=2, stages_state_bwd=2,
                                              stages_grad=3, chunk_states_in_input_dtype=1, wy_in_input_dtype=1,
-                                             du_in_input_dtype=1, state_bwd_dots_in_input_dtype=1)
+                                             du_in_input_dtype=1, state_bwd_dots_in_input_dtype=1, state_k_split=0)
     fp32 = tune.default_choices(128, "float32")
     assert fp32["stages_grad"] == 2  # 3 need more shared memory than Hopper has
     assert (fp32["BV"], fp32["warps_chunk"]) == (64, 8)  # 128-wide chunk tiles of fp32 operands would spill
@@ -46,7 +46,9 @@ def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps
     assert tune.candidates(["dots"], head_dim=64) == [dict(state_bwd_dots_in_input_dtype=1, group="dots")]
     assert tune.candidates(["dots"], head_dim=128) == [dict(state_bwd_dots_in_input_dtype=0, group="dots")]
     assert tune.default_choices(128, "float32")["BVS_bwd"] == tune.default_choices(256)["BVS_bwd"] == 32
-    with pytest.raises(ValueError, match="--groups takes seq, chunk, inverse, grad, storage and dots, got 'tiles'"):
+    assert tune.candidates(["split"], head_dim=256) == [dict(state_k_split=1, group="split")]
+    groups = "seq, chunk, inverse, grad, storage, dots and split"
+    with pytest.raises(ValueError, match=f"--groups takes {groups}, got 'tiles'"):
         tune.candidates(["tiles"], head_dim=64)
     with pytest.raises(ValueError, match="--heads must be H x d"):
         tune.parse_args(["--heads", "32"])

@@ -77,7 +77,7 @@ def state_bwd_kernel(
     v0 = tl.program_id(2) * BV
     vv = v0 + tl.arange(0, BV)
     c_start, c_stop, tok_lo, tok_hi = segment_bounds(seg_ptr, n)
-    dS1, dS2, dS3, dS4 = load_state_blocks(dht_ptr, n, h, H, K, V, vv, HAS_DHT, BK, BV, NKB)
+    dS1, dS2, dS3, dS4 = load_state_blocks(dht_ptr, n, h, H, K, V, 0, vv, HAS_DHT, BK, BV, NKB)
     # from gates_kernel, a chunk ahead (`stored_row_weights`): e * rk, carry * rq and c_end
     live = c_start < c_stop
     ke_next = stored_row_weights(ke_ptr, c_stop - 1, h, H, C, live)
@@ -89,22 +89,22 @@ def state_bwd_kernel(
         ke_next = stored_row_weights(ke_ptr, c - 1, h, H, C, c > c_start)
         qc_next = stored_row_weights(qc_ptr, c - 1, h, H, C, c > c_start)
         c_end_next = stored_end_decay(cend_ptr, c - 1, h, H, BV, NCOPY, c > c_start)
-        store_state_blocks(dh_ptr, c, h, H, K, V, vv, dS1, dS2, dS3, dS4, BK, NKB)
+        store_state_blocks(dh_ptr, c, h, H, K, V, 0, vv, dS1, dS2, dS3, dS4, BK, NKB)
         tok0, prow0, valid = segment_chunk(tok_lo, tok_hi, c, c_start, C)
         # du = du_local + e * (k dS1)
         du = load_rows(dul_ptr, prow0, valid, h, H, V, v0, BV, C) + ke[:, None] * rows_times_blocks(
             k_ptr, tok0, valid, h, H, K, dS1, dS2, dS3, dS4, BK, NKB, DOT_MODE, C)
         # dS0 = c_end dS1 + scale (carry q)^T dO - W^T du
         dOq = load_rows(do_ptr, tok0, valid, h, H, V, v0, BV, C).to(tl.float32) * (scale * qc)[:, None]
-        dS1, dS2, dS3, dS4 = blocks_plus_cols_times(dS1, dS2, dS3, dS4, c_end, q_ptr, tok0, valid, h, H, K, dOq,
+        dS1, dS2, dS3, dS4 = blocks_plus_cols_times(dS1, dS2, dS3, dS4, c_end, q_ptr, tok0, valid, h, H, K, 0, dOq,
                                                     BK, NKB, DOT_MODE, C)
         if DELTA:
             store_rows(du_ptr, prow0, valid, h, H, V, v0, du, BV, C)
-            dS1, dS2, dS3, dS4 = blocks_plus_cols_times(dS1, dS2, dS3, dS4, 1.0, w_ptr, prow0, valid, h, H, K, -du,
+            dS1, dS2, dS3, dS4 = blocks_plus_cols_times(dS1, dS2, dS3, dS4, 1.0, w_ptr, prow0, valid, h, H, K, 0, -du,
                                                         BK, NKB, DOT_MODE, C)
         else:  # du is dv: write it in the token layout, in the dtype of v
             store_rows(du_ptr, tok0, valid, h, H, V, v0, du, BV, C)
-    store_state_blocks(dh0_ptr, n, h, H, K, V, vv, dS1, dS2, dS3, dS4, BK, NKB)
+    store_state_blocks(dh0_ptr, n, h, H, K, V, 0, vv, dS1, dS2, dS3, dS4, BK, NKB)
 
 
 @triton.jit

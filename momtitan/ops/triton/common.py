@@ -161,9 +161,10 @@ def store_state(ptr, i, h, H, K, V, k0, vv, S, BK: tl.constexpr):
     tl.store(base + (kk[:, None] * V + vv[None, :]), S.to(ptr.dtype.element_ty), mask=m)
 
 
-# The sequential passes hold a state's K rows as NKB (1, 2 or 4) blocks S1..S4 of [BK, BV], BK <= 64:
-# every dot is at most 64 deep. The helpers below take and return all four; blocks past NKB stay zero
-# and are never touched (NKB is a compile-time constant, so they cost nothing).
+# The sequential passes hold a state's K rows (all of them, or for the forward pass of the rules without
+# beta a split of them from row k0) as NKB (1, 2 or 4) blocks S1..S4 of [BK, BV], BK <= 64: every dot is
+# at most 64 deep. The helpers below take and return all four; blocks past NKB stay zero and are never
+# touched (NKB is a compile-time constant, so they cost nothing).
 
 @triton.jit
 def segment_bounds(seg_ptr, n):
@@ -172,30 +173,31 @@ def segment_bounds(seg_ptr, n):
 
 
 @triton.jit
-def load_state_blocks(ptr, i, h, H, K, V, vv, LOAD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NKB: tl.constexpr):
-    """State `i` as blocks (zeros unless `LOAD`)."""
+def load_state_blocks(ptr, i, h, H, K, V, k0, vv, LOAD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      NKB: tl.constexpr):
+    """State `i`'s rows from `k0` on as blocks (zeros unless `LOAD`)."""
     S1 = tl.zeros([BK, BV], dtype=tl.float32)
     S2 = tl.zeros([BK, BV], dtype=tl.float32)
     S3 = tl.zeros([BK, BV], dtype=tl.float32)
     S4 = tl.zeros([BK, BV], dtype=tl.float32)
     if LOAD:
-        S1 = load_state(ptr, i, h, H, K, V, 0, vv, BK)
+        S1 = load_state(ptr, i, h, H, K, V, k0, vv, BK)
         if NKB > 1:
-            S2 = load_state(ptr, i, h, H, K, V, BK, vv, BK)
+            S2 = load_state(ptr, i, h, H, K, V, k0 + BK, vv, BK)
         if NKB > 2:
-            S3 = load_state(ptr, i, h, H, K, V, 2 * BK, vv, BK)
-            S4 = load_state(ptr, i, h, H, K, V, 3 * BK, vv, BK)
+            S3 = load_state(ptr, i, h, H, K, V, k0 + 2 * BK, vv, BK)
+            S4 = load_state(ptr, i, h, H, K, V, k0 + 3 * BK, vv, BK)
     return S1, S2, S3, S4
 
 
 @triton.jit
-def store_state_blocks(ptr, i, h, H, K, V, vv, S1, S2, S3, S4, BK: tl.constexpr, NKB: tl.constexpr):
-    store_state(ptr, i, h, H, K, V, 0, vv, S1, BK)
+def store_state_blocks(ptr, i, h, H, K, V, k0, vv, S1, S2, S3, S4, BK: tl.constexpr, NKB: tl.constexpr):
+    store_state(ptr, i, h, H, K, V, k0, vv, S1, BK)
     if NKB > 1:
-        store_state(ptr, i, h, H, K, V, BK, vv, S2, BK)
+        store_state(ptr, i, h, H, K, V, k0 + BK, vv, S2, BK)
     if NKB > 2:
-        store_state(ptr, i, h, H, K, V, 2 * BK, vv, S3, BK)
-        store_state(ptr, i, h, H, K, V, 3 * BK, vv, S4, BK)
+        store_state(ptr, i, h, H, K, V, k0 + 2 * BK, vv, S3, BK)
+        store_state(ptr, i, h, H, K, V, k0 + 3 * BK, vv, S4, BK)
 
 
 @triton.jit
@@ -212,16 +214,16 @@ def rows_times_blocks(ptr, row0, valid, h, H, K, S1, S2, S3, S4, BK: tl.constexp
 
 
 @triton.jit
-def blocks_plus_cols_times(S1, S2, S3, S4, decay, ptr, row0, valid, h, H, K, Y, BK: tl.constexpr,
+def blocks_plus_cols_times(S1, S2, S3, S4, decay, ptr, row0, valid, h, H, K, k0, Y, BK: tl.constexpr,
                            NKB: tl.constexpr, DOT_MODE: tl.constexpr, C: tl.constexpr):
-    """`decay * S + X^T Y` block by block, with X the `[C, K]` rows of a `[*, H, K]` tensor, loaded
-    transposed, and `Y [C, BV]`."""
-    S1 = decay * S1 + mdot(load_cols(ptr, row0, valid, h, H, K, 0, BK, C), Y, DOT_MODE)
+    """`decay * S + X^T Y` block by block for the state's rows from `k0` on, with X the `[C, K]` rows of
+    a `[*, H, K]` tensor, loaded transposed, and `Y [C, BV]`."""
+    S1 = decay * S1 + mdot(load_cols(ptr, row0, valid, h, H, K, k0, BK, C), Y, DOT_MODE)
     if NKB > 1:
-        S2 = decay * S2 + mdot(load_cols(ptr, row0, valid, h, H, K, BK, BK, C), Y, DOT_MODE)
+        S2 = decay * S2 + mdot(load_cols(ptr, row0, valid, h, H, K, k0 + BK, BK, C), Y, DOT_MODE)
     if NKB > 2:
-        S3 = decay * S3 + mdot(load_cols(ptr, row0, valid, h, H, K, 2 * BK, BK, C), Y, DOT_MODE)
-        S4 = decay * S4 + mdot(load_cols(ptr, row0, valid, h, H, K, 3 * BK, BK, C), Y, DOT_MODE)
+        S3 = decay * S3 + mdot(load_cols(ptr, row0, valid, h, H, K, k0 + 2 * BK, BK, C), Y, DOT_MODE)
+        S4 = decay * S4 + mdot(load_cols(ptr, row0, valid, h, H, K, k0 + 3 * BK, BK, C), Y, DOT_MODE)
     return S1, S2, S3, S4
 
 

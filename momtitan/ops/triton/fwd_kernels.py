@@ -221,17 +221,20 @@ def state_kernel(
     k_ptr, v_ptr, ke_ptr, cend_ptr, seg_ptr, w_ptr, uin_ptr, h0_ptr,
     h_ptr, unew_ptr, ht_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NCOPY: tl.constexpr,
-    DELTA: tl.constexpr, HAS_H0: tl.constexpr, DOT_MODE: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NKS: tl.constexpr,
+    NCOPY: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """The sequential pass over one segment's chunks for one head and V tile, the state held as NKB
-    `[BK, BV]` blocks (`common.load_state_blocks`)."""
+    `[BK, BV]` blocks (`common.load_state_blocks`). Without beta the state's rows evolve independently
+    (`S1 = c_end S0 + k^T (e * v)`, row by row), so NKS programs can share a V tile, each NKB blocks of
+    its rows from `k0` on; the delta rules' `u = U - W S0` needs every row (NKS = 1)."""
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    v0 = tl.program_id(2) * BV
+    v0 = (tl.program_id(2) // NKS) * BV
+    k0 = (tl.program_id(2) % NKS) * (NKB * BK)
     vv = v0 + tl.arange(0, BV)
     c_start, c_stop, tok_lo, tok_hi = segment_bounds(seg_ptr, n)
-    S1, S2, S3, S4 = load_state_blocks(h0_ptr, n, h, H, K, V, vv, HAS_H0, BK, BV, NKB)
+    S1, S2, S3, S4 = load_state_blocks(h0_ptr, n, h, H, K, V, k0, vv, HAS_H0, BK, BV, NKB)
     # from gates_kernel, a chunk ahead (`stored_row_weights`): e * rk (0 past the end) and c_end
     e_next = stored_row_weights(ke_ptr, c_start, h, H, C, c_start < c_stop)
     c_end_next = stored_end_decay(cend_ptr, c_start, h, H, BV, NCOPY, c_start < c_stop)
@@ -240,7 +243,7 @@ def state_kernel(
         e, c_end = e_next, c_end_next
         e_next = stored_row_weights(ke_ptr, c + 1, h, H, C, c + 1 < c_stop)
         c_end_next = stored_end_decay(cend_ptr, c + 1, h, H, BV, NCOPY, c + 1 < c_stop)
-        store_state_blocks(h_ptr, c, h, H, K, V, vv, S1, S2, S3, S4, BK, NKB)
+        store_state_blocks(h_ptr, c, h, H, K, V, k0, vv, S1, S2, S3, S4, BK, NKB)
         tok0, prow0, valid = segment_chunk(tok_lo, tok_hi, c, c_start, C)
         if DELTA:  # u = U - W S0
             u = load_rows(uin_ptr, prow0, valid, h, H, V, v0, BV, C).to(tl.float32) - rows_times_blocks(
@@ -249,9 +252,9 @@ def state_kernel(
         else:
             u = load_rows(v_ptr, tok0, valid, h, H, V, v0, BV, C).to(tl.float32)
         # S1 = c_end S0 + k^T (e * u)
-        S1, S2, S3, S4 = blocks_plus_cols_times(S1, S2, S3, S4, c_end, k_ptr, tok0, valid, h, H, K, u * e[:, None],
-                                                BK, NKB, DOT_MODE, C)
-    store_state_blocks(ht_ptr, n, h, H, K, V, vv, S1, S2, S3, S4, BK, NKB)
+        S1, S2, S3, S4 = blocks_plus_cols_times(S1, S2, S3, S4, c_end, k_ptr, tok0, valid, h, H, K, k0,
+                                                u * e[:, None], BK, NKB, DOT_MODE, C)
+    store_state_blocks(ht_ptr, n, h, H, K, V, k0, vv, S1, S2, S3, S4, BK, NKB)
 
 
 @triton.jit

@@ -26,7 +26,7 @@ TUNABLE = {"BV": None, "BVG": None, "BVS": None, "BVS_bwd": None,
            "warps_seq": _WARPS, "warps_chunk": _WARPS, "warps_grad": _WARPS, "warps_inverse": _WARPS,
            "stages_state": _STAGES, "stages_state_bwd": _STAGES, "stages_grad": _STAGES,
            "chunk_states_in_input_dtype": (0, 1), "wy_in_input_dtype": (0, 1), "du_in_input_dtype": (0, 1),
-           "state_bwd_dots_in_input_dtype": (0, 1)}
+           "state_bwd_dots_in_input_dtype": (0, 1), "state_k_split": (0, 1)}
 OVERRIDES: dict[str, int] = {}
 # The same from the environment, for a whole process (e.g. the GPU test suite under a candidate choice):
 # MOMTITAN_KERNEL_OVERRIDES='{"warps_inverse": 2}', read and checked by every plan; OVERRIDES win over it.
@@ -100,6 +100,11 @@ class _Plan:
         # bf16 (H200, in turn). At d = 256 64 wide needs 254 KB of shared memory.
         wide_state_tiles = wide_chunk_tiles and self.BVF == 128
         self.BVS = self.BVS_bwd = 64 if wide_state_tiles else min(self.BVF, 32)
+        # 1: the forward pass of the rules without beta, whose state rows evolve apart, in NKB programs
+        # per V tile, one [BK, BVS] block each (NKB times the programs, for shapes whose segments x heads
+        # x V tiles leave SMs idle: 4/256 B1 has 32; fla's `chunk_fwd_h` splits K likewise); the delta
+        # rules always hold every row. 0 until timed on a GPU (`tune_kernels.py --groups split`).
+        self.state_k_split = 0
         # warps: chosen from ptxas register/spill reports for sm_90 (C = 64; fewer warps spill more).
         # Small heads get 4: with 8 warps and 16-wide tiles (head dim 16) Triton 3.6 miscompiled the
         # output and gradient kernels on an H200 (wrong outputs, then an illegal memory access). The
@@ -169,6 +174,7 @@ class _Plan:
         self.NVBG = self.BVF // self.BVG
         self.NVBS = self.BVF // self.BVS
         self.NVBS_bwd = self.BVF // self.BVS_bwd
+        self.NKS = self.NKB if self.state_k_split and not self.delta else 1  # forward-pass programs along K
         self.cend_copies = max(self.BVS, self.BVS_bwd)  # c_end's row, as wide as either pass's V tile
         self.dummy = torch.empty(1, device=dev, dtype=torch.float32)
 
@@ -231,10 +237,10 @@ def states(p: _Plan, T=None) -> dict:
         u = torch.empty(NC * C, H, V, device=dev, dtype=p.wy_dtype)
     h = torch.empty(NC, H, K, V, device=dev, dtype=p.chunk_state_dtype)
     ht = torch.empty(p.N, H, K, V, device=dev, dtype=f32)
-    state_kernel[(p.N, H, p.NVBS)](
+    state_kernel[(p.N, H, p.NVBS * p.NKS)](
         p.k, p.v, ke, cend, p.seg, p.ptr(W), p.ptr(U), p.ptr(p.h0),
-        h, p.ptr(u), ht, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BVS, NCOPY=p.cend_copies, DELTA=p.delta,
-        HAS_H0=p.h0 is not None,
+        h, p.ptr(u), ht, H, K, V, C=C, BK=p.BK, NKB=p.NKB // p.NKS, BV=p.BVS, NKS=p.NKS, NCOPY=p.cend_copies,
+        DELTA=p.delta, HAS_H0=p.h0 is not None,
         num_warps=p.warps_seq, num_stages=p.stages_state, DOT_MODE=p.dot_mode,
     )
     return dict(h=h, ht=ht, u=u, W=W, T=T, gam=gam, run=run, ke=ke, qc=qc, rq_rows=rq_rows, rk_rows=rk_rows,
