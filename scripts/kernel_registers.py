@@ -78,8 +78,8 @@ def constants(name: str, plan, warps: int | None, stages: int | None = None, rul
     """The constexpr values `launch.py` passes `name` for this plan and rule, its warps and its stages."""
     seq, grad = name in ("state_kernel", "state_bwd_kernel"), name == "grads_kernel"
     bv = {"state_kernel": plan.BVS, "state_bwd_kernel": plan.BVS_bwd}.get(name, plan.BVG if grad else plan.BV)
-    # the forward pass split along K (`state_k_split`, the rules without beta): NKS programs of NKB / NKS blocks
-    nks = plan.NKB if name == "state_kernel" and plan.state_k_split and not rule_flags(rule)["DELTA"] else 1
+    # the state passes split along K (`state_k_split`, the rules without beta): NKS programs of NKB / NKS blocks
+    nks = plan.NKB if seq and plan.state_k_split and not rule_flags(rule)["DELTA"] else 1
     values = dict(H=plan.H, K=plan.K, V=plan.V, C=plan.C, BK=plan.BK, NKB=plan.NKB // nks, BKF=plan.BKF, BS=16, BV=bv,
                   NCOPY=plan.cend_copies, NVB=plan.BVF // bv, NKS=nks,
                   **rule_flags(rule), HAS_RESET=False, L2=l2, HAS_H0=True, HAS_DHT=True,
@@ -93,15 +93,15 @@ def constants(name: str, plan, warps: int | None, stages: int | None = None, rul
 
 def pointer_dtypes(plan, dtype: str, rule: str = "gated_delta") -> dict[str, str]:
     """The Triton dtype of each pointer argument that is not fp32 or int64, as the plan allocates them
-    for `rule` (without beta the reverse pass writes dv, in v's dtype, where the delta rules' du takes the
-    plan's `du_dtype`, as du's chunk-local part does; the gradient kernel writes dq, dk in the inputs'
-    dtype and keeps the L2 norm's scratch dqn, dkn in fp32)."""
+    for `rule` (without beta the local-du kernel writes dv, in v's dtype, and the reverse pass no du; the
+    delta rules' du and its chunk-local part take the plan's `du_dtype`; the gradient kernel writes dq,
+    dk in the inputs' dtype and keeps the L2 norm's scratch dqn, dkn in fp32)."""
     name = {torch_dtype: short for short, torch_dtype in _torch_dtypes().items()}
     out = {**dict.fromkeys(IO_ARGS, dtype), **dict.fromkeys(CHUNK_STATE_ARGS, name[plan.chunk_state_dtype]),
            **dict.fromkeys(WY_ARGS, name[plan.wy_dtype])}
     out["du_ptr"] = out["dul_ptr"] = name[plan.du_dtype]
-    if not rule_flags(rule)["DELTA"]:
-        out["du_ptr"] = dtype
+    if not rule_flags(rule)["DELTA"]:  # local du writes dv itself
+        out["du_ptr"] = out["dul_ptr"] = dtype
     return out
 
 

@@ -344,7 +344,7 @@ def _worker_split_seq_tiles():
               flush=True)
 
 
-# the forward state pass split along K (`state_k_split`): two and four K blocks (the last partly past K),
+# the state passes split along K (`state_k_split`): two and four K blocks (the last partly past K),
 # varlen with an empty segment and resets; the delta rules hold every row whatever the choice
 K_SPLIT_CASES = {
     "gated": (dict(rule="gated", shape=(1, 24, 2, 80, 72), C=16, cu=[0, 0, 9, 24], reset=0.1, l2=False), 2),
@@ -355,39 +355,42 @@ K_SPLIT_CASES = {
 
 def _worker_state_k_split():
     """Per case: the errors against the fp64 loop with the split, the results that differ from the
-    unsplit pass's (bit for bit), and the forward pass's programs per (segment, head) with and without."""
+    unsplit passes' (bit for bit), and each state pass's programs per (segment, head) with and without."""
     from momtitan.ops.triton import launch
 
-    programs = []
+    programs = {"state_kernel": [], "state_bwd_kernel": []}
 
     class RecordedKernel:
-        def __init__(self, kernel):
-            self.kernel = kernel
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(launch, name)
 
         def __getitem__(self, grid):
-            programs.append(grid[2])
+            programs[self.name].append(grid[2])
             return self.kernel[grid]
 
-    state_kernel = launch.state_kernel
-    launch.state_kernel = RecordedKernel(state_kernel)
+    kernels = {name: getattr(launch, name) for name in programs}
+    for name in programs:
+        setattr(launch, name, RecordedKernel(name))
     try:
-        for name, (spec, _) in K_SPLIT_CASES.items():
-            programs.clear()
-            whole = triton_results(spec)[0]
-            whole_programs = list(programs)
-            launch.OVERRIDES["state_k_split"] = 1
-            try:
-                programs.clear()
-                split = triton_results(spec)[0]
-                split_programs = list(programs)
-                errs, finite = check_case(spec)
-            finally:
-                launch.OVERRIDES.clear()
+        for case, (spec, _) in K_SPLIT_CASES.items():
+            runs = []
+            for split in (0, 1):
+                launch.OVERRIDES["state_k_split"] = split
+                try:
+                    for launches in programs.values():
+                        launches.clear()
+                    runs.append((triton_results(spec)[0], {k: list(v) for k, v in programs.items()}))
+                    if split:
+                        errs, finite = check_case(spec)
+                finally:
+                    launch.OVERRIDES.clear()
+            (whole, whole_programs), (split, split_programs) = runs
             changed = sorted(k for k in whole if not torch.equal(whole[k], split[k]))
-            print(json.dumps({"check": f"k_split_{name}", "errs": errs, "finite": finite, "changed": changed,
+            print(json.dumps({"check": f"k_split_{case}", "errs": errs, "finite": finite, "changed": changed,
                               "programs": [whole_programs, split_programs]}), flush=True)
     finally:
-        launch.state_kernel = state_kernel
+        for name, kernel in kernels.items():
+            setattr(launch, name, kernel)
 
 
 @pytest.fixture(scope="module")
@@ -460,15 +463,17 @@ def test_interpreter_sequential_passes_at_their_own_tiles(interpreter_results, t
 
 
 @pytest.mark.parametrize("name", list(K_SPLIT_CASES))
-def test_interpreter_forward_pass_split_along_k(interpreter_results, name):
-    """`state_k_split`: the rules without beta run the forward state pass in NKB programs per V tile
-    (each launch, the forward's and the backward's recompute), with the unsplit pass's results bit for
-    bit; the delta rules keep one."""
+def test_interpreter_state_passes_split_along_k(interpreter_results, name):
+    """`state_k_split`: the rules without beta run both state passes in NKB programs per V tile (each
+    launch, the forward's, the backward's recompute and the reverse pass), with the unsplit passes'
+    results bit for bit; the delta rules keep one."""
     r = result(interpreter_results, f"k_split_{name}")
     _assert_errs(r["errs"], r["finite"], CPU_TOL, CPU_TOL, name)
     assert r["changed"] == [], r
     whole, split = r["programs"]
-    assert len(whole) == len(split) == 2 and split == [K_SPLIT_CASES[name][1] * n for n in whole], r
+    factor = K_SPLIT_CASES[name][1]
+    assert len(whole["state_kernel"]) == 2 and len(whole["state_bwd_kernel"]) == 1, r  # the backward's recompute
+    assert all(split[k] == [factor * n for n in whole[k]] for k in whole), r
 
 
 def test_interpreter_compile_fullgraph(interpreter_results):
@@ -506,7 +511,7 @@ def test_gpu_matrix(rule, d, dtype):
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("d", [128, 256])
 @pytest.mark.parametrize("rule", [r for r, (_, delta) in RULES.items() if not delta])
-def test_gpu_forward_pass_split_along_k(rule, d, dtype, monkeypatch):
+def test_gpu_state_passes_split_along_k(rule, d, dtype, monkeypatch):
     """`state_k_split` (a tuning choice, off by default) against the fp64 loop at the GPU's tiles."""
     from momtitan.ops.triton import launch
 

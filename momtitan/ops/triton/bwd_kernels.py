@@ -6,11 +6,14 @@ Per chunk (start state S0, end state S1, carry c, end weights e, decay D, P = (q
     o  = s (c q) S0 + s P u
     S1 = c_end S0 + (e k)^T u
 
-1. `local_du_kernel` per (chunk, head, V-block): the state-independent part s P^T dO of du,
-   chunk-parallel (it used to sit inside the sequential loop, repeated per V-block).
-2. `state_bwd_kernel` per (segment, head, V-block), chunks in reverse: stores dS1 per chunk (dh),
-   du = s P^T dO + (e k) dS1, and carries dS0 = c_end dS1 + s (c q)^T dO - W^T du back; at the
-   segment start that is the initial state's gradient. For the plain rules du is dv.
+1. `local_du_kernel` per (chunk, head, V-block), chunk-parallel: for the delta rules, first, the
+   state-independent part s P^T dO of du (it used to sit inside the sequential loop, repeated per
+   V-block); for the rules without beta, after the reverse pass, dv = s P^T dO + (e k) dS1 whole, from
+   the dS1 that pass stored.
+2. `state_bwd_kernel` per (segment, head, V-block), chunks in reverse: stores dS1 per chunk (dh) and
+   carries dS0 = c_end dS1 + s (c q)^T dO - W^T du back (at the segment start, the initial state's
+   gradient); for the delta rules it forms du = s P^T dO + (e k) dS1 on the way, which dS0 needs.
+   Without beta dS's rows evolve apart, so NKS programs may share a V tile, each a split of the rows.
 3. `grads_kernel` per (chunk, head): everything else, with dbv = T^T du, dA = -dbv u^T (strictly
    lower), d(beta c k) = -dbv S0^T. A first pass over V forms the C x C products that do not depend
    on the K-block (dO u^T, dbv u^T and their transposes, dv) once; a second pass per K-block forms
@@ -26,7 +29,7 @@ import triton
 import triton.language as tl
 
 from momtitan.ops.triton.common import (
-    blocks_plus_cols_times, chunk_rows, load_rows, load_state_blocks, mdot, rows_times_blocks,
+    blocks_plus_cols_times, chunk_rows, gate_rows, load_rows, load_state_blocks, mdot, rows_times_blocks,
     segment_bounds, segment_chunk, store_rows, store_state_blocks, stored_decay, stored_end_decay, stored_gates,
     stored_row_weights, stored_scales, stored_weights,
 )
@@ -34,16 +37,19 @@ from momtitan.ops.triton.common import (
 
 @triton.jit
 def local_du_kernel(
-    q_ptr, k_ptr, gam_ptr, run_ptr, rq_rows_ptr, rk_rows_ptr, info_ptr, do_ptr, dul_ptr,
+    q_ptr, k_ptr, gam_ptr, run_ptr, rq_rows_ptr, rk_rows_ptr, info_ptr, do_ptr, ke_ptr, dh_ptr, dul_ptr,
     scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr,
-    HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DOT_MODE: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DELTA: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
-    """Per (chunk, head, V-block): the part of du that does not depend on the carried state,
-    `scale * P^T dO` with `P = (q k^T) * D`, into the padded layout (fp32)."""
+    """Per (chunk, head, V-block), with `P = (q k^T) * D`: for the delta rules the part of du that does
+    not depend on the carried state, `scale * P^T dO`, into the padded layout; otherwise dv whole,
+    `scale * P^T dO + (e k) dS1` with the end state's gradient dS1 that the reverse pass stored (dh), in
+    the token layout."""
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     vb = tl.program_id(2)
+    vv = vb * BV + tl.arange(0, BV)
     tok0, tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     rq = stored_scales(rq_rows_ptr, c, 0, h, H, C, C, valid, L2)
     rk = stored_scales(rk_rows_ptr, c, 0, h, H, C, C, valid, L2)
@@ -52,13 +58,24 @@ def local_du_kernel(
     DT = (rk[:, None] * rq[None, :]) * stored_decay(gam_ptr, run_ptr, c, h, H, C, HAS_G, HAS_RESET, True)
     dO = load_rows(do_ptr, tok0, valid, h, H, V, vb * BV, BV, C)
     KQ = tl.zeros([C, C], dtype=tl.float32)
+    kdh = tl.zeros([C, BV], dtype=tl.float32)  # k dS1 (without beta)
     for kb in tl.static_range(NKB):
+        kk = kb * BK + tl.arange(0, BK)
         q2 = load_rows(q_ptr, tok0, valid, h, H, K, kb * BK, BK, C)
         kt2 = load_rows(k_ptr, tok0, valid, h, H, K, kb * BK, BK, C)
         KQ += mdot(kt2, tl.trans(q2), DOT_MODE)
+        if not DELTA:  # an empty chunk's dS1 is never written: not read either
+            dS1 = tl.load(dh_ptr + (c * H + h) * K * V + (kk[:, None] * V + vv[None, :]),
+                          mask=(kk < K)[:, None] & (vv < V)[None, :] & (nvalid > 0), other=0.0)
+            kdh += mdot(kt2, dS1, DOT_MODE)
     PT = KQ * DT
-    # every row of the padded chunk is written (0 past its end): the sequential pass reads them all
-    store_rows(dul_ptr, c * C, tl.full([C], 1, tl.int1), h, H, V, vb * BV, scale * mdot(PT, dO, DOT_MODE), BV, C)
+    du = scale * mdot(PT, dO, DOT_MODE)
+    if DELTA:
+        # every row of the padded chunk is written (0 past its end): the sequential pass reads them all
+        store_rows(dul_ptr, c * C, tl.full([C], 1, tl.int1), h, H, V, vb * BV, du, BV, C)
+    else:  # dv, in v's dtype; e * rk from gates_kernel (0 past the chunk's end)
+        ke = tl.load(ke_ptr + gate_rows(c, h, H, C) + tl.arange(0, C))
+        store_rows(dul_ptr, tok0, valid, h, H, V, vb * BV, du + ke[:, None] * kdh, BV, C)
 
 
 @triton.jit
@@ -66,45 +83,49 @@ def state_bwd_kernel(
     q_ptr, k_ptr, ke_ptr, qc_ptr, cend_ptr, seg_ptr, w_ptr, do_ptr, dht_ptr, dul_ptr,
     dh_ptr, du_ptr, dh0_ptr,
     scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NCOPY: tl.constexpr,
-    DELTA: tl.constexpr, HAS_DHT: tl.constexpr, DOT_MODE: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NKS: tl.constexpr,
+    NCOPY: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """The reverse sequential pass: per (segment, head, V-block), chunk by chunk from the end,
-    stores each chunk's end-state gradient dh, the full du (the chunk-local part from
-    `local_du_kernel` plus the state part) and dh0; dS is held as blocks, as in `state_kernel`."""
+    stores each chunk's end-state gradient dh, for the delta rules the full du (the chunk-local part
+    from `local_du_kernel` plus the state part), and dh0; dS is held as blocks, as in `state_kernel`,
+    NKS programs each holding NKB blocks of its rows from `k0` on (NKS = 1 for the delta rules)."""
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    v0 = tl.program_id(2) * BV
+    v0 = (tl.program_id(2) // NKS) * BV
+    k0 = (tl.program_id(2) % NKS) * (NKB * BK)
     vv = v0 + tl.arange(0, BV)
     c_start, c_stop, tok_lo, tok_hi = segment_bounds(seg_ptr, n)
-    dS1, dS2, dS3, dS4 = load_state_blocks(dht_ptr, n, h, H, K, V, 0, vv, HAS_DHT, BK, BV, NKB)
-    # from gates_kernel, a chunk ahead (`stored_row_weights`): e * rk, carry * rq and c_end
+    dS1, dS2, dS3, dS4 = load_state_blocks(dht_ptr, n, h, H, K, V, k0, vv, HAS_DHT, BK, BV, NKB)
+    # from gates_kernel, a chunk ahead (`stored_row_weights`): e * rk (the delta rules' du), carry * rq
+    # and c_end
     live = c_start < c_stop
-    ke_next = stored_row_weights(ke_ptr, c_stop - 1, h, H, C, live)
+    ke_next = tl.zeros([C], dtype=tl.float32)
+    if DELTA:
+        ke_next = stored_row_weights(ke_ptr, c_stop - 1, h, H, C, live)
     qc_next = stored_row_weights(qc_ptr, c_stop - 1, h, H, C, live)
     c_end_next = stored_end_decay(cend_ptr, c_stop - 1, h, H, BV, NCOPY, live)
     for cc in range(c_start, c_stop):
         c = c_start + c_stop - 1 - cc  # int64 bounds
         ke, qc, c_end = ke_next, qc_next, c_end_next
-        ke_next = stored_row_weights(ke_ptr, c - 1, h, H, C, c > c_start)
+        if DELTA:
+            ke_next = stored_row_weights(ke_ptr, c - 1, h, H, C, c > c_start)
         qc_next = stored_row_weights(qc_ptr, c - 1, h, H, C, c > c_start)
         c_end_next = stored_end_decay(cend_ptr, c - 1, h, H, BV, NCOPY, c > c_start)
-        store_state_blocks(dh_ptr, c, h, H, K, V, 0, vv, dS1, dS2, dS3, dS4, BK, NKB)
+        store_state_blocks(dh_ptr, c, h, H, K, V, k0, vv, dS1, dS2, dS3, dS4, BK, NKB)
         tok0, prow0, valid = segment_chunk(tok_lo, tok_hi, c, c_start, C)
-        # du = du_local + e * (k dS1)
-        du = load_rows(dul_ptr, prow0, valid, h, H, V, v0, BV, C) + ke[:, None] * rows_times_blocks(
-            k_ptr, tok0, valid, h, H, K, dS1, dS2, dS3, dS4, BK, NKB, DOT_MODE, C)
+        if DELTA:  # du = du_local + e * (k dS1)
+            du = load_rows(dul_ptr, prow0, valid, h, H, V, v0, BV, C) + ke[:, None] * rows_times_blocks(
+                k_ptr, tok0, valid, h, H, K, dS1, dS2, dS3, dS4, BK, NKB, DOT_MODE, C)
         # dS0 = c_end dS1 + scale (carry q)^T dO - W^T du
         dOq = load_rows(do_ptr, tok0, valid, h, H, V, v0, BV, C).to(tl.float32) * (scale * qc)[:, None]
-        dS1, dS2, dS3, dS4 = blocks_plus_cols_times(dS1, dS2, dS3, dS4, c_end, q_ptr, tok0, valid, h, H, K, 0, dOq,
+        dS1, dS2, dS3, dS4 = blocks_plus_cols_times(dS1, dS2, dS3, dS4, c_end, q_ptr, tok0, valid, h, H, K, k0, dOq,
                                                     BK, NKB, DOT_MODE, C)
         if DELTA:
             store_rows(du_ptr, prow0, valid, h, H, V, v0, du, BV, C)
             dS1, dS2, dS3, dS4 = blocks_plus_cols_times(dS1, dS2, dS3, dS4, 1.0, w_ptr, prow0, valid, h, H, K, 0, -du,
                                                         BK, NKB, DOT_MODE, C)
-        else:  # du is dv: write it in the token layout, in the dtype of v
-            store_rows(du_ptr, tok0, valid, h, H, V, v0, du, BV, C)
-    store_state_blocks(dh0_ptr, n, h, H, K, V, 0, vv, dS1, dS2, dS3, dS4, BK, NKB)
+    store_state_blocks(dh0_ptr, n, h, H, K, V, k0, vv, dS1, dS2, dS3, dS4, BK, NKB)
 
 
 @triton.jit

@@ -100,10 +100,11 @@ class _Plan:
         # bf16 (H200, in turn). At d = 256 64 wide needs 254 KB of shared memory.
         wide_state_tiles = wide_chunk_tiles and self.BVF == 128
         self.BVS = self.BVS_bwd = 64 if wide_state_tiles else min(self.BVF, 32)
-        # 1: the forward pass of the rules without beta, whose state rows evolve apart, in NKB programs
-        # per V tile, one [BK, BVS] block each (NKB times the programs, for shapes whose segments x heads
-        # x V tiles leave SMs idle: 4/256 B1 has 32; fla's `chunk_fwd_h` splits K likewise); the delta
-        # rules always hold every row. 0 until timed on a GPU (`tune_kernels.py --groups split`).
+        # 1: both state passes of the rules without beta, whose state rows (and state-gradient rows) evolve
+        # apart, in NKB programs per V tile, one [BK, BVS] / [BK, BVS_bwd] block each (NKB times the
+        # programs, for shapes whose segments x heads x V tiles leave SMs idle: 4/256 B1 has 32; fla's
+        # `chunk_fwd_h` and `chunk_bwd_dh` split K likewise); the delta rules always hold every row.
+        # 0 until timed on a GPU (`tune_kernels.py --groups split`).
         self.state_k_split = 0
         # warps: chosen from ptxas register/spill reports for sm_90 (C = 64; fewer warps spill more).
         # Small heads get 4: with 8 warps and 16-wide tiles (head dim 16) Triton 3.6 miscompiled the
@@ -174,7 +175,7 @@ class _Plan:
         self.NVBG = self.BVF // self.BVG
         self.NVBS = self.BVF // self.BVS
         self.NVBS_bwd = self.BVF // self.BVS_bwd
-        self.NKS = self.NKB if self.state_k_split and not self.delta else 1  # forward-pass programs along K
+        self.NKS = self.NKB if self.state_k_split and not self.delta else 1  # the state passes' programs along K
         self.cend_copies = max(self.BVS, self.BVS_bwd)  # c_end's row, as wide as either pass's V tile
         self.dummy = torch.empty(1, device=dev, dtype=torch.float32)
 
@@ -273,19 +274,27 @@ def backward(p: _Plan, scale: float, do, dht, T=None):
     dh = torch.empty(NC, H, K, V, device=dev, dtype=p.chunk_state_dtype)
     dh0 = torch.empty(p.N, H, K, V, device=dev, dtype=f32)
     dv = torch.empty(p.B, p.T, H, V, device=dev, dtype=p.v.dtype)
-    du = torch.empty(NC * C, H, V, device=dev, dtype=p.du_dtype) if p.delta else dv
-    # the state-independent part of du, chunk-parallel, so the sequential pass only carries dS
-    du_local = torch.empty(NC * C, H, V, device=dev, dtype=p.du_dtype)
-    local_du_kernel[(NC, H, p.NVB)](
-        p.q, p.k, p.ptr(s["gam"]), p.ptr(s["run"]), p.ptr(s["rq_rows"]), p.ptr(s["rk_rows"]), p.info, do, du_local,
-        scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, num_warps=p.warps_chunk, **p.flags(),
-    )
-    state_bwd_kernel[(p.N, H, p.NVBS_bwd)](
+
+    def local_du(out):  # chunk-parallel: the delta rules' du_local (before the reverse pass), else dv (after)
+        local_du_kernel[(NC, H, p.NVB)](
+            p.q, p.k, p.ptr(s["gam"]), p.ptr(s["run"]), p.ptr(s["rq_rows"]), p.ptr(s["rk_rows"]), p.info, do,
+            s["ke"], dh, out, scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, DELTA=p.delta,
+            num_warps=p.warps_chunk, **p.flags(),
+        )
+
+    du = du_local = None
+    if p.delta:  # the state-independent part of du first, so that the sequential pass only carries dS
+        du = torch.empty(NC * C, H, V, device=dev, dtype=p.du_dtype)
+        du_local = torch.empty(NC * C, H, V, device=dev, dtype=p.du_dtype)
+        local_du(du_local)
+    state_bwd_kernel[(p.N, H, p.NVBS_bwd * p.NKS)](
         p.q, p.k, s["ke"], s["qc"], s["cend"], p.seg, p.ptr(s["W"]), do,
-        p.ptr(dht), du_local, dh, du, dh0, scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BVS_bwd,
-        NCOPY=p.cend_copies, DELTA=p.delta,
+        p.ptr(dht), p.ptr(du_local), dh, p.ptr(du), dh0, scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB // p.NKS,
+        BV=p.BVS_bwd, NKS=p.NKS, NCOPY=p.cend_copies, DELTA=p.delta,
         HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=p.stages_state_bwd, DOT_MODE=p.dot_mode_state_bwd,
     )
+    if not p.delta:  # dv whole, from the dS1 the reverse pass stored
+        local_du(dv)
     # dq, dk in the inputs' dtype, rounded as the kernel stores them; with the L2 norm the kernel applies
     # its backward too, from the gradients w.r.t. the normalised rows it keeps in fp32 scratch (dqn, dkn)
     dq = torch.empty(total, H, K, device=dev, dtype=p.q.dtype)
