@@ -11,7 +11,7 @@ choices and leaves the others at their defaults:
     storage  the per-chunk states h and dh, the WY factors W, U and the values u, and the value
              gradients du in the inputs' dtype or in fp32 (each choice changed, then two, then all)
     dots   the reverse state pass's dot operands: the inputs' 16-bit dtype or TF32, whichever is not the default
-    split  the forward state pass along K as well as V (the rules without beta; `--rule simple_gla`)
+    split  both state passes along K as well as V, and not (the rules without beta; `--rule simple_gla`)
 
 Each candidate runs in its own process (a miscompiled choice may fault or hang the process) and
 reports forward and forward+backward time (median of `--reps`, CUDA events on a GPU) and the
@@ -49,7 +49,8 @@ from momtitan.ops.triton.launch import OVERRIDES_ENV, TUNABLE  # noqa: E402
 
 def default_choices(head_dim: int, dtype: str = "bfloat16") -> dict:
     """The plan's own choices for this head dim and input dtype (a CPU plan of one token: they depend
-    on shapes and dtype only)."""
+    on head dim and dtype only, but for `state_k_split`, whose default follows the GPU's SMs and the
+    shape's programs and is 0 here)."""
     import torch
 
     from momtitan.ops.triton import launch
@@ -82,8 +83,9 @@ def candidates(groups: list[str], head_dim: int, dtype: str = "bfloat16") -> lis
                     for c, w, d in itertools.product((0, 1), (0, 1), (0, 1))]
         elif group == "dots":
             grid = [dict(state_bwd_dots_in_input_dtype=d) for d in (0, 1)]
-        elif group == "split":
-            grid = [dict(state_k_split=d) for d in (0, 1)]
+        elif group == "split":  # both: its default depends on the GPU's SMs and the shape (launch.py)
+            out += [dict(state_k_split=d, group=group) for d in (0, 1)]
+            continue
         else:
             raise ValueError(f"--groups takes seq, chunk, inverse, grad, storage, dots and split, got {group!r}")
         changed = {id(c): sum(c[k] != defaults[k] for k in c) for c in grid}

@@ -512,7 +512,7 @@ def test_gpu_matrix(rule, d, dtype):
 @pytest.mark.parametrize("d", [128, 256])
 @pytest.mark.parametrize("rule", [r for r, (_, delta) in RULES.items() if not delta])
 def test_gpu_state_passes_split_along_k(rule, d, dtype, monkeypatch):
-    """`state_k_split` (a tuning choice, off by default) against the fp64 loop at the GPU's tiles."""
+    """`state_k_split` forced (by default only where the state programs are few) against the fp64 loop."""
     from momtitan.ops.triton import launch
 
     monkeypatch.setattr(launch, "OVERRIDES", {"state_k_split": 1})

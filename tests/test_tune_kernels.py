@@ -46,7 +46,7 @@ def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps
     assert tune.candidates(["dots"], head_dim=64) == [dict(state_bwd_dots_in_input_dtype=1, group="dots")]
     assert tune.candidates(["dots"], head_dim=128) == [dict(state_bwd_dots_in_input_dtype=0, group="dots")]
     assert tune.default_choices(128, "float32")["BVS_bwd"] == tune.default_choices(256)["BVS_bwd"] == 32
-    assert tune.candidates(["split"], head_dim=256) == [dict(state_k_split=1, group="split")]
+    assert tune.candidates(["split"], head_dim=256) == [dict(state_k_split=s, group="split") for s in (0, 1)]
     groups = "seq, chunk, inverse, grad, storage, dots and split"
     with pytest.raises(ValueError, match=f"--groups takes {groups}, got 'tiles'"):
         tune.candidates(["tiles"], head_dim=64)
@@ -111,6 +111,26 @@ def test_overrides_reach_the_plan_and_bad_ones_raise(monkeypatch):
     assert plan().dot_mode_state_bwd == 0  # fp32 inputs: 3xTF32 either way
     monkeypatch.setattr(launch, "OVERRIDES", {})
     assert plan().stages_state == 2 and plan().chunk_state_dtype == plan().wy_dtype == torch.float32
+
+
+def test_state_k_split_by_default_where_the_state_programs_are_few(monkeypatch):
+    """Split along K where segments x heads x V tiles are at most twice the SMs, the rules without beta
+    only; never on CPU (no SMs), and an override wins."""
+    from momtitan.ops.triton import launch
+
+    def split(B, H, d, dtype=torch.bfloat16, beta=False):
+        x = torch.zeros(B, 1, H, d, dtype=dtype)
+        p = launch._Plan(x, x, x, None, x[..., 0] if beta else None, None, None, None, False, 64)
+        return p.state_k_split, p.NKS
+
+    assert split(1, 4, 256) == (0, 1)  # CPU
+    monkeypatch.setattr(launch, "_multiprocessors", lambda device: 132)
+    assert split(1, 4, 256) == (1, 4) and split(8, 4, 256) == (1, 4)  # 32 and 256 programs (8 V tiles of 32)
+    assert split(8, 16, 128) == (1, 2) and split(8, 32, 128) == (0, 1)  # 256 and 512 (2 V tiles of 64)
+    assert split(8, 16, 128, torch.float32) == (0, 1)  # 4 V tiles of 32: 512
+    assert split(1, 4, 256, beta=True) == (1, 1)  # the delta rules hold every row
+    monkeypatch.setattr(launch, "OVERRIDES", {"state_k_split": 0})
+    assert split(1, 4, 256) == (0, 1)
 
 
 def test_overrides_from_the_environment_reach_the_plan_and_bad_ones_raise(monkeypatch):

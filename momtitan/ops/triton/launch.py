@@ -46,6 +46,11 @@ def _env_overrides() -> dict[str, int]:
     return value
 
 
+def _multiprocessors(device: torch.device) -> int:
+    """The GPU's SM count (cached by torch); 0 off CUDA (the interpreter), where no choice is timed."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
 class _Plan:
     """Everything derived from shapes: flattened views, chunk map, tiles."""
 
@@ -102,10 +107,13 @@ class _Plan:
         self.BVS = self.BVS_bwd = 64 if wide_state_tiles else min(self.BVF, 32)
         # 1: both state passes of the rules without beta, whose state rows (and state-gradient rows) evolve
         # apart, in NKB programs per V tile, one [BK, BVS] / [BK, BVS_bwd] block each (NKB times the
-        # programs, for shapes whose segments x heads x V tiles leave SMs idle: 4/256 B1 has 32; fla's
-        # `chunk_fwd_h` and `chunk_bwd_dh` split K likewise); the delta rules always hold every row.
-        # 0 until timed on a GPU (`tune_kernels.py --groups split`).
-        self.state_k_split = 0
+        # programs; fla's `chunk_fwd_h` and `chunk_bwd_dh` split K likewise); the delta rules always hold
+        # every row. Chosen below, after the V tiles: 1 where segments x heads x V tiles are at most twice
+        # the SMs. Simple GLA fwd+bwd, bf16, H200 (132 SMs), in turn (20th session), dv in the reverse
+        # pass (before) -> dv after it unsplit -> split: 4/256 B1 T32K (32 programs) 4.51 -> 3.55 -> 3.03
+        # ms, B8 T4K (256) 2.80 -> 2.92 -> 2.80; before -> split: 16/128 B1 T32K (32) 3.97 -> 3.24, B8 T4K
+        # (256) 2.69 -> 2.57, 32/128 B1 T32K (64) 5.57 -> 5.01, B8 T4K (512) 4.29 -> 4.47.
+        self.state_k_split = None
         # warps: chosen from ptxas register/spill reports for sm_90 (C = 64; fewer warps spill more).
         # Small heads get 4: with 8 warps and 16-wide tiles (head dim 16) Triton 3.6 miscompiled the
         # output and gradient kernels on an H200 (wrong outputs, then an illegal memory access). The
@@ -164,6 +172,9 @@ class _Plan:
         # (8.26 -> 8.34 ms gated delta at 32/128). fp32 inputs take 3xTF32 either way.
         self.state_bwd_dots_in_input_dtype = int(wide_state_tiles)
         self._apply_overrides()
+        if self.state_k_split is None:
+            state_programs = self.N * H * (self.BVF // self.BVS)
+            self.state_k_split = int(state_programs <= 2 * _multiprocessors(dev))
         if q.dtype == torch.float32:
             self.dot_mode_state_bwd = 0
         else:
