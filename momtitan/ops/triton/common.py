@@ -3,9 +3,9 @@ the on-device chunk map of the padded segment layout (see `recurrence/chunk.py`)
 
 Layout. Tokens are a stream `[total, H, *]` (a batch is `B*T` tokens with uniform `cu_seqlens`).
 Every segment starts on a chunk boundary of the *padded* chunk axis, whose length is bounded by
-`ceil((total + N*(C-1)) / C)` from shapes alone. `chunk_map` gives, per padded chunk, its first
-token and its number of valid tokens (0 for the unused tail), and per segment its chunk and token ranges.
-Nothing here reads a device value on the host.
+`ceil((total + N*(C-1)) / C)` from shapes alone. The chunk map (`chunk_map.py`) gives, per padded
+chunk, its first token and its number of valid tokens (0 for the unused tail), and per segment its
+chunk and token ranges. Nothing here reads a device value on the host.
 """
 
 from __future__ import annotations
@@ -14,30 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from momtitan.ops.segments import bucket_of_index, padded_num_chunks
 
 # Dot modes: 0 = fp32 operands, 3xTF32 products (about fp32 accuracy, on tensor cores); 1 = bf16 operands; 2 = fp16 operands;
 # 3 = fp32 operands, one TF32 product (used where 16-bit operands miscompile, see launch.py).
 DOT_MODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def chunk_map(cu_seqlens: torch.Tensor, total: int, chunk: int):
-    """Return `(chunk_info [NC, 2] int64 = (first token, valid tokens), segments [N, 4] int64 =
-    (first chunk, end chunk, first token, end token), NC)`, all computed on the device."""
-    cu = cu_seqlens.to(torch.int64)
-    N = cu.numel() - 1
-    NC = padded_num_chunks(total, N, chunk)
-    lengths = cu[1:] - cu[:-1]
-    nch = (lengths + chunk - 1) // chunk
-    ch_end = torch.cumsum(nch, 0)
-    ch_start = ch_end - nch
-    pos = torch.arange(NC, device=cu.device, dtype=torch.int64)
-    seg = bucket_of_index(ch_end, NC).clamp(max=N - 1)
-    tok0 = cu[seg] + (pos - ch_start[seg]) * chunk
-    nvalid = (cu[seg + 1] - tok0).clamp(min=0, max=chunk)
-    info = torch.stack([tok0, nvalid], 1).contiguous()
-    segments = torch.stack([ch_start, ch_end, cu[:-1], cu[1:]], 1).contiguous()
-    return info, segments, NC
 
 
 def pow2(x: int, lo: int = 16) -> int:
@@ -168,7 +148,7 @@ def store_state(ptr, i, h, H, K, V, k0, vv, S, BK: tl.constexpr):
 
 @triton.jit
 def segment_bounds(seg_ptr, n):
-    """Segment `n`'s (first chunk, end chunk, first token, end token), from `chunk_map`'s table."""
+    """Segment `n`'s (first chunk, end chunk, first token, end token), from the chunk map's table."""
     return tl.load(seg_ptr + 4 * n), tl.load(seg_ptr + 4 * n + 1), tl.load(seg_ptr + 4 * n + 2), tl.load(seg_ptr + 4 * n + 3)
 
 

@@ -1,19 +1,21 @@
 """Host side of the Triton recurrence: tile choices, buffers and kernel launches for the forward
 and backward passes. No host syncs: every shape comes from input shapes, the chunk map is built on
-the device (`common.chunk_map`), and per-segment loops run inside the kernels.
+the device (`chunk_map.chunk_map`), and per-segment loops run inside the kernels.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
 import torch
 
+from momtitan.ops.segments import padded_num_chunks
 from momtitan.ops.triton.bwd_kernels import grads_kernel, local_du_kernel, state_bwd_kernel
-from momtitan.ops.triton.common import DOT_MODES, chunk_map, pow2
+from momtitan.ops.triton.chunk_map import chunk_map
+from momtitan.ops.triton.common import DOT_MODES, pow2
 from momtitan.ops.triton.fwd_kernels import gates_kernel, inverse_kernel, output_kernel, state_kernel, wy_kernel
-from momtitan.ops.segments import uniform_cu_seqlens
 from momtitan.ops.triton.l2norm import reciprocal_norms
 
 DEFAULT_CHUNK = 64
@@ -46,8 +48,9 @@ def _env_overrides() -> dict[str, int]:
     return value
 
 
+@functools.cache
 def _multiprocessors(device: torch.device) -> int:
-    """The GPU's SM count (cached by torch); 0 off CUDA (the interpreter), where no choice is timed."""
+    """The GPU's SM count; 0 off CUDA (the interpreter), where no choice is timed."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
@@ -63,10 +66,9 @@ class _Plan:
         self.total = B * T
         self.C = chunk
         dev = q.device
-        if cu_seqlens is None:
-            cu_seqlens = uniform_cu_seqlens(B, T, dev)
-        self.N = cu_seqlens.numel() - 1
-        self.info, self.seg, self.NC = chunk_map(cu_seqlens, self.total, chunk)
+        self.cu_seqlens = cu_seqlens
+        self.N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        self.NC = padded_num_chunks(self.total, self.N, chunk)
         self.q = q.reshape(self.total, H, K).contiguous()
         self.k = k.reshape(self.total, H, K).contiguous()
         self.v = v.reshape(self.total, H, V).contiguous()
@@ -200,6 +202,18 @@ class _Plan:
             if value not in allowed:
                 raise ValueError(f"{source}[{name!r}] must be one of {allowed}, got {value!r}")
             setattr(self, name, value)
+
+    @functools.cached_property
+    def _chunk_map(self):  # built at the first launch: a plan made for its tile choices alone launches nothing
+        return chunk_map(self.cu_seqlens, self.B, self.T, self.C, self.q.device)
+
+    @property
+    def info(self):  # [NC, 2]: each chunk's first token and valid tokens
+        return self._chunk_map[0]
+
+    @property
+    def seg(self):  # [N, 4]: each segment's first and end chunk, first and end token
+        return self._chunk_map[1]
 
     def ptr(self, x):
         return self.dummy if x is None else x
