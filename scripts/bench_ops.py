@@ -22,7 +22,9 @@ and range).
 
 Writes the tables to docs/benchmarks.md, section "## Ops: linear_recurrence" (after every row, so a
 run cut off keeps what it measured). `--profile` prints the per-kernel CUDA time of one fwd+bwd of
-each recurrence at the first shape, and of the two MoM layers (not written).
+each recurrence at the first shape, and of the two MoM layers, and each recurrence's host time per
+call there (`host_time`: where the host time reaches the wall time, the op is bound by its Python and
+launches, not its kernels); not written.
 
     python scripts/bench_ops.py [--seq-lens 2048,8192,32768] [--heads 32x128,16x128,4x256] [--no-write] [--profile]
     python scripts/bench_ops.py --profile --ops ours --heads 32x128 --seq-lens 4096 --no-layer --no-write
@@ -172,8 +174,28 @@ def print_profile(title: str, step, rows: int = 12) -> None:
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows))
 
 
+def host_time(step, calls: int = 200, sync=None) -> tuple[float, float]:
+    """`(host, wall)` us per call of `step`, `calls` calls in a row with one sync at their end: host
+    is the time to return from them (the Python and launch work), wall the time until the GPU is done.
+    Equal, the op is bound by its host code; host well below wall, by its kernels."""
+    import time
+
+    sync = sync or torch.cuda.synchronize
+    for _ in range(10):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        step()
+    host = time.perf_counter() - t0
+    sync()
+    wall = time.perf_counter() - t0
+    return host / calls * 1e6, wall / calls * 1e6
+
+
 def profile(args, cands, prep):
-    """The per-kernel profile of one fwd+bwd of each recurrence at the first shape."""
+    """The per-kernel profile of one fwd+bwd of each recurrence at the first shape, and the host time
+    of its forward and forward+backward calls."""
     H, d = (int(x) for x in args.heads.split(",")[0].split("x"))
     T = int(args.seq_lens.split(",")[0])
     B = max(1, args.tokens // T)
@@ -182,7 +204,13 @@ def profile(args, cands, prep):
         if kind == "sdpa":
             continue
         inputs = (prep(q), prep(k), v, g, beta) if kind == "sgla" else (q, k, v, g, beta)
-        print_profile(f"{name}: B{B} T{T} H{H} d{d}", grad_step(fn, inputs))
+        step = grad_step(fn, inputs)
+        print_profile(f"{name}: B{B} T{T} H{H} d{d}", step)
+        with torch.no_grad():
+            fwd = host_time(lambda: fn(*inputs))
+        both = host_time(step)
+        print(f"{name}: host / wall us per call: fwd {fwd[0]:.0f} / {fwd[1]:.0f}, "
+              f"fwd+bwd {both[0]:.0f} / {both[1]:.0f}")
 
 
 def layer_rows(args, fla_installed):

@@ -11,7 +11,7 @@ choices and leaves the others at their defaults:
     storage  the per-chunk states h and dh, the WY factors W, U and the values u, and the value
              gradients du in the inputs' dtype or in fp32 (each choice changed, then two, then all)
     dots   the reverse state pass's dot operands: the inputs' 16-bit dtype or TF32, whichever is not the default
-    split  both state passes along K as well as V, and not (the rules without beta; `--rule simple_gla`)
+    split  both state passes along K as well as V, and not (the rules without beta: `--rule gated` or `linear`)
 
 Each candidate runs in its own process (a miscompiled choice may fault or hang the process) and
 reports forward and forward+backward time (median of `--reps`, CUDA events on a GPU) and the

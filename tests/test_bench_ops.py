@@ -58,3 +58,12 @@ def test_profile_step_rejects_bad_shapes(flags, match):
     with pytest.raises(ValueError, match=match):
         profile_step.parse_args(flags)
     assert profile_step.parse_args(["--heads", "4x256"]).d == 256
+
+
+def test_host_time_counts_the_calls_and_waits_for_the_sync():
+    import time
+
+    calls, synced = [], []
+    host, wall = bench.host_time(lambda: calls.append(1), calls=50, sync=lambda: (synced.append(1), time.sleep(0.05)))
+    assert len(calls) == 60 and len(synced) == 2  # 10 warm-up calls, then 50 timed
+    assert wall - host > 0.04 / 50 * 1e6  # the final sync's 50 ms, spread over the 50 calls
