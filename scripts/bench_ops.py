@@ -20,7 +20,9 @@ shared one), bf16, fwd and fwd+bwd at B*T = 16K tokens: `momtitan.layers.mom.MoM
 compiled) against fla's `MomAttention`, the three measured in turn for `--layer-rounds` rounds (median
 and range).
 
-Writes the tables to docs/benchmarks.md, section "## Ops: linear_recurrence" (after every row, so a
+`--op-rounds N` measures the ops of each shape in turn N times and reports each cell's median and
+range (at few heads both ours and fla's are partly bound by the host, and single runs move by 10-30%).
+Writes the tables to docs/benchmarks.md, section "## Ops: linear_recurrence" (after every shape, so a
 run cut off keeps what it measured). `--profile` prints the per-kernel CUDA time of one fwd+bwd of
 each recurrence at the first shape, and of the two MoM layers, and each recurrence's host time per
 call there (`host_time`: where the host time reaches the wall time, the op is bound by its Python and
@@ -298,8 +300,8 @@ def _ms(r, unit: str = " ms") -> str:
 
 
 def run(args, publish) -> str:
-    """Measure everything; `publish(text)` gets the section after the layer comparison and after every op
-    row, so a run cut off by a timeout leaves what it measured (marked as partial)."""
+    """Measure everything; `publish(text)` gets the section after the layer comparison and after every
+    shape's rows, so a run cut off by a timeout leaves what it measured (marked as partial)."""
     import triton
 
     fla, fla_version = load_fla()
@@ -321,7 +323,9 @@ def run(args, publish) -> str:
         "Median of `triton.testing.do_bench`. TFLOP/s under ANCHORS.md 1.9: GDN / delta fwd 10Cd+6d^2, simple GLA "
         "4Cd+4d^2, SDPA causal 2Td per token-head (C = 64); fwd+bwd counted as 3x fwd. \"ours\" = "
         "`momtitan.ops.triton.triton_linear_recurrence` (qk L2 norm in kernel for the delta rules). fla's gated "
-        "backward rows run with its triton < 3.7.1 Hopper guard lifted (timing only; see the script's docstring).",
+        "backward rows run with its triton < 3.7.1 Hopper guard lifted (timing only; see the script's docstring)."
+        + (f" Each cell: the median (and range) of {args.op_rounds} rounds, the ops of a shape measured in turn "
+           "in each round." if args.op_rounds > 1 else ""),
     ]
     if args.heads.strip():
         header += ["", "| B x T | H / d | op | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |",
@@ -341,41 +345,34 @@ def run(args, publish) -> str:
             B = max(1, args.tokens // T)
             q, k, v, g, beta = make_inputs(B, T, H, d)
             qn, kn = prep(q), prep(k)
-            for name, (kind, fn) in cands.items():
-                inputs = (qn, kn, v, g, beta) if kind == "sgla" else (q, k, v, g, beta)
+            inputs = {name: (qn, kn, v, g, beta) if kind == "sgla" else (q, k, v, g, beta)
+                      for name, (kind, _) in cands.items()}
+
+            def measure(name, backward):
+                ms = bench_one(cands[name][1], inputs[name], backward)
+                torch.cuda.empty_cache()
+                return ms
+
+            times = {mode: interleaved(list(cands), args.op_rounds, lambda name, b=mode == "fwd+bwd": measure(name, b))
+                     for mode in ("fwd", "fwd+bwd")}
+            for name, (kind, _) in cands.items():
                 fl = flops_per_token_head(kind, T, d) * B * T * H
-                res = {}
-                for mode in ("fwd", "fwd+bwd"):
-                    try:
-                        ms = bench_one(fn, inputs, mode == "fwd+bwd")
-                        res[mode] = (ms, fl * (1 if mode == "fwd" else 3) / (ms * 1e-3) / 1e12)
-                    except Exception as e:  # noqa: BLE001 - report, keep going
-                        res[mode] = f"error: {type(e).__name__}"
-                        traceback.print_exc()
-                    torch.cuda.empty_cache()
-                lines.append(f"| {B}x{T} | {H}/{d} | {name} | {_cells(res['fwd'])} | {_cells(res['fwd+bwd'])} |")
-                print(f"B{B} T{T} H{H} d{d} {name:28s} " + "  ".join(f"{m}: {_fmt(r)}" for m, r in res.items()), flush=True)
-                publish(text(partial=True))
-            del q, k, v, g, beta, qn, kn
+                cells = [op_cells(times["fwd"][name], fl), op_cells(times["fwd+bwd"][name], 3 * fl)]
+                lines.append(f"| {B}x{T} | {H}/{d} | {name} | {cells[0]} | {cells[1]} |")
+                print(f"B{B} T{T} H{H} d{d} {name:28s} fwd: {cells[0]}  fwd+bwd: {cells[1]}", flush=True)
+            publish(text(partial=True))
+            del q, k, v, g, beta, qn, kn, inputs
             torch.cuda.empty_cache()
     publish(text(partial=False))
     return text(partial=False)
 
 
-def _fmt(r):
-    if r is None:
-        return "-"
-    if isinstance(r, str):
-        return r
-    return f"{r[0]:.3f} ms {r[1]:.1f} TFLOP/s"
-
-
-def _cells(r):
-    if r is None:
-        return "- | -"
-    if isinstance(r, str):
-        return f"{r} | -"
-    return f"{r[0]:.3f} | {r[1]:.1f}"
+def op_cells(times, flops: float) -> str:
+    """The `ms | TFLOP/s` cells of one op and mode: the median of its rounds' times (and their range)
+    and the median's TFLOP/s for `flops`; or the error's text."""
+    if isinstance(times, str):
+        return f"{times} | -"
+    return f"{_ms(times, unit='')} | {flops / (statistics.median(times) * 1e-3) / 1e12:.1f}"
 
 
 def main():
@@ -386,6 +383,8 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--layer-tokens", type=int, default=16384, help="B*T of the MoM layer comparison")
     ap.add_argument("--layer-batch", type=int, default=4)
+    ap.add_argument("--op-rounds", type=int, default=1,
+                    help="rounds of the op table's arms at each shape, measured in turn (median and range)")
     ap.add_argument("--layer-rounds", type=int, default=3, help="rounds of the MoM layer arms, measured in turn")
     ap.add_argument("--profile", action="store_true", help="print per-kernel CUDA times at the first shape")
     ap.add_argument("--part", default="", help="name of this part of a split run (its own section)")
@@ -394,8 +393,9 @@ def main():
                     "(e.g. 'ours' or 'gated delta'); default all")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    if args.layer_rounds < 1:
-        raise ValueError(f"--layer-rounds must be >= 1, got {args.layer_rounds}")
+    for flag in ("op_rounds", "layer_rounds"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if not torch.cuda.is_available():
         print("bench_ops.py needs a CUDA device", file=sys.stderr)
         return 1

@@ -67,3 +67,41 @@ def test_host_time_counts_the_calls_and_waits_for_the_sync():
     host, wall = bench.host_time(lambda: calls.append(1), calls=50, sync=lambda: (synced.append(1), time.sleep(0.05)))
     assert len(calls) == 60 and len(synced) == 2  # 10 warm-up calls, then 50 timed
     assert wall - host > 0.04 / 50 * 1e6  # the final sync's 50 ms, spread over the 50 calls
+
+
+def test_op_cells_give_the_median_its_range_and_the_medians_tflops():
+    assert bench.op_cells([2.0, 1.0, 4.0], flops=2e9) == "2.000 (1.000-4.000) | 1.0"
+    assert bench.op_cells([0.5], flops=1e12) == "0.500 | 2000.0"
+    assert bench.op_cells("error: RuntimeError", flops=1.0) == "error: RuntimeError | -"
+
+
+@pytest.mark.parametrize("flag", ["--op-rounds", "--layer-rounds"])
+def test_rounds_below_one_are_refused(monkeypatch, flag):
+    monkeypatch.setattr(bench.sys, "argv", ["bench_ops.py", flag, "0"])
+    with pytest.raises(ValueError, match=f"{flag} must be >= 1, got 0"):
+        bench.main()
+
+
+def test_op_table_rows_are_rounds_of_the_ops_in_turn(monkeypatch):
+    """`run` on CPU with the timing faked: each shape's ops measured in turn, `--op-rounds` times per mode,
+    and each row's cells the median and range of its rounds."""
+    order = []
+
+    def fake_bench(fn, inputs, backward, params=()):
+        order.append((len(order), backward))
+        return 1.0 + len(order) % 3
+
+    monkeypatch.setattr(bench, "bench_one", fake_bench)
+    monkeypatch.setattr(bench, "warm_gpu", lambda: None)
+    monkeypatch.setattr(bench, "load_fla", lambda: (None, None))
+    real_inputs = bench.make_inputs
+    monkeypatch.setattr(bench, "make_inputs", lambda B, T, H, d: real_inputs(B, T, H, d, device="cpu"))
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda: "fake GPU")
+    args = bench.argparse.Namespace(ops="", profile=False, heads="2x16", seq_lens="8,16", tokens=32, part="",
+                                    no_layer=True, op_rounds=3)
+    text = bench.run(args, publish=lambda _: None)
+    rows = [line for line in text.splitlines() if line.startswith("| 4x8 ") or line.startswith("| 2x16 ")]
+    assert len(rows) == 2 * 4  # two shapes x (ours: three rules, SDPA)
+    assert len(order) == 2 * 2 * 3 * 4  # shapes x modes x rounds x ops
+    assert [b for _, b in order[:24]] == [False] * 12 + [True] * 12  # each mode's rounds, all ops in turn
+    assert all("(" in row and "-" in row for row in rows) and "median (and range) of 3 rounds" in text

@@ -1,5 +1,5 @@
 """Shared pieces of the Triton recurrence kernels: in-chunk gates, decay masks, the dot helper, and
-the on-device chunk map of the padded segment layout (see `recurrence/chunk.py`).
+the readers of the padded segment layout (see `recurrence/chunk.py`).
 
 Layout. Tokens are a stream `[total, H, *]` (a batch is `B*T` tokens with uniform `cu_seqlens`).
 Every segment starts on a chunk boundary of the *padded* chunk axis, whose length is bounded by
@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 
 # Dot modes: 0 = fp32 operands, 3xTF32 products (about fp32 accuracy, on tensor cores); 1 = bf16 operands; 2 = fp16 operands;
 # 3 = fp32 operands, one TF32 product (used where 16-bit operands miscompile, see launch.py).
@@ -141,9 +140,9 @@ def store_state(ptr, i, h, H, K, V, k0, vv, S, BK: tl.constexpr):
     tl.store(base + (kk[:, None] * V + vv[None, :]), S.to(ptr.dtype.element_ty), mask=m)
 
 
-# The sequential passes hold a state's K rows (all of them, or for the forward pass of the rules without
-# beta a split of them from row k0) as NKB (1, 2 or 4) blocks S1..S4 of [BK, BV], BK <= 64: every dot is
-# at most 64 deep. The helpers below take and return all four; blocks past NKB stay zero and are never
+# The sequential passes hold a state's K rows (all of them, or for the rules without beta under
+# `state_k_split` a split of them from row k0) as NKB (1, 2 or 4) blocks S1..S4 of [BK, BV], BK <= 64:
+# every dot is at most 64 deep. The helpers below take and return all four; blocks past NKB stay zero and are never
 # touched (NKB is a compile-time constant, so they cost nothing).
 
 @triton.jit
