@@ -25,7 +25,9 @@ import json
 import pytest
 import torch
 
-from tests.interpreter import DTYPES, assert_compiled_matches_eager, rel_err, result, run_worker, unwritten_reads
+from tests.interpreter import (
+    DTYPES, assert_compiled_matches_eager, compiled_errors, rel_err, result, run_worker, unwritten_reads,
+)
 
 
 def make_inputs(spec, device, dtype, seed=0):
@@ -236,15 +238,7 @@ def _worker_compile():
         y, final = triton_short_conv(x, weight, initial_state=initial_state, **extra)
         return (y * y).sum() + final.sum()
 
-    eager = f(**leaves)
-    ge = torch.autograd.grad(eager, list(leaves.values()))
-    out = {}
-    for backend in ("aot_eager", "inductor"):
-        torch._dynamo.reset()
-        cf = torch.compile(f, fullgraph=True, backend=backend)
-        val = cf(**leaves)
-        gc = torch.autograd.grad(val, list(leaves.values()))
-        out[backend] = max([rel_err(val, eager)] + [rel_err(a, b) for a, b in zip(gc, ge)])
+    out = compiled_errors(f, leaves, backends=("aot_eager", "inductor"))
     out["step_compiled"] = check_step(4, "silu", compiled=True)["y"]
     _emit("compile", errs=out)
 

@@ -23,7 +23,9 @@ import pytest
 import torch
 
 from momtitan.config import RULE_INPUTS
-from tests.interpreter import DTYPES, assert_compiled_matches_eager, rel_err, result, run_worker, unwritten_reads
+from tests.interpreter import (
+    DTYPES, assert_compiled_matches_eager, compiled_errors, rel_err, result, run_worker, unwritten_reads,
+)
 
 RULES = RULE_INPUTS  # rule -> (has g, has beta)
 
@@ -234,15 +236,7 @@ def _worker_compile():
         o, ht = triton_linear_recurrence(q, k, v, g, beta, initial_state=initial_state, **extra, chunk_size=16)
         return (o * o).sum() + ht.sum()
 
-    eager = f(**leaves)
-    ge = torch.autograd.grad(eager, list(leaves.values()))
-    out = {}
-    for backend in ("aot_eager", "inductor"):
-        torch._dynamo.reset()
-        cf = torch.compile(f, fullgraph=True, backend=backend)
-        val = cf(**leaves)
-        gc = torch.autograd.grad(val, list(leaves.values()))
-        out[backend] = max([rel_err(val, eager)] + [rel_err(a, b) for a, b in zip(gc, ge)])
+    out = compiled_errors(f, leaves, backends=("aot_eager", "inductor"))
     out["step_compiled"] = check_step("gated_delta", compiled=True)["o"]
     print(json.dumps({"check": "compile", "errs": out}), flush=True)
 
