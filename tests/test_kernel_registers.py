@@ -109,8 +109,8 @@ def test_bad_arguments_raise():
 
 
 def test_pointer_dtypes_follow_the_rule(monkeypatch):
-    """Without beta the reverse pass writes dv (v's dtype) through du_ptr; the delta rules' du and du's
-    chunk-local part take the plan's du dtype. T, dq and dk are in the inputs' dtype (the L2 norm's
+    """Without beta the local-du kernel writes dv (v's dtype) through dul_ptr; the delta rules' du and
+    du's chunk-local part take the plan's du dtype. T, dq and dk are in the inputs' dtype (the L2 norm's
     scratch in fp32)."""
     import torch
 
@@ -128,3 +128,21 @@ def test_pointer_dtypes_follow_the_rule(monkeypatch):
     assert kr.pointer_dtypes(plan, "bf16", "gated_delta")["t_ptr"] == "bf16"
     assert kr.pointer_dtypes(plan, "bf16", "gated_delta")["dq_ptr"] == "bf16"
     assert "dqn_ptr" not in kr.pointer_dtypes(plan, "bf16", "gated_delta")  # fp32 scratch
+
+
+def test_state_passes_split_along_k_for_the_rules_without_beta(monkeypatch):
+    """Under `state_k_split` the state passes are compiled with NKS programs of NKB / NKS blocks each, as
+    `launch.py` launches them: four of one at d = 256 without beta; the delta rules keep one of four."""
+    import torch
+
+    kr = load_script("kernel_registers")
+    from momtitan.ops.triton import launch
+
+    monkeypatch.setattr(launch, "OVERRIDES", {"state_k_split": 1})
+    x = torch.zeros(1, 1, 1, 256, dtype=torch.bfloat16)
+    plan = launch._Plan(x, x, x, None, x[..., 0], None, None, None, False, launch.DEFAULT_CHUNK)
+    for name in ("state_kernel", "state_bwd_kernel"):
+        split = kr.constants(name, plan, None, rule="gated")[0]
+        whole = kr.constants(name, plan, None, rule="gated_delta")[0]
+        assert (split["NKS"], split["NKB"], whole["NKS"], whole["NKB"]) == (4, 1, 1, 4)
+    assert kr.constants("output_kernel", plan, None, rule="gated")[0]["NKB"] == 4  # the chunk kernels: all rows

@@ -188,7 +188,7 @@ class _Plan:
         self.NVBG = self.BVF // self.BVG
         self.NVBS = self.BVF // self.BVS
         self.NVBS_bwd = self.BVF // self.BVS_bwd
-        self.NKS = self.NKB if self.state_k_split and not self.delta else 1  # the state passes' programs along K
+        self.NKS = self.state_programs_along_k(self.delta)
         self.cend_copies = max(self.BVS, self.BVS_bwd)  # c_end's row, as wide as either pass's V tile
         self.dummy = torch.empty(1, device=dev, dtype=torch.float32)
 
@@ -202,6 +202,11 @@ class _Plan:
             if value not in allowed:
                 raise ValueError(f"{source}[{name!r}] must be one of {allowed}, got {value!r}")
             setattr(self, name, value)
+
+    def state_programs_along_k(self, delta: bool) -> int:
+        """NKS: the state passes' programs per V tile, each NKB / NKS of the K blocks (`state_k_split`;
+        the delta rules hold every row: 1)."""
+        return self.NKB if self.state_k_split and not delta else 1
 
     @functools.cached_property
     def _chunk_map(self):  # built at the first launch: a plan made for its tile choices alone launches nothing
