@@ -349,7 +349,7 @@ K_SPLIT_CASES = {
 
 def _worker_state_k_split():
     """Per case: the errors against the fp64 loop with the split, the results that differ from the
-    unsplit passes' (bit for bit), and each state pass's programs per (segment, head) with and without."""
+    unsplit passes' (bit for bit), and each state pass's programs per head with and without."""
     from momtitan.ops.triton import launch
 
     programs = {"state_kernel": [], "state_bwd_kernel": []}
@@ -359,7 +359,7 @@ def _worker_state_k_split():
             self.name, self.kernel = name, getattr(launch, name)
 
         def __getitem__(self, grid):
-            programs[self.name].append(grid[2])
+            programs[self.name].append(grid[0])
             return self.kernel[grid]
 
     kernels = {name: getattr(launch, name) for name in programs}

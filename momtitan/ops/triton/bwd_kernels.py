@@ -31,7 +31,7 @@ import triton.language as tl
 from momtitan.ops.triton.common import (
     blocks_plus_cols_times, chunk_rows, gate_rows, load_rows, load_state_blocks, mdot, rows_times_blocks,
     segment_bounds, segment_chunk, store_rows, store_state_blocks, stored_decay, stored_end_decay, stored_gates,
-    stored_row_weights, stored_scales, stored_weights,
+    stored_row_weights, stored_scales, stored_weights, tile_program,
 )
 
 
@@ -39,16 +39,15 @@ from momtitan.ops.triton.common import (
 def local_du_kernel(
     q_ptr, k_ptr, gam_ptr, run_ptr, rq_rows_ptr, rk_rows_ptr, info_ptr, do_ptr, ke_ptr, dh_ptr, dul_ptr,
     scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DELTA: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """Per (chunk, head, V-block), with `P = (q k^T) * D`: for the delta rules the part of du that does
     not depend on the carried state, `scale * P^T dO`, into the padded layout; otherwise dv whole,
     `scale * P^T dO + (e k) dS1` with the end state's gradient dS1 that the reverse pass stored (dh), in
     the token layout."""
-    c = tl.program_id(0).to(tl.int64)
+    c, vb = tile_program(NVB)
     h = tl.program_id(1).to(tl.int64)
-    vb = tl.program_id(2)
     vv = vb * BV + tl.arange(0, BV)
     tok0, tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     rq = stored_scales(rq_rows_ptr, c, 0, h, H, C, C, valid, L2)
@@ -83,17 +82,17 @@ def state_bwd_kernel(
     q_ptr, k_ptr, ke_ptr, qc_ptr, cend_ptr, seg_ptr, w_ptr, do_ptr, dht_ptr, dul_ptr,
     dh_ptr, du_ptr, dh0_ptr,
     scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NKS: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, NKS: tl.constexpr,
     NCOPY: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """The reverse sequential pass: per (segment, head, V-block), chunk by chunk from the end,
     stores each chunk's end-state gradient dh, for the delta rules the full du (the chunk-local part
     from `local_du_kernel` plus the state part), and dh0; dS is held as blocks, as in `state_kernel`,
     NKS programs each holding NKB blocks of its rows from `k0` on (NKS = 1 for the delta rules)."""
-    n = tl.program_id(0).to(tl.int64)
+    n, t = tile_program(NVB * NKS)
     h = tl.program_id(1).to(tl.int64)
-    v0 = (tl.program_id(2) // NKS) * BV
-    k0 = (tl.program_id(2) % NKS) * (NKB * BK)
+    v0 = (t // NKS) * BV
+    k0 = (t % NKS) * (NKB * BK)
     vv = v0 + tl.arange(0, BV)
     c_start, c_stop, tok_lo, tok_hi = segment_bounds(seg_ptr, n)
     dS1, dS2, dS3, dS4 = load_state_blocks(dht_ptr, n, h, H, K, V, k0, vv, HAS_DHT, BK, BV, NKB)

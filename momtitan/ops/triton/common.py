@@ -38,6 +38,18 @@ def mdot(a, b, DOT_MODE: tl.constexpr):
 
 
 @triton.jit
+def tile_program(NT: tl.constexpr):
+    """`(i, t)`, int64 `i` and `t < NT`, of a launch whose axis 0 runs `i`'s NT tiles side by side
+    (`pid = i * NT + t`): the programs that load the same rows of `i` (its chunk's or segment's q, k, W
+    tiles, one per V tile) run together and find them in L2. With the tiles on an axis of their own
+    each V tile's programs ran after all of the one before it, and every tile read its rows from DRAM
+    again (32/128 B8 T4096: `state_kernel` moved 2.15 GB where fla's `fwd_h`, its tiles side by side,
+    moved 1.59; Nsight Compute, 21st session)."""
+    pid = tl.program_id(0)
+    return (pid // NT).to(tl.int64), pid % NT
+
+
+@triton.jit
 def chunk_rows(info_ptr, c, C: tl.constexpr):
     """Chunk `c`'s rows: its first token `tok0`, token ids `tok [C]`, `valid [C]` (the chunk's first
     `nvalid` rows hold tokens), `prow [C]` (its rows in the padded layout), and `nvalid`."""

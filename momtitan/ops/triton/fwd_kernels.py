@@ -30,7 +30,7 @@ from momtitan.ops.triton.common import (
     blocks_plus_cols_times, chunk_gates, chunk_rows, chunk_weights, gate_rows, inverse_blocks, load_rows,
     load_state_blocks, mdot, row_scales, rows_times_blocks, segment_bounds, segment_chunk, start_weights,
     store_rows, store_state_blocks, stored_decay, stored_end_decay, stored_gates, stored_row_weights,
-    stored_scales,
+    stored_scales, tile_program,
 )
 
 
@@ -221,17 +221,17 @@ def state_kernel(
     k_ptr, v_ptr, ke_ptr, cend_ptr, seg_ptr, w_ptr, uin_ptr, h0_ptr,
     h_ptr, unew_ptr, ht_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NKS: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, NKS: tl.constexpr,
     NCOPY: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """The sequential pass over one segment's chunks for one head and V tile, the state held as NKB
     `[BK, BV]` blocks (`common.load_state_blocks`). Without beta the state's rows evolve independently
     (`S1 = c_end S0 + k^T (e * v)`, row by row), so NKS programs can share a V tile, each NKB blocks of
     its rows from `k0` on; the delta rules' `u = U - W S0` needs every row (NKS = 1)."""
-    n = tl.program_id(0).to(tl.int64)
+    n, t = tile_program(NVB * NKS)
     h = tl.program_id(1).to(tl.int64)
-    v0 = (tl.program_id(2) // NKS) * BV
-    k0 = (tl.program_id(2) % NKS) * (NKB * BK)
+    v0 = (t // NKS) * BV
+    k0 = (t % NKS) * (NKB * BK)
     vv = v0 + tl.arange(0, BV)
     c_start, c_stop, tok_lo, tok_hi = segment_bounds(seg_ptr, n)
     S1, S2, S3, S4 = load_state_blocks(h0_ptr, n, h, H, K, V, k0, vv, HAS_H0, BK, BV, NKB)
@@ -261,13 +261,12 @@ def state_kernel(
 def output_kernel(
     q_ptr, k_ptr, v_ptr, gam_ptr, run_ptr, qc_ptr, rq_rows_ptr, rk_rows_ptr, info_ptr, h_ptr, u_ptr, o_ptr,
     scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr,
     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, L2: tl.constexpr, DELTA: tl.constexpr,
     DOT_MODE: tl.constexpr,
 ):
-    c = tl.program_id(0).to(tl.int64)
+    c, vb = tile_program(NVB)
     h = tl.program_id(1).to(tl.int64)
-    vb = tl.program_id(2)
     tok0, tok, valid, prow, nvalid = chunk_rows(info_ptr, c, C)
     v0 = vb * BV
     vv = v0 + tl.arange(0, BV)

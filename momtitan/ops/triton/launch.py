@@ -268,9 +268,9 @@ def states(p: _Plan, T=None) -> dict:
         u = torch.empty(NC * C, H, V, device=dev, dtype=p.wy_dtype)
     h = torch.empty(NC, H, K, V, device=dev, dtype=p.chunk_state_dtype)
     ht = torch.empty(p.N, H, K, V, device=dev, dtype=f32)
-    state_kernel[(p.N, H, p.NVBS * p.NKS)](
+    state_kernel[(p.N * p.NVBS * p.NKS, H)](
         p.k, p.v, ke, cend, p.seg, p.ptr(W), p.ptr(U), p.ptr(p.h0),
-        h, p.ptr(u), ht, H, K, V, C=C, BK=p.BK, NKB=p.NKB // p.NKS, BV=p.BVS, NKS=p.NKS, NCOPY=p.cend_copies,
+        h, p.ptr(u), ht, H, K, V, C=C, BK=p.BK, NKB=p.NKB // p.NKS, BV=p.BVS, NVB=p.NVBS, NKS=p.NKS, NCOPY=p.cend_copies,
         DELTA=p.delta, HAS_H0=p.h0 is not None,
         num_warps=p.warps_seq, num_stages=p.stages_state, DOT_MODE=p.dot_mode,
     )
@@ -283,10 +283,10 @@ def forward(p: _Plan, scale: float):
     the rule or `qk_l2norm` has none) for `backward`, which does not compute them again."""
     s = states(p)
     o = torch.empty(p.B, p.T, p.H, p.V, device=p.q.device, dtype=p.v.dtype)
-    output_kernel[(p.NC, p.H, p.NVB)](
+    output_kernel[(p.NC * p.NVB, p.H)](
         p.q, p.k, p.v, p.ptr(s["gam"]), p.ptr(s["run"]), s["qc"], p.ptr(s["rq_rows"]), p.ptr(s["rk_rows"]), p.info,
         s["h"], p.ptr(s["u"]), o,
-        scale, p.H, p.K, p.V, C=p.C, BK=p.BK, NKB=p.NKB, BV=p.BV, DELTA=p.delta,
+        scale, p.H, p.K, p.V, C=p.C, BK=p.BK, NKB=p.NKB, BV=p.BV, NVB=p.NVB, DELTA=p.delta,
         num_warps=p.warps_chunk, **p.flags(),
     )
     return o, s["ht"], s["T"], p.rq, p.rk
@@ -306,9 +306,9 @@ def backward(p: _Plan, scale: float, do, dht, T=None):
     dv = torch.empty(p.B, p.T, H, V, device=dev, dtype=p.v.dtype)
 
     def local_du(out):  # chunk-parallel: the delta rules' du_local (before the reverse pass), else dv (after)
-        local_du_kernel[(NC, H, p.NVB)](
+        local_du_kernel[(NC * p.NVB, H)](
             p.q, p.k, p.ptr(s["gam"]), p.ptr(s["run"]), p.ptr(s["rq_rows"]), p.ptr(s["rk_rows"]), p.info, do,
-            s["ke"], dh, out, scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, DELTA=p.delta,
+            s["ke"], dh, out, scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB, BV=p.BV, NVB=p.NVB, DELTA=p.delta,
             num_warps=p.warps_chunk, **p.flags(),
         )
 
@@ -317,10 +317,10 @@ def backward(p: _Plan, scale: float, do, dht, T=None):
         du = torch.empty(NC * C, H, V, device=dev, dtype=p.du_dtype)
         du_local = torch.empty(NC * C, H, V, device=dev, dtype=p.du_dtype)
         local_du(du_local)
-    state_bwd_kernel[(p.N, H, p.NVBS_bwd * p.NKS)](
+    state_bwd_kernel[(p.N * p.NVBS_bwd * p.NKS, H)](
         p.q, p.k, s["ke"], s["qc"], s["cend"], p.seg, p.ptr(s["W"]), do,
         p.ptr(dht), p.ptr(du_local), dh, p.ptr(du), dh0, scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB // p.NKS,
-        BV=p.BVS_bwd, NKS=p.NKS, NCOPY=p.cend_copies, DELTA=p.delta,
+        BV=p.BVS_bwd, NVB=p.NVBS_bwd, NKS=p.NKS, NCOPY=p.cend_copies, DELTA=p.delta,
         HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=p.stages_state_bwd, DOT_MODE=p.dot_mode_state_bwd,
     )
     if not p.delta:  # dv whole, from the dS1 the reverse pass stored
