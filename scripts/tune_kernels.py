@@ -47,24 +47,30 @@ from momtitan.config import RULE_INPUTS  # noqa: E402
 from momtitan.ops.triton.launch import OVERRIDES_ENV, TUNABLE  # noqa: E402
 
 
-def default_choices(head_dim: int, dtype: str = "bfloat16") -> dict:
-    """The plan's own choices for this head dim and input dtype (a CPU plan of one token: they depend
-    on head dim and dtype only, but for `state_k_split`, whose default follows the GPU's SMs and the
-    shape's programs and is 0 here)."""
+def cpu_plan(head_dim: int, dtype: str = "bfloat16"):
+    """A CPU plan of one token: its choices and allowed values depend on head dim and dtype only, but
+    for `state_k_split`, whose default follows the GPU's SMs and the shape's programs and is 0 here."""
     import torch
 
     from momtitan.ops.triton import launch
 
     x = torch.zeros(1, 1, 1, head_dim, dtype=getattr(torch, dtype))
-    plan = launch._Plan(x, x, x, None, None, None, None, None, False, launch.DEFAULT_CHUNK)
+    return launch._Plan(x, x, x, None, None, None, None, None, False, launch.DEFAULT_CHUNK)
+
+
+def default_choices(head_dim: int, dtype: str = "bfloat16") -> dict:
+    """The plan's own choices for this head dim and input dtype."""
+    plan = cpu_plan(head_dim, dtype)
     return {name: getattr(plan, name) for name in TUNABLE}
 
 
 def candidates(groups: list[str], head_dim: int, dtype: str = "bfloat16") -> list[dict]:
     """The overrides to try, group by group, nearest the defaults first (one choice changed, then two,
-    ...: `--limit` keeps the nearest); tiles no wider than the padded head dim, and never a 16-wide
-    tile at 8 warps (that pattern miscompiled on Triton 3.6, `launch.py`)."""
-    defaults = default_choices(head_dim, dtype)
+    ...: `--limit` keeps the nearest); values the plan allows (`_Plan.allowed`: tiles no wider than the
+    padded head dim, and no chunk tile that Triton 3.6 builds wrong), and never a 16-wide tile at 8 warps
+    (that pattern miscompiled on Triton 3.6, `launch.py`)."""
+    plan = cpu_plan(head_dim, dtype)
+    defaults = {name: getattr(plan, name) for name in TUNABLE}
     tiles = [t for t in (16, 32, 64, 128) if t <= max(16, 1 << (head_dim - 1).bit_length())]
     out = []
     for group in groups:
@@ -89,7 +95,8 @@ def candidates(groups: list[str], head_dim: int, dtype: str = "bfloat16") -> lis
         else:
             raise ValueError(f"--groups takes seq, chunk, inverse, grad, storage, dots and split, got {group!r}")
         changed = {id(c): sum(c[k] != defaults[k] for k in c) for c in grid}
-        grid = sorted((c for c in grid if changed[id(c)] and not _narrow_at_8_warps(c)), key=lambda c: changed[id(c)])
+        grid = sorted((c for c in grid if changed[id(c)] and not _narrow_at_8_warps(c)
+                       and all(v in plan.allowed(k) for k, v in c.items())), key=lambda c: changed[id(c)])
         out += [dict(c, group=group) for c in grid]
     return out
 

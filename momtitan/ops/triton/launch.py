@@ -198,10 +198,22 @@ class _Plan:
             source = "OVERRIDES" if name in OVERRIDES else OVERRIDES_ENV
             if name not in TUNABLE:
                 raise ValueError(f"{source} may set {tuple(TUNABLE)}, got {name!r}")
-            allowed = TUNABLE[name] or tuple(1 << i for i in range(4, self.BVF.bit_length()))
+            allowed = self.allowed(name)
             if value not in allowed:
-                raise ValueError(f"{source}[{name!r}] must be one of {allowed}, got {value!r}")
+                raise ValueError(f"{source}[{name!r}] must be one of {allowed} at head dim {self.K} with "
+                                 f"{self.q.dtype} inputs, got {value!r}")
             setattr(self, name, value)
+
+    def allowed(self, name: str) -> tuple[int, ...]:
+        """The values the tunable `name` may take at this plan's head dim and input dtype: a V tile is a
+        power of two from 16 to the padded V, but the chunk kernels' (`BV`) is at least 64 wide at d > 64
+        with 16-bit inputs: 32 wide, Triton 3.6 builds an output kernel that reads shared memory out of
+        range on Hopper (compute-sanitizer, H200: d = 128 and 256, 4 and 8 warps; kernels.md, "Known
+        wrong"), where the interpreter computes it right."""
+        if TUNABLE[name] is not None:
+            return TUNABLE[name]
+        narrowest = 64 if name == "BV" and self.BKF >= 128 and self.q.dtype != torch.float32 else 16
+        return tuple(1 << i for i in range(narrowest.bit_length() - 1, self.BVF.bit_length()))
 
     def state_programs_along_k(self, delta: bool) -> int:
         """NKS: the state passes' programs per V tile, each NKB / NKS of the K blocks (`state_k_split`;
@@ -270,8 +282,8 @@ def states(p: _Plan, T=None) -> dict:
     ht = torch.empty(p.N, H, K, V, device=dev, dtype=f32)
     state_kernel[(p.N * p.NVBS * p.NKS, H)](
         p.k, p.v, ke, cend, p.seg, p.ptr(W), p.ptr(U), p.ptr(p.h0),
-        h, p.ptr(u), ht, H, K, V, C=C, BK=p.BK, NKB=p.NKB // p.NKS, BV=p.BVS, NVB=p.NVBS, NKS=p.NKS, NCOPY=p.cend_copies,
-        DELTA=p.delta, HAS_H0=p.h0 is not None,
+        h, p.ptr(u), ht, H, K, V, C=C, BK=p.BK, NKB=p.NKB // p.NKS, BV=p.BVS, NVB=p.NVBS, NKS=p.NKS,
+        NCOPY=p.cend_copies, DELTA=p.delta, HAS_H0=p.h0 is not None,
         num_warps=p.warps_seq, num_stages=p.stages_state, DOT_MODE=p.dot_mode,
     )
     return dict(h=h, ht=ht, u=u, W=W, T=T, gam=gam, run=run, ke=ke, qc=qc, rq_rows=rq_rows, rk_rows=rk_rows,
