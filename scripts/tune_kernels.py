@@ -69,8 +69,7 @@ def candidates(groups: list[str], head_dim: int, dtype: str = "bfloat16") -> lis
     ...: `--limit` keeps the nearest); values the plan allows (`_Plan.allowed`: tiles no wider than the
     padded head dim, and no chunk tile that Triton 3.6 builds wrong), and never a 16-wide tile at 8 warps
     (that pattern miscompiled on Triton 3.6, `launch.py`)."""
-    plan = cpu_plan(head_dim, dtype)
-    defaults = {name: getattr(plan, name) for name in TUNABLE}
+    plan, defaults = cpu_plan(head_dim, dtype), default_choices(head_dim, dtype)
     tiles = [t for t in (16, 32, 64, 128) if t <= max(16, 1 << (head_dim - 1).bit_length())]
     out = []
     for group in groups:
