@@ -47,6 +47,7 @@ import argparse
 import importlib.metadata
 import statistics
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -154,8 +155,6 @@ def warm_gpu(seconds: float = 5.0) -> None:
     """Keep the GPU busy with bf16 matmuls for `seconds` before anything is timed. The ninth session's
     parallel parts each timed their first shape (and profiled the first layer) at about half the speed
     of every later measurement of the same kernels, on GPUs that had just been idle."""
-    import time
-
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -180,8 +179,6 @@ def host_time(step, calls: int = 200, sync=None) -> tuple[float, float]:
     """`(host, wall)` us per call of `step`, `calls` calls in a row with one sync at their end: host
     is the time to return from them (the Python and launch work), wall the time until the GPU is done.
     Equal, the op is bound by its host code; host well below wall, by its kernels."""
-    import time
-
     sync = sync or torch.cuda.synchronize
     for _ in range(10):
         step()
@@ -349,9 +346,10 @@ def run(args, publish) -> str:
                       for name, (kind, _) in cands.items()}
 
             def measure(name, backward):
-                ms = bench_one(cands[name][1], inputs[name], backward)
-                torch.cuda.empty_cache()
-                return ms
+                try:
+                    return bench_one(cands[name][1], inputs[name], backward)
+                finally:  # after an error too (an OOM leaves its blocks cached for the next op)
+                    torch.cuda.empty_cache()
 
             times = {mode: interleaved(list(cands), args.op_rounds, lambda name, b=mode == "fwd+bwd": measure(name, b))
                      for mode in ("fwd", "fwd+bwd")}
