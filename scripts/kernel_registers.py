@@ -80,7 +80,7 @@ def constants(name: str, plan, warps: int | None, stages: int | None = None, rul
     bv = {"state_kernel": plan.BVS, "state_bwd_kernel": plan.BVS_bwd}.get(name, plan.BVG if grad else plan.BV)
     nks = plan.state_programs_along_k(rule_flags(rule)["DELTA"]) if seq else 1
     values = dict(H=plan.H, K=plan.K, V=plan.V, C=plan.C, BK=plan.BK, NKB=plan.NKB // nks, BKF=plan.BKF, BS=16, BV=bv,
-                  NCOPY=plan.cend_copies, NVB=plan.BVF // bv, NKS=nks,
+                  NCOPY=plan.cend_copies, NVB=plan.BVF // bv, NKS=nks, SIDE_BY_SIDE=plan.state_tiles_side_by_side,
                   **rule_flags(rule), HAS_RESET=False, L2=l2, HAS_H0=True, HAS_DHT=True,
                   DOT_MODE=plan.dot_mode_state_bwd if name == "state_bwd_kernel" else plan.dot_mode)
     default_warps = {"gates_kernel": plan.warps_gates, "inverse_kernel": plan.warps_inverse, "wy_kernel": plan.warps_wy}.get(

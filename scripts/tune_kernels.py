@@ -12,6 +12,8 @@ choices and leaves the others at their defaults:
              gradients du in the inputs' dtype or in fp32 (each choice changed, then two, then all)
     dots   the reverse state pass's dot operands: the inputs' 16-bit dtype or TF32, whichever is not the default
     split  both state passes along K as well as V, and not (the rules without beta: `--rule gated` or `linear`)
+    order  a state pass's tiles of one (segment, head) side by side on the grid's axis 0, and on an axis of
+           their own
 
 Each candidate runs in its own process (a miscompiled choice may fault or hang the process) and
 reports forward and forward+backward time (median of `--reps`, CUDA events on a GPU) and the
@@ -88,11 +90,12 @@ def candidates(groups: list[str], head_dim: int, dtype: str = "bfloat16") -> lis
                     for c, w, d in itertools.product((0, 1), (0, 1), (0, 1))]
         elif group == "dots":
             grid = [dict(state_bwd_dots_in_input_dtype=d) for d in (0, 1)]
-        elif group == "split":  # both: its default depends on the GPU's SMs and the shape (launch.py)
-            out += [dict(state_k_split=d, group=group) for d in (0, 1)]
+        elif group in ("split", "order"):  # both values: their defaults follow the GPU's SMs and the shape
+            name = "state_k_split" if group == "split" else "state_tiles_side_by_side"
+            out += [{name: d, "group": group} for d in (0, 1)]
             continue
         else:
-            raise ValueError(f"--groups takes seq, chunk, inverse, grad, storage, dots and split, got {group!r}")
+            raise ValueError(f"--groups takes seq, chunk, inverse, grad, storage, dots, split and order, got {group!r}")
         changed = {id(c): sum(c[k] != defaults[k] for k in c) for c in grid}
         grid = sorted((c for c in grid if changed[id(c)] and not _narrow_at_8_warps(c)
                        and all(v in plan.allowed(k) for k, v in c.items())), key=lambda c: changed[id(c)])
@@ -232,8 +235,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--groups", default="seq,chunk,inverse,grad,storage,dots,split",
-                   help="comma list of seq, chunk, inverse, grad, storage, dots, split")
+    p.add_argument("--groups", default="seq,chunk,inverse,grad,storage,dots,split,order",
+                   help="comma list of seq, chunk, inverse, grad, storage, dots, split, order")
     p.add_argument("--limit", type=int, default=None, help="try only the first N candidates of each group")
     p.add_argument("--tolerance", type=float, default=2e-2)
     p.add_argument("--timeout", type=int, default=180, help="seconds per candidate")

@@ -187,6 +187,7 @@ def _worker():
     _worker_kept()
     _worker_split_seq_tiles()
     _worker_state_k_split()
+    _worker_tile_order()
 
 
 def _worker_opcheck():
@@ -348,43 +349,69 @@ K_SPLIT_CASES = {
 
 
 def _worker_state_k_split():
-    """Per case: the errors against the fp64 loop with the split, the results that differ from the
-    unsplit passes' (bit for bit), and each state pass's programs per head with and without."""
+    _state_pass_comparison("k_split", {case: (spec, {"state_k_split": 0}, {"state_k_split": 1})
+                                       for case, (spec, _) in K_SPLIT_CASES.items()})
+
+
+def _state_pass_comparison(prefix: str, cases: dict) -> None:
+    """Per case `name: (spec, first, second)`, two runs under the tile overrides `first` and `second`:
+    the errors against the fp64 loop under `second`, the results that differ bit for bit, and the grids
+    of the state passes' launches in each run."""
     from momtitan.ops.triton import launch
 
-    programs = {"state_kernel": [], "state_bwd_kernel": []}
+    grids = {"state_kernel": [], "state_bwd_kernel": []}
 
     class RecordedKernel:
         def __init__(self, name):
             self.name, self.kernel = name, getattr(launch, name)
 
         def __getitem__(self, grid):
-            programs[self.name].append(grid[0])
+            grids[self.name].append(list(grid))
             return self.kernel[grid]
 
-    kernels = {name: getattr(launch, name) for name in programs}
-    for name in programs:
+    kernels = {name: getattr(launch, name) for name in grids}
+    for name in grids:
         setattr(launch, name, RecordedKernel(name))
     try:
-        for case, (spec, _) in K_SPLIT_CASES.items():
+        for case, (spec, first, second) in cases.items():
             runs = []
-            for split in (0, 1):
-                launch.OVERRIDES["state_k_split"] = split
+            for overrides in (first, second):
+                launch.OVERRIDES.update(overrides)
                 try:
-                    for launches in programs.values():
+                    for launches in grids.values():
                         launches.clear()
-                    runs.append((triton_results(spec)[0], {k: list(v) for k, v in programs.items()}))
-                    if split:
-                        errs, finite = check_case(spec)
+                    runs.append((triton_results(spec)[0], {k: list(v) for k, v in grids.items()}))
                 finally:
                     launch.OVERRIDES.clear()
-            (whole, whole_programs), (split, split_programs) = runs
-            changed = sorted(k for k in whole if not torch.equal(whole[k], split[k]))
-            print(json.dumps({"check": f"k_split_{case}", "errs": errs, "finite": finite, "changed": changed,
-                              "programs": [whole_programs, split_programs]}), flush=True)
+            launch.OVERRIDES.update(second)
+            try:
+                errs, finite = check_case(spec)
+            finally:
+                launch.OVERRIDES.clear()
+            (a, a_grids), (b, b_grids) = runs
+            changed = sorted(k for k in a if not torch.equal(a[k], b[k]))
+            print(json.dumps({"check": f"{prefix}_{case}", "errs": errs, "finite": finite, "changed": changed,
+                              "grids": [a_grids, b_grids]}), flush=True)
     finally:
         for name, kernel in kernels.items():
             setattr(launch, name, kernel)
+
+
+# the state passes' tiles of one (segment, head) on an axis of their own instead of side by side
+# (`state_tiles_side_by_side` 0): two V tiles each way, varlen with an empty segment and resets, and
+# (simple GLA) two K splits per V tile as well
+TILE_ORDER_CASES = {
+    "gated_delta": (dict(rule="gated_delta", shape=(1, 37, 2, 16, 32), C=16, cu=[0, 0, 20, 37], reset=0.1),
+                    {"BVS": 16, "BVS_bwd": 16}),
+    "gated_split": (dict(rule="gated", shape=(1, 24, 2, 80, 40), C=16, cu=[0, 0, 9, 24], reset=0.1, l2=False),
+                    {"BVS": 32, "BVS_bwd": 32, "state_k_split": 1}),
+}
+
+
+def _worker_tile_order():
+    _state_pass_comparison("tile_order", {
+        case: (spec, {**tiles, "state_tiles_side_by_side": 1}, {**tiles, "state_tiles_side_by_side": 0})
+        for case, (spec, tiles) in TILE_ORDER_CASES.items()})
 
 
 @pytest.fixture(scope="module")
@@ -464,10 +491,23 @@ def test_interpreter_state_passes_split_along_k(interpreter_results, name):
     r = result(interpreter_results, f"k_split_{name}")
     _assert_errs(r["errs"], r["finite"], CPU_TOL, CPU_TOL, name)
     assert r["changed"] == [], r
-    whole, split = r["programs"]
+    whole, split = r["grids"]  # the tiles side by side on axis 0 (the CPU's default)
     factor = K_SPLIT_CASES[name][1]
     assert len(whole["state_kernel"]) == 2 and len(whole["state_bwd_kernel"]) == 1, r  # the backward's recompute
-    assert all(split[k] == [factor * n for n in whole[k]] for k in whole), r
+    assert all([g[0] for g in split[k]] == [factor * g[0] for g in whole[k]] for k in whole), r
+
+
+@pytest.mark.parametrize("name", list(TILE_ORDER_CASES))
+def test_interpreter_state_tiles_on_their_own_axis(interpreter_results, name):
+    """`state_tiles_side_by_side` 0: the state passes launch (segments, heads, tiles) instead of
+    (segments x tiles, heads), with the side-by-side results bit for bit."""
+    r = result(interpreter_results, f"tile_order_{name}")
+    _assert_errs(r["errs"], r["finite"], CPU_TOL, CPU_TOL, name)
+    assert r["changed"] == [], r
+    side, own = ([*g["state_kernel"], *g["state_bwd_kernel"]] for g in r["grids"])
+    assert len(side) == len(own) == 3, r  # the forward's pass, the backward's recompute, the reverse pass
+    for (n_tiles, heads), (n, heads_own, tiles) in zip(side, own):
+        assert heads == heads_own and n_tiles == n * tiles and tiles > 1, r
 
 
 def test_interpreter_compile_fullgraph(interpreter_results):

@@ -19,7 +19,8 @@ def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps
     assert tune.default_choices(128) == dict(BV=128, BVG=32, BVS=64, BVS_bwd=64, warps_seq=4, warps_chunk=4,
                                              warps_grad=8, warps_inverse=1, stages_state=2, stages_state_bwd=2,
                                              stages_grad=3, chunk_states_in_input_dtype=1, wy_in_input_dtype=1,
-                                             du_in_input_dtype=1, state_bwd_dots_in_input_dtype=1, state_k_split=0)
+                                             du_in_input_dtype=1, state_bwd_dots_in_input_dtype=1, state_k_split=0,
+                                             state_tiles_side_by_side=1)
     fp32 = tune.default_choices(128, "float32")
     assert fp32["stages_grad"] == 2  # 3 need more shared memory than Hopper has
     assert (fp32["BV"], fp32["warps_chunk"]) == (64, 8)  # 128-wide chunk tiles of fp32 operands would spill
@@ -50,7 +51,8 @@ def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps
     assert tune.candidates(["dots"], head_dim=128) == [dict(state_bwd_dots_in_input_dtype=0, group="dots")]
     assert tune.default_choices(128, "float32")["BVS_bwd"] == tune.default_choices(256)["BVS_bwd"] == 32
     assert tune.candidates(["split"], head_dim=256) == [dict(state_k_split=s, group="split") for s in (0, 1)]
-    groups = "seq, chunk, inverse, grad, storage, dots and split"
+    assert tune.candidates(["order"], head_dim=64) == [dict(state_tiles_side_by_side=s, group="order") for s in (0, 1)]
+    groups = "seq, chunk, inverse, grad, storage, dots, split and order"
     with pytest.raises(ValueError, match=f"--groups takes {groups}, got 'tiles'"):
         tune.candidates(["tiles"], head_dim=64)
     with pytest.raises(ValueError, match="--heads must be H x d"):
@@ -144,6 +146,31 @@ def test_state_k_split_by_default_where_the_state_programs_are_few(monkeypatch):
     assert split(1, 4, 256, beta=True) == (1, 1)  # the delta rules hold every row
     monkeypatch.setattr(launch, "OVERRIDES", {"state_k_split": 0})
     assert split(1, 4, 256) == (0, 1)
+
+
+def test_state_tiles_side_by_side_by_default_where_the_state_programs_are_many(monkeypatch):
+    """The state passes' tiles side by side where their programs (segments x heads x V tiles x K splits)
+    are more than twice the SMs; always on CPU (no SMs); an override wins; the grid follows."""
+    from momtitan.ops.triton import launch
+
+    def plan(B, H, d, beta=True, split=None):
+        x = torch.zeros(B, 1, H, d, dtype=torch.bfloat16)
+        monkeypatch.setattr(launch, "OVERRIDES", {} if split is None else {"state_k_split": split})
+        return launch._Plan(x, x, x, None, x[..., 0] if beta else None, None, None, None, False, 64)
+
+    assert plan(1, 4, 256).state_tiles_side_by_side == 1  # CPU
+    monkeypatch.setattr(launch, "_multiprocessors", lambda device: 132)
+    # the delta rules: 32 programs at 4/256 B1 (8 V tiles of 32), 256 at B8, 512 at 32/128 B8 (2 of 64)
+    assert [plan(B, H, d).state_tiles_side_by_side for B, H, d in ((1, 4, 256), (8, 4, 256), (8, 32, 128))] == [0, 0, 1]
+    # without beta, split along K: 4 x 256 = 1024 at 4/256 B8
+    assert plan(8, 4, 256, beta=False, split=1).state_tiles_side_by_side == 1
+    p = plan(8, 4, 256, beta=False, split=0)
+    assert p.state_tiles_side_by_side == 0 and p.state_grid(8) == (8, 4, 8)
+    p = plan(8, 32, 128)
+    assert p.state_grid(2) == (16, 32)
+    monkeypatch.setattr(launch, "OVERRIDES", {"state_tiles_side_by_side": 1})
+    assert launch._Plan(*(torch.zeros(1, 1, 4, 256, dtype=torch.bfloat16),) * 3, None, None, None, None, None, False,
+                        64).state_tiles_side_by_side == 1
 
 
 def test_overrides_from_the_environment_reach_the_plan_and_bad_ones_raise(monkeypatch):

@@ -30,8 +30,8 @@ import triton.language as tl
 
 from momtitan.ops.triton.common import (
     blocks_plus_cols_times, chunk_rows, gate_rows, load_rows, load_state_blocks, mdot, rows_times_blocks,
-    segment_bounds, segment_chunk, store_rows, store_state_blocks, stored_decay, stored_end_decay, stored_gates,
-    stored_row_weights, stored_scales, stored_weights, tile_program,
+    segment_bounds, segment_chunk, segment_program, store_rows, store_state_blocks, stored_decay, stored_end_decay,
+    stored_gates, stored_row_weights, stored_scales, stored_weights, tile_program,
 )
 
 
@@ -83,14 +83,13 @@ def state_bwd_kernel(
     dh_ptr, du_ptr, dh0_ptr,
     scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, NKS: tl.constexpr,
-    NCOPY: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr, DOT_MODE: tl.constexpr,
+    NCOPY: tl.constexpr, SIDE_BY_SIDE: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """The reverse sequential pass: per (segment, head, V-block), chunk by chunk from the end,
     stores each chunk's end-state gradient dh, for the delta rules the full du (the chunk-local part
     from `local_du_kernel` plus the state part), and dh0; dS is held as blocks, as in `state_kernel`,
     NKS programs each holding NKB blocks of its rows from `k0` on (NKS = 1 for the delta rules)."""
-    n, t = tile_program(NVB * NKS)
-    h = tl.program_id(1).to(tl.int64)
+    n, h, t = segment_program(NVB * NKS, SIDE_BY_SIDE)
     v0 = (t // NKS) * BV
     k0 = (t % NKS) * (NKB * BK)
     vv = v0 + tl.arange(0, BV)

@@ -50,6 +50,19 @@ def tile_program(NT: tl.constexpr):
 
 
 @triton.jit
+def segment_program(NT: tl.constexpr, SIDE_BY_SIDE: tl.constexpr):
+    """`(n, h, t)` of a state pass's program: segment, head (axis 1) and tile `t < NT`, the tiles side by
+    side on axis 0 (`tile_program`) or (not SIDE_BY_SIDE) on axis 2, where the pass's programs fit in one
+    wave and have no reuse to gain from neighbours (`launch._Plan.state_grid`)."""
+    if SIDE_BY_SIDE:
+        n, t = tile_program(NT)
+    else:
+        n = tl.program_id(0).to(tl.int64)
+        t = tl.program_id(2)
+    return n, tl.program_id(1).to(tl.int64), t
+
+
+@triton.jit
 def chunk_rows(info_ptr, c, C: tl.constexpr):
     """Chunk `c`'s rows: its first token `tok0`, token ids `tok [C]`, `valid [C]` (the chunk's first
     `nvalid` rows hold tokens), `prow [C]` (its rows in the padded layout), and `nvalid`."""

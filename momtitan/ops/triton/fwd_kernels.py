@@ -28,9 +28,9 @@ import triton.language as tl
 
 from momtitan.ops.triton.common import (
     blocks_plus_cols_times, chunk_gates, chunk_rows, chunk_weights, gate_rows, inverse_blocks, load_rows,
-    load_state_blocks, mdot, row_scales, rows_times_blocks, segment_bounds, segment_chunk, start_weights,
-    store_rows, store_state_blocks, stored_decay, stored_end_decay, stored_gates, stored_row_weights,
-    stored_scales, tile_program,
+    load_state_blocks, mdot, row_scales, rows_times_blocks, segment_bounds, segment_chunk, segment_program,
+    start_weights, store_rows, store_state_blocks, stored_decay, stored_end_decay, stored_gates,
+    stored_row_weights, stored_scales, tile_program,
 )
 
 
@@ -222,14 +222,13 @@ def state_kernel(
     h_ptr, unew_ptr, ht_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, NKS: tl.constexpr,
-    NCOPY: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr, DOT_MODE: tl.constexpr,
+    NCOPY: tl.constexpr, SIDE_BY_SIDE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """The sequential pass over one segment's chunks for one head and V tile, the state held as NKB
     `[BK, BV]` blocks (`common.load_state_blocks`). Without beta the state's rows evolve independently
     (`S1 = c_end S0 + k^T (e * v)`, row by row), so NKS programs can share a V tile, each NKB blocks of
     its rows from `k0` on; the delta rules' `u = U - W S0` needs every row (NKS = 1)."""
-    n, t = tile_program(NVB * NKS)
-    h = tl.program_id(1).to(tl.int64)
+    n, h, t = segment_program(NVB * NKS, SIDE_BY_SIDE)
     v0 = (t // NKS) * BV
     k0 = (t % NKS) * (NKB * BK)
     vv = v0 + tl.arange(0, BV)

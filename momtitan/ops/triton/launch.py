@@ -28,7 +28,8 @@ TUNABLE = {"BV": None, "BVG": None, "BVS": None, "BVS_bwd": None,
            "warps_seq": _WARPS, "warps_chunk": _WARPS, "warps_grad": _WARPS, "warps_inverse": _WARPS,
            "stages_state": _STAGES, "stages_state_bwd": _STAGES, "stages_grad": _STAGES,
            "chunk_states_in_input_dtype": (0, 1), "wy_in_input_dtype": (0, 1), "du_in_input_dtype": (0, 1),
-           "state_bwd_dots_in_input_dtype": (0, 1), "state_k_split": (0, 1)}
+           "state_bwd_dots_in_input_dtype": (0, 1), "state_k_split": (0, 1),
+           "state_tiles_side_by_side": (0, 1)}
 OVERRIDES: dict[str, int] = {}
 # The same from the environment, for a whole process (e.g. the GPU test suite under a candidate choice):
 # MOMTITAN_KERNEL_OVERRIDES='{"warps_inverse": 2}', read and checked by every plan; OVERRIDES win over it.
@@ -116,6 +117,13 @@ class _Plan:
         # ms, B8 T4K (256) 2.80 -> 2.92 -> 2.80; before -> split: 16/128 B1 T32K (32) 3.97 -> 3.24, B8 T4K
         # (256) 2.69 -> 2.57, 32/128 B1 T32K (64) 5.57 -> 5.01, B8 T4K (512) 4.29 -> 4.47.
         self.state_k_split = None
+        # 1: a state pass's programs of one (segment, head), its V tiles and K splits, side by side on the
+        # grid's axis 0, so that those that read the same k and W rows run together and find them in L2
+        # (32/128 B8 T4096, 512 programs: fwd+bwd 1.05x, `state_kernel` 566 -> 440 us, H200, 21st session);
+        # 0: the tiles on an axis of their own. Chosen below: 1 where the pass's programs are more than
+        # twice the SMs. Where one wave holds them all there is no reuse to gain, and side by side the
+        # delta rules at 4/256 B1 T32K (32 programs) were 5% slower (6.15 -> 6.45 ms, twice in turn).
+        self.state_tiles_side_by_side = None
         # warps: chosen from ptxas register/spill reports for sm_90 (C = 64; fewer warps spill more).
         # Small heads get 4: with 8 warps and 16-wide tiles (head dim 16) Triton 3.6 miscompiled the
         # output and gradient kernels on an H200 (wrong outputs, then an illegal memory access). The
@@ -189,6 +197,9 @@ class _Plan:
         self.NVBS = self.BVF // self.BVS
         self.NVBS_bwd = self.BVF // self.BVS_bwd
         self.NKS = self.state_programs_along_k(self.delta)
+        if self.state_tiles_side_by_side is None:
+            state_programs = self.N * H * max(self.NVBS, self.NVBS_bwd) * self.NKS
+            self.state_tiles_side_by_side = int(state_programs > 2 * _multiprocessors(dev))
         self.cend_copies = max(self.BVS, self.BVS_bwd)  # c_end's row, as wide as either pass's V tile
         self.dummy = torch.empty(1, device=dev, dtype=torch.float32)
 
@@ -214,6 +225,11 @@ class _Plan:
             return TUNABLE[name]
         narrowest = 64 if name == "BV" and self.BKF >= 128 and self.q.dtype != torch.float32 else 16
         return tuple(1 << i for i in range(narrowest.bit_length() - 1, self.BVF.bit_length()))
+
+    def state_grid(self, tiles: int) -> tuple[int, ...]:
+        """A state pass's launch grid for `tiles` programs per (segment, head): side by side on axis 0
+        (`state_tiles_side_by_side`, `common.segment_program`), else on axis 2."""
+        return (self.N * tiles, self.H) if self.state_tiles_side_by_side else (self.N, self.H, tiles)
 
     def state_programs_along_k(self, delta: bool) -> int:
         """NKS: the state passes' programs per V tile, each NKB / NKS of the K blocks (`state_k_split`;
@@ -280,10 +296,10 @@ def states(p: _Plan, T=None) -> dict:
         u = torch.empty(NC * C, H, V, device=dev, dtype=p.wy_dtype)
     h = torch.empty(NC, H, K, V, device=dev, dtype=p.chunk_state_dtype)
     ht = torch.empty(p.N, H, K, V, device=dev, dtype=f32)
-    state_kernel[(p.N * p.NVBS * p.NKS, H)](
+    state_kernel[p.state_grid(p.NVBS * p.NKS)](
         p.k, p.v, ke, cend, p.seg, p.ptr(W), p.ptr(U), p.ptr(p.h0),
         h, p.ptr(u), ht, H, K, V, C=C, BK=p.BK, NKB=p.NKB // p.NKS, BV=p.BVS, NVB=p.NVBS, NKS=p.NKS,
-        NCOPY=p.cend_copies, DELTA=p.delta, HAS_H0=p.h0 is not None,
+        NCOPY=p.cend_copies, SIDE_BY_SIDE=p.state_tiles_side_by_side, DELTA=p.delta, HAS_H0=p.h0 is not None,
         num_warps=p.warps_seq, num_stages=p.stages_state, DOT_MODE=p.dot_mode,
     )
     return dict(h=h, ht=ht, u=u, W=W, T=T, gam=gam, run=run, ke=ke, qc=qc, rq_rows=rq_rows, rk_rows=rk_rows,
@@ -329,10 +345,11 @@ def backward(p: _Plan, scale: float, do, dht, T=None):
         du = torch.empty(NC * C, H, V, device=dev, dtype=p.du_dtype)
         du_local = torch.empty(NC * C, H, V, device=dev, dtype=p.du_dtype)
         local_du(du_local)
-    state_bwd_kernel[(p.N * p.NVBS_bwd * p.NKS, H)](
+    state_bwd_kernel[p.state_grid(p.NVBS_bwd * p.NKS)](
         p.q, p.k, s["ke"], s["qc"], s["cend"], p.seg, p.ptr(s["W"]), do,
         p.ptr(dht), p.ptr(du_local), dh, p.ptr(du), dh0, scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB // p.NKS,
-        BV=p.BVS_bwd, NVB=p.NVBS_bwd, NKS=p.NKS, NCOPY=p.cend_copies, DELTA=p.delta,
+        BV=p.BVS_bwd, NVB=p.NVBS_bwd, NKS=p.NKS, NCOPY=p.cend_copies, SIDE_BY_SIDE=p.state_tiles_side_by_side,
+        DELTA=p.delta,
         HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=p.stages_state_bwd, DOT_MODE=p.dot_mode_state_bwd,
     )
     if not p.delta:  # dv whole, from the dS1 the reverse pass stored
