@@ -30,7 +30,7 @@ import triton.language as tl
 
 from momtitan.ops.triton.common import (
     blocks_plus_cols_times, chunk_rows, gate_rows, load_rows, load_state_blocks, mdot, rows_times_blocks,
-    segment_bounds, segment_chunk, segment_program, store_rows, store_state_blocks, stored_decay, stored_end_decay,
+    segment_bounds, segment_chunk, state_program, store_rows, store_state_blocks, stored_decay, stored_end_decay,
     stored_gates, stored_row_weights, stored_scales, stored_weights, tile_program,
 )
 
@@ -89,9 +89,7 @@ def state_bwd_kernel(
     stores each chunk's end-state gradient dh, for the delta rules the full du (the chunk-local part
     from `local_du_kernel` plus the state part), and dh0; dS is held as blocks, as in `state_kernel`,
     NKS programs each holding NKB blocks of its rows from `k0` on (NKS = 1 for the delta rules)."""
-    n, h, t = segment_program(NVB * NKS, SIDE_BY_SIDE)
-    v0 = (t // NKS) * BV
-    k0 = (t % NKS) * (NKB * BK)
+    n, h, v0, k0 = state_program(NVB, NKS, NKB, BK, BV, SIDE_BY_SIDE)
     vv = v0 + tl.arange(0, BV)
     c_start, c_stop, tok_lo, tok_hi = segment_bounds(seg_ptr, n)
     dS1, dS2, dS3, dS4 = load_state_blocks(dht_ptr, n, h, H, K, V, k0, vv, HAS_DHT, BK, BV, NKB)

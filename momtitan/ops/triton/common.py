@@ -50,16 +50,19 @@ def tile_program(NT: tl.constexpr):
 
 
 @triton.jit
-def segment_program(NT: tl.constexpr, SIDE_BY_SIDE: tl.constexpr):
-    """`(n, h, t)` of a state pass's program: segment, head (axis 1) and tile `t < NT`, the tiles side by
-    side on axis 0 (`tile_program`) or (not SIDE_BY_SIDE) on axis 2, where the pass's programs fit in one
-    wave and have no reuse to gain from neighbours (`launch._Plan.state_grid`)."""
+def state_program(NVB: tl.constexpr, NKS: tl.constexpr, NKB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  SIDE_BY_SIDE: tl.constexpr):
+    """`(n, h, v0, k0)` of a state pass's program: its segment, its head (axis 1), the first column of its
+    V tile and the first row of its NKB K blocks, from its tile `t < NVB * NKS` (NKS programs per V
+    tile). The tiles sit side by side on axis 0 (`tile_program`), or (not SIDE_BY_SIDE) on axis 2, where
+    the pass's programs fit in one wave and have no reuse to gain from neighbours
+    (`launch._Plan.state_grid`)."""
     if SIDE_BY_SIDE:
-        n, t = tile_program(NT)
+        n, t = tile_program(NVB * NKS)
     else:
         n = tl.program_id(0).to(tl.int64)
         t = tl.program_id(2)
-    return n, tl.program_id(1).to(tl.int64), t
+    return n, tl.program_id(1).to(tl.int64), (t // NKS) * BV, (t % NKS) * (NKB * BK)
 
 
 @triton.jit

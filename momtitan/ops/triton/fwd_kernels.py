@@ -28,8 +28,8 @@ import triton.language as tl
 
 from momtitan.ops.triton.common import (
     blocks_plus_cols_times, chunk_gates, chunk_rows, chunk_weights, gate_rows, inverse_blocks, load_rows,
-    load_state_blocks, mdot, row_scales, rows_times_blocks, segment_bounds, segment_chunk, segment_program,
-    start_weights, store_rows, store_state_blocks, stored_decay, stored_end_decay, stored_gates,
+    load_state_blocks, mdot, row_scales, rows_times_blocks, segment_bounds, segment_chunk, start_weights,
+    state_program, store_rows, store_state_blocks, stored_decay, stored_end_decay, stored_gates,
     stored_row_weights, stored_scales, tile_program,
 )
 
@@ -228,9 +228,7 @@ def state_kernel(
     `[BK, BV]` blocks (`common.load_state_blocks`). Without beta the state's rows evolve independently
     (`S1 = c_end S0 + k^T (e * v)`, row by row), so NKS programs can share a V tile, each NKB blocks of
     its rows from `k0` on; the delta rules' `u = U - W S0` needs every row (NKS = 1)."""
-    n, h, t = segment_program(NVB * NKS, SIDE_BY_SIDE)
-    v0 = (t // NKS) * BV
-    k0 = (t % NKS) * (NKB * BK)
+    n, h, v0, k0 = state_program(NVB, NKS, NKB, BK, BV, SIDE_BY_SIDE)
     vv = v0 + tl.arange(0, BV)
     c_start, c_stop, tok_lo, tok_hi = segment_bounds(seg_ptr, n)
     S1, S2, S3, S4 = load_state_blocks(h0_ptr, n, h, H, K, V, k0, vv, HAS_H0, BK, BV, NKB)

@@ -228,7 +228,7 @@ class _Plan:
 
     def state_grid(self, tiles: int) -> tuple[int, ...]:
         """A state pass's launch grid for `tiles` programs per (segment, head): side by side on axis 0
-        (`state_tiles_side_by_side`, `common.segment_program`), else on axis 2."""
+        (`state_tiles_side_by_side`, `common.state_program`), else on axis 2."""
         return (self.N * tiles, self.H) if self.state_tiles_side_by_side else (self.N, self.H, tiles)
 
     def state_programs_along_k(self, delta: bool) -> int:
