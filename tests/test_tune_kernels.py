@@ -46,9 +46,10 @@ def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps
     assert {c["BV"] for c in tune.candidates(["chunk"], head_dim=256, dtype="float32")} == {32, 64, 128}
     assert {c["BV"] for c in tune.candidates(["chunk"], head_dim=64)} == {32, 64}
     assert {c["BVG"] for c in tune.candidates(["grad"], head_dim=256)} == {16, 32, 64}
-    # 16-bit reverse-pass dots with the 64-wide reverse pass (d = 128, 16-bit inputs) only
+    # 16-bit reverse-pass dots at d >= 128 with 16-bit inputs (TF32 at d <= 64)
     assert tune.candidates(["dots"], head_dim=64) == [dict(state_bwd_dots_in_input_dtype=1, group="dots")]
     assert tune.candidates(["dots"], head_dim=128) == [dict(state_bwd_dots_in_input_dtype=0, group="dots")]
+    assert tune.candidates(["dots"], head_dim=256) == [dict(state_bwd_dots_in_input_dtype=0, group="dots")]
     assert tune.default_choices(128, "float32")["BVS_bwd"] == tune.default_choices(256)["BVS_bwd"] == 32
     assert tune.candidates(["split"], head_dim=256) == [dict(state_k_split=s, group="split") for s in (0, 1)]
     assert tune.candidates(["order"], head_dim=64) == [dict(state_tiles_side_by_side=s, group="order") for s in (0, 1)]

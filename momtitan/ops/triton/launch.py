@@ -179,8 +179,12 @@ class _Plan:
         # operands' precision); 1: the inputs' 16-bit dtype. The blocked pass, whose transposed operands
         # are loaded as such, passes the GPU matrix and long sequences with them (H200, 19th session):
         # 1 with the 64-wide reverse pass (d = 128), where it is faster; alone, at 32 wide, it was not
-        # (8.26 -> 8.34 ms gated delta at 32/128). fp32 inputs take 3xTF32 either way.
-        self.state_bwd_dots_in_input_dtype = int(wide_state_tiles)
+        # (8.26 -> 8.34 ms gated delta at 32/128). 1 at d = 256 too (32 wide): with few programs the pass
+        # is a chain of dependent dots, half as long in 16 bits (4/256 B1 T32768 fwd+bwd: delta 1.20x, gated
+        # delta 1.19x; B2 T16384 1.03x, B8 T4096 1.01x, simple GLA even; H200, `tune_kernels.py --groups
+        # dots`, 22nd session; the -m gpu suite passed under it). d <= 64 keeps TF32 (not measured).
+        # fp32 inputs take 3xTF32 either way.
+        self.state_bwd_dots_in_input_dtype = int(wide_chunk_tiles and self.BVF >= 128)
         self._apply_overrides()
         if self.state_k_split is None:
             state_programs = self.N * H * (self.BVF // self.BVS)
