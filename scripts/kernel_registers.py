@@ -78,7 +78,8 @@ def constants(name: str, plan, warps: int | None, stages: int | None = None, rul
     """The constexpr values `launch.py` passes `name` for this plan and rule, its warps and its stages."""
     seq, grad = name in ("state_kernel", "state_bwd_kernel"), name == "grads_kernel"
     bv = {"state_kernel": plan.BVS, "state_bwd_kernel": plan.BVS_bwd}.get(name, plan.BVG if grad else plan.BV)
-    nks = plan.state_programs_along_k(rule_flags(rule)["DELTA"]) if seq else 1
+    nks_fwd, nks_bwd = plan.state_programs_along_k(rule_flags(rule)["DELTA"])
+    nks = {"state_kernel": nks_fwd, "state_bwd_kernel": nks_bwd}.get(name, 1)
     values = dict(H=plan.H, K=plan.K, V=plan.V, C=plan.C, BK=plan.BK, NKB=plan.NKB // nks, BKF=plan.BKF, BS=16, BV=bv,
                   NCOPY=plan.cend_copies, NVB=plan.BVF // bv, NKS=nks, SIDE_BY_SIDE=plan.state_tiles_side_by_side,
                   **rule_flags(rule), HAS_RESET=False, L2=l2, HAS_H0=True, HAS_DHT=True,

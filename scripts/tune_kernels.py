@@ -90,9 +90,9 @@ def candidates(groups: list[str], head_dim: int, dtype: str = "bfloat16") -> lis
                     for c, w, d in itertools.product((0, 1), (0, 1), (0, 1))]
         elif group == "dots":
             grid = [dict(state_bwd_dots_in_input_dtype=d) for d in (0, 1)]
-        elif group in ("split", "order"):  # both values: their defaults follow the GPU's SMs and the shape
+        elif group in ("split", "order"):  # every value: their defaults follow the GPU's SMs and the shape
             name = "state_k_split" if group == "split" else "state_tiles_side_by_side"
-            out += [{name: d, "group": group} for d in (0, 1)]
+            out += [{name: d, "group": group} for d in TUNABLE[name]]
             continue
         else:
             raise ValueError(f"--groups takes seq, chunk, inverse, grad, storage, dots, split and order, got {group!r}")

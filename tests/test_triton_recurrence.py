@@ -339,8 +339,9 @@ def _worker_split_seq_tiles():
               flush=True)
 
 
-# the state passes split along K (`state_k_split`): two and four K blocks (the last partly past K),
-# varlen with an empty segment and resets; the delta rules hold every row whatever the choice
+# the state passes split along K (`state_k_split` 1: both, 2: the reverse pass only): two and four K
+# blocks (the last partly past K), varlen with an empty segment and resets; the delta rules hold every
+# row whatever the choice
 K_SPLIT_CASES = {
     "gated": (dict(rule="gated", shape=(1, 24, 2, 80, 72), C=16, cu=[0, 0, 9, 24], reset=0.1, l2=False), 2),
     "linear": (dict(rule="linear", shape=(1, 20, 1, 200, 24), C=16, cu=[0, 0, 7, 20], reset=0.1), 4),
@@ -349,8 +350,9 @@ K_SPLIT_CASES = {
 
 
 def _worker_state_k_split():
-    _state_pass_comparison("k_split", {case: (spec, {"state_k_split": 0}, {"state_k_split": 1})
-                                       for case, (spec, _) in K_SPLIT_CASES.items()})
+    for prefix, split in (("k_split", 1), ("k_split_bwd", 2)):
+        _state_pass_comparison(prefix, {case: (spec, {"state_k_split": 0}, {"state_k_split": split})
+                                        for case, (spec, _) in K_SPLIT_CASES.items()})
 
 
 def _state_pass_comparison(prefix: str, cases: dict) -> None:
@@ -483,18 +485,20 @@ def test_interpreter_sequential_passes_at_their_own_tiles(interpreter_results, t
     _assert_errs(r["errs"], r["finite"], CPU_TOL, CPU_TOL, str(tiles))
 
 
+@pytest.mark.parametrize("passes", ["both", "reverse"])
 @pytest.mark.parametrize("name", list(K_SPLIT_CASES))
-def test_interpreter_state_passes_split_along_k(interpreter_results, name):
-    """`state_k_split`: the rules without beta run both state passes in NKB programs per V tile (each
-    launch, the forward's, the backward's recompute and the reverse pass), with the unsplit passes'
-    results bit for bit; the delta rules keep one."""
-    r = result(interpreter_results, f"k_split_{name}")
+def test_interpreter_state_passes_split_along_k(interpreter_results, name, passes):
+    """`state_k_split`: the rules without beta run the state passes in NKB programs per V tile (1: every
+    launch, the forward's, the backward's recompute and the reverse pass; 2: the reverse pass only), with
+    the unsplit passes' results bit for bit; the delta rules keep one."""
+    r = result(interpreter_results, f"k_split_{name}" if passes == "both" else f"k_split_bwd_{name}")
     _assert_errs(r["errs"], r["finite"], CPU_TOL, CPU_TOL, name)
     assert r["changed"] == [], r
     whole, split = r["grids"]  # the tiles side by side on axis 0 (the CPU's default)
     factor = K_SPLIT_CASES[name][1]
     assert len(whole["state_kernel"]) == 2 and len(whole["state_bwd_kernel"]) == 1, r  # the backward's recompute
-    assert all([g[0] for g in split[k]] == [factor * g[0] for g in whole[k]] for k in whole), r
+    factors = {"state_kernel": factor if passes == "both" else 1, "state_bwd_kernel": factor}
+    assert all([g[0] for g in split[k]] == [factors[k] * g[0] for g in whole[k]] for k in whole), r
 
 
 @pytest.mark.parametrize("name", list(TILE_ORDER_CASES))
@@ -545,11 +549,13 @@ def test_gpu_matrix(rule, d, dtype):
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("d", [128, 256])
 @pytest.mark.parametrize("rule", [r for r, (_, delta) in RULES.items() if not delta])
-def test_gpu_state_passes_split_along_k(rule, d, dtype, monkeypatch):
-    """`state_k_split` forced (by default only where the state programs are few) against the fp64 loop."""
+@pytest.mark.parametrize("split", [1, 2])
+def test_gpu_state_passes_split_along_k(rule, d, dtype, split, monkeypatch):
+    """`state_k_split` forced, both passes or the reverse pass only (by default only where the state
+    programs are few), against the fp64 loop."""
     from momtitan.ops.triton import launch
 
-    monkeypatch.setattr(launch, "OVERRIDES", {"state_k_split": 1})
+    monkeypatch.setattr(launch, "OVERRIDES", {"state_k_split": split})
     spec = dict(rule=rule, shape=(1, 200, 2, d, d), cu=[0, 0, 70, 71, 71, 200], reset=0.02)
     errs, finite = check_case(spec, "cuda", DTYPES[dtype])
     _assert_errs(errs, finite, *GPU_TOL[dtype], f"{rule} d={d} {dtype} split along K")

@@ -51,7 +51,7 @@ def test_candidates_keep_tiles_within_the_head_and_skip_16_wide_tiles_at_8_warps
     assert tune.candidates(["dots"], head_dim=128) == [dict(state_bwd_dots_in_input_dtype=0, group="dots")]
     assert tune.candidates(["dots"], head_dim=256) == [dict(state_bwd_dots_in_input_dtype=0, group="dots")]
     assert tune.default_choices(128, "float32")["BVS_bwd"] == tune.default_choices(256)["BVS_bwd"] == 32
-    assert tune.candidates(["split"], head_dim=256) == [dict(state_k_split=s, group="split") for s in (0, 1)]
+    assert tune.candidates(["split"], head_dim=256) == [dict(state_k_split=s, group="split") for s in (0, 1, 2)]
     assert tune.candidates(["order"], head_dim=64) == [dict(state_tiles_side_by_side=s, group="order") for s in (0, 1)]
     groups = "seq, chunk, inverse, grad, storage, dots, split and order"
     with pytest.raises(ValueError, match=f"--groups takes {groups}, got 'tiles'"):
@@ -130,23 +130,27 @@ def test_overrides_reach_the_plan_and_bad_ones_raise(monkeypatch):
 
 
 def test_state_k_split_by_default_where_the_state_programs_are_few(monkeypatch):
-    """Split along K where segments x heads x V tiles are at most twice the SMs, the rules without beta
-    only; never on CPU (no SMs), and an override wins."""
+    """Split along K, the rules without beta only: both state passes where segments x heads x V tiles
+    are at most the SMs, the reverse pass only where at most twice the SMs; never on CPU (no SMs), and
+    an override wins."""
     from momtitan.ops.triton import launch
 
     def split(B, H, d, dtype=torch.bfloat16, beta=False):
         x = torch.zeros(B, 1, H, d, dtype=dtype)
         p = launch._Plan(x, x, x, None, x[..., 0] if beta else None, None, None, None, False, 64)
-        return p.state_k_split, p.NKS
+        return p.state_k_split, p.NKS, p.NKS_bwd
 
-    assert split(1, 4, 256) == (0, 1)  # CPU
+    assert split(1, 4, 256) == (0, 1, 1)  # CPU
     monkeypatch.setattr(launch, "_multiprocessors", lambda device: 132)
-    assert split(1, 4, 256) == (1, 4) and split(8, 4, 256) == (1, 4)  # 32 and 256 programs (8 V tiles of 32)
-    assert split(8, 16, 128) == (1, 2) and split(8, 32, 128) == (0, 1)  # 256 and 512 (2 V tiles of 64)
-    assert split(8, 16, 128, torch.float32) == (0, 1)  # 4 V tiles of 32: 512
-    assert split(1, 4, 256, beta=True) == (1, 1)  # the delta rules hold every row
+    assert split(1, 4, 256) == (1, 4, 4) and split(8, 4, 256) == (2, 1, 4)  # 32 and 256 programs (8 V tiles of 32)
+    assert split(2, 16, 128) == (1, 2, 2)  # 64 programs (2 V tiles of 64)
+    assert split(8, 16, 128) == (2, 1, 2) and split(8, 32, 128) == (0, 1, 1)  # 256 and 512
+    assert split(8, 16, 128, torch.float32) == (0, 1, 1)  # 4 V tiles of 32: 512
+    assert split(1, 4, 256, beta=True) == (1, 1, 1)  # the delta rules hold every row
     monkeypatch.setattr(launch, "OVERRIDES", {"state_k_split": 0})
-    assert split(1, 4, 256) == (0, 1)
+    assert split(1, 4, 256) == (0, 1, 1)
+    monkeypatch.setattr(launch, "OVERRIDES", {"state_k_split": 2})
+    assert split(1, 4, 256) == (2, 1, 4)
 
 
 def test_state_tiles_side_by_side_by_default_where_the_state_programs_are_many(monkeypatch):

@@ -28,7 +28,7 @@ TUNABLE = {"BV": None, "BVG": None, "BVS": None, "BVS_bwd": None,
            "warps_seq": _WARPS, "warps_chunk": _WARPS, "warps_grad": _WARPS, "warps_inverse": _WARPS,
            "stages_state": _STAGES, "stages_state_bwd": _STAGES, "stages_grad": _STAGES,
            "chunk_states_in_input_dtype": (0, 1), "wy_in_input_dtype": (0, 1), "du_in_input_dtype": (0, 1),
-           "state_bwd_dots_in_input_dtype": (0, 1), "state_k_split": (0, 1),
+           "state_bwd_dots_in_input_dtype": (0, 1), "state_k_split": (0, 1, 2),
            "state_tiles_side_by_side": (0, 1)}
 OVERRIDES: dict[str, int] = {}
 # The same from the environment, for a whole process (e.g. the GPU test suite under a candidate choice):
@@ -108,14 +108,17 @@ class _Plan:
         # bf16 (H200, in turn). At d = 256 64 wide needs 254 KB of shared memory.
         wide_state_tiles = wide_chunk_tiles and self.BVF == 128
         self.BVS = self.BVS_bwd = 64 if wide_state_tiles else min(self.BVF, 32)
-        # 1: both state passes of the rules without beta, whose state rows (and state-gradient rows) evolve
+        # The state passes of the rules without beta, whose state rows (and state-gradient rows) evolve
         # apart, in NKB programs per V tile, one [BK, BVS] / [BK, BVS_bwd] block each (NKB times the
         # programs; fla's `chunk_fwd_h` and `chunk_bwd_dh` split K likewise); the delta rules always hold
-        # every row. Chosen below, after the V tiles: 1 where segments x heads x V tiles are at most twice
-        # the SMs. Simple GLA fwd+bwd, bf16, H200 (132 SMs), in turn (20th session), dv in the reverse
-        # pass (before) -> dv after it unsplit -> split: 4/256 B1 T32K (32 programs) 4.51 -> 3.55 -> 3.03
-        # ms, B8 T4K (256) 2.80 -> 2.92 -> 2.80; before -> split: 16/128 B1 T32K (32) 3.97 -> 3.24, B8 T4K
-        # (256) 2.69 -> 2.57, 32/128 B1 T32K (64) 5.57 -> 5.01, B8 T4K (512) 4.29 -> 4.47.
+        # every row. 1: both passes split, 2: the reverse pass only, 0: neither. Chosen below, after the
+        # V tiles, from segments x heads x V tiles: the reverse pass split where they are at most twice the
+        # SMs, the forward where at most as many as the SMs. Simple GLA fwd+bwd, bf16, H200 (132 SMs), in
+        # turn (20th session), dv in the reverse pass (before) -> dv after it unsplit -> split: 4/256 B1
+        # T32K (32 programs) 4.51 -> 3.55 -> 3.03 ms, B8 T4K (256) 2.80 -> 2.92 -> 2.80; before -> split:
+        # 16/128 B1 T32K (32) 3.97 -> 3.24, B8 T4K (256) 2.69 -> 2.57, 32/128 B1 T32K (64) 5.57 -> 5.01, B8
+        # T4K (512) 4.29 -> 4.47. The forward's `state_kernel` alone at 4/256 B8 T4K (256): 171 us unsplit
+        # against 218 split (H100, `--profile`, 22nd session).
         self.state_k_split = None
         # 1: a state pass's programs of one (segment, head), its V tiles and K splits, side by side on the
         # grid's axis 0, so that those that read the same k and W rows run together and find them in L2
@@ -187,8 +190,9 @@ class _Plan:
         self.state_bwd_dots_in_input_dtype = int(wide_chunk_tiles and self.BVF >= 128)
         self._apply_overrides()
         if self.state_k_split is None:
-            state_programs = self.N * H * (self.BVF // self.BVS)
-            self.state_k_split = int(state_programs <= 2 * _multiprocessors(dev))
+            sms = _multiprocessors(dev)
+            fwd_programs, bwd_programs = self.N * H * (self.BVF // self.BVS), self.N * H * (self.BVF // self.BVS_bwd)
+            self.state_k_split = 1 if fwd_programs <= sms else 2 if bwd_programs <= 2 * sms else 0
         if q.dtype == torch.float32:
             self.dot_mode_state_bwd = 0
         else:
@@ -200,9 +204,9 @@ class _Plan:
         self.NVBG = self.BVF // self.BVG
         self.NVBS = self.BVF // self.BVS
         self.NVBS_bwd = self.BVF // self.BVS_bwd
-        self.NKS = self.state_programs_along_k(self.delta)
+        self.NKS, self.NKS_bwd = self.state_programs_along_k(self.delta)
         if self.state_tiles_side_by_side is None:
-            state_programs = self.N * H * max(self.NVBS, self.NVBS_bwd) * self.NKS
+            state_programs = self.N * H * max(self.NVBS * self.NKS, self.NVBS_bwd * self.NKS_bwd)
             self.state_tiles_side_by_side = int(state_programs > 2 * _multiprocessors(dev))
         self.cend_copies = max(self.BVS, self.BVS_bwd)  # c_end's row, as wide as either pass's V tile
         self.dummy = torch.empty(1, device=dev, dtype=torch.float32)
@@ -235,10 +239,11 @@ class _Plan:
         (`state_tiles_side_by_side`, `common.state_program`), else on axis 2."""
         return (self.N * tiles, self.H) if self.state_tiles_side_by_side else (self.N, self.H, tiles)
 
-    def state_programs_along_k(self, delta: bool) -> int:
-        """NKS: the state passes' programs per V tile, each NKB / NKS of the K blocks (`state_k_split`;
-        the delta rules hold every row: 1)."""
-        return self.NKB if self.state_k_split and not delta else 1
+    def state_programs_along_k(self, delta: bool) -> tuple[int, int]:
+        """(NKS, NKS_bwd): the forward and reverse state passes' programs per V tile, each NKB / NKS of
+        the K blocks (`state_k_split`; the delta rules hold every row: 1)."""
+        split = 0 if delta else self.state_k_split
+        return (self.NKB if split == 1 else 1), (self.NKB if split in (1, 2) else 1)
 
     @functools.cached_property
     def _chunk_map(self):  # built at the first launch: a plan made for its tile choices alone launches nothing
@@ -349,10 +354,10 @@ def backward(p: _Plan, scale: float, do, dht, T=None):
         du = torch.empty(NC * C, H, V, device=dev, dtype=p.du_dtype)
         du_local = torch.empty(NC * C, H, V, device=dev, dtype=p.du_dtype)
         local_du(du_local)
-    state_bwd_kernel[p.state_grid(p.NVBS_bwd * p.NKS)](
+    state_bwd_kernel[p.state_grid(p.NVBS_bwd * p.NKS_bwd)](
         p.q, p.k, s["ke"], s["qc"], s["cend"], p.seg, p.ptr(s["W"]), do,
-        p.ptr(dht), p.ptr(du_local), dh, p.ptr(du), dh0, scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB // p.NKS,
-        BV=p.BVS_bwd, NVB=p.NVBS_bwd, NKS=p.NKS, NCOPY=p.cend_copies, SIDE_BY_SIDE=p.state_tiles_side_by_side,
+        p.ptr(dht), p.ptr(du_local), dh, p.ptr(du), dh0, scale, H, K, V, C=C, BK=p.BK, NKB=p.NKB // p.NKS_bwd,
+        BV=p.BVS_bwd, NVB=p.NVBS_bwd, NKS=p.NKS_bwd, NCOPY=p.cend_copies, SIDE_BY_SIDE=p.state_tiles_side_by_side,
         DELTA=p.delta,
         HAS_DHT=dht is not None, num_warps=p.warps_seq, num_stages=p.stages_state_bwd, DOT_MODE=p.dot_mode_state_bwd,
     )
