@@ -11,7 +11,8 @@ choices and leaves the others at their defaults:
     storage  the per-chunk states h and dh, the WY factors W, U and the values u, and the value
              gradients du in the inputs' dtype or in fp32 (each choice changed, then two, then all)
     dots   the reverse state pass's dot operands: the inputs' 16-bit dtype or TF32, whichever is not the default
-    split  both state passes along K as well as V, and not (the rules without beta: `--rule gated` or `linear`)
+    split  the state passes along K as well as V: both, the reverse pass only, neither (the rules without
+           beta: `--rule gated` or `linear`)
     order  a state pass's tiles of one (segment, head) side by side on the grid's axis 0, and on an axis of
            their own
 
