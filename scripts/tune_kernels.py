@@ -52,7 +52,8 @@ from momtitan.ops.triton.launch import OVERRIDES_ENV, TUNABLE  # noqa: E402
 
 def cpu_plan(head_dim: int, dtype: str = "bfloat16"):
     """A CPU plan of one token: its choices and allowed values depend on head dim and dtype only, but
-    for `state_k_split`, whose default follows the GPU's SMs and the shape's programs and is 0 here."""
+    for `state_k_split` and `state_tiles_side_by_side`, whose defaults follow the GPU's SMs and the
+    shape's programs (0 and 1 here, with no SMs)."""
     import torch
 
     from momtitan.ops.triton import launch

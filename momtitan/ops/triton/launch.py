@@ -189,8 +189,8 @@ class _Plan:
         # fp32 inputs take 3xTF32 either way.
         self.state_bwd_dots_in_input_dtype = int(wide_chunk_tiles and self.BVF >= 128)
         self._apply_overrides()
+        sms = _multiprocessors(dev)  # 0 on CPU: no split, the tiles side by side
         if self.state_k_split is None:
-            sms = _multiprocessors(dev)
             fwd_programs, bwd_programs = self.N * H * (self.BVF // self.BVS), self.N * H * (self.BVF // self.BVS_bwd)
             self.state_k_split = 1 if fwd_programs <= sms else 2 if bwd_programs <= 2 * sms else 0
         if q.dtype == torch.float32:
@@ -207,7 +207,7 @@ class _Plan:
         self.NKS, self.NKS_bwd = self.state_programs_along_k(self.delta)
         if self.state_tiles_side_by_side is None:
             state_programs = self.N * H * max(self.NVBS * self.NKS, self.NVBS_bwd * self.NKS_bwd)
-            self.state_tiles_side_by_side = int(state_programs > 2 * _multiprocessors(dev))
+            self.state_tiles_side_by_side = int(state_programs > 2 * sms)
         self.cend_copies = max(self.BVS, self.BVS_bwd)  # c_end's row, as wide as either pass's V tile
         self.dummy = torch.empty(1, device=dev, dtype=torch.float32)
 
