@@ -10,6 +10,10 @@ model and precision.
     python scripts/bench_train.py --suite multi_gpu_debug --steps 30
     python scripts/bench_train.py --suite single_gpu_340m --steps 20
     python scripts/bench_train.py --suite ep_2gpu --pack --results outputs/bench_train.json  # 4 GPUs: 2 cases at a time
+    python scripts/bench_train.py --suite fsdp_scaling_1p3b --pack --steps 60 --warmup 10  # 1, 2, 4 (8) GPUs, one call
+
+`--pack` gives each case its GPUs' share of the CPU cores: the steps of these models are short enough
+to be bound by the host, and cases side by side on shared cores slow each other down.
 
 Suites are defined in SUITES below; a case runs only if the machine has its GPU count.
 """
@@ -88,6 +92,10 @@ SUITES = {
     ],
 }
 
+# the scaling suite's cases without expert parallelism: small enough to run on one machine in one call, so
+# that the efficiencies compare runs measured side by side
+SUITES["fsdp_scaling_1p3b"] = [case for case in SUITES["scaling_1p3b"] if "EP" not in case[0]]
+
 STEP = re.compile(r"step:\s*(\d+)\s+loss:\s*([\d.]+|nan|-?inf).*?memory:\s*(-?[\d.]+)GiB.*?tps:\s*([\d,]+).*?mfu:\s*([\d.]+)%")
 A2A = re.compile(r"step:\s*(\d+)\s+ce:.*?a2a:\s*([\d.]+)ms\s*\(([\d.]+)%\)")  # expert-parallel runs only
 
@@ -134,9 +142,20 @@ def versions() -> str:
     return ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "triton", "torchtitan", "torchao"))
 
 
-def start_case(name: str, ngpu: int, flags: list[str], steps: int, out_dir: Path, gpus: list[int] | None) -> dict:
+def cores_for(gpus: list[int], available: int) -> set[int]:
+    """The CPU cores a packed case runs on: an equal share of this process's cores per GPU of the machine,
+    so that cases side by side do not take each other's cores (a 1.3B step at 4K tokens per GPU is bound
+    by the host: docs/benchmarks.md, "Training: fsdp_scaling_1p3b")."""
+    cores = sorted(os.sched_getaffinity(0))
+    share = len(cores) // max(available, 1)
+    return {c for g in gpus for c in cores[g * share:(g + 1) * share]} if share else set(cores)
+
+
+def start_case(name: str, ngpu: int, flags: list[str], steps: int, out_dir: Path, gpus: list[int] | None,
+               cores: set[int] | None = None) -> dict:
     """Start one case in its own process group; its log streams to `out_dir/<case>.log` (kept if the case
-    hangs or is killed). `gpus`: the CUDA devices it may see (None: all)."""
+    hangs or is killed). `gpus`: the CUDA devices it may see (None: all); `cores`: the CPU cores it and
+    its children run on (None: all)."""
     dump = out_dir / re.sub(r"\W+", "_", name)
     cmd = ["./run_train.sh", *flags, "--training.steps", str(steps), "--metrics.log_freq", "1", "--job.dump_folder", str(dump)]
     env = dict(os.environ, NGPU=str(ngpu), PYTHON=sys.executable)
@@ -145,9 +164,11 @@ def start_case(name: str, ngpu: int, flags: list[str], steps: int, out_dir: Path
         env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[g] if len(visible) > g and visible[g] else str(g) for g in gpus)
     log_path = out_dir / (dump.name + ".log")
     log_file = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, cores))
     return {"name": name, "ngpu": ngpu, "steps": steps, "cmd": f"NGPU={ngpu} " + " ".join(cmd), "proc": proc,
-            "log_file": log_file, "log_path": log_path, "start": time.time(), "gpus": gpus}
+            "log_file": log_file, "log_path": log_path, "start": time.time(), "gpus": gpus,
+            "cores": None if cores is None else len(cores)}
 
 
 def finish_case(case: dict, timeout: float) -> dict | None:
@@ -165,7 +186,8 @@ def finish_case(case: dict, timeout: float) -> dict | None:
     case["log_file"].close()
     log = case["log_path"].read_text()
     return {"name": case["name"], "ngpu": case["ngpu"], "cmd": case["cmd"], "rc": rc, "cut_off": cut_off,
-            "steps": case["steps"], "rows": parse(log), "wall": elapsed, "tail": log[-2000:], "gpus": case["gpus"]}
+            "steps": case["steps"], "rows": parse(log), "wall": elapsed, "tail": log[-2000:], "gpus": case["gpus"],
+            "cores": case.get("cores")}
 
 
 def run_cases(cases: list[tuple[str, int, list[str]]], steps: int, out_dir: Path, timeout: float, available: int,
@@ -190,7 +212,8 @@ def run_cases(cases: list[tuple[str, int, list[str]]], steps: int, out_dir: Path
             gpus = None if free is None else [free.pop(0) for _ in range(ngpu)]
             print(f"start {name}" + (f" on GPUs {gpus}" if gpus else ""), flush=True)
             limits[i] = timeout if deadline is None else min(timeout, deadline - time.time())
-            running[i] = start_case(name, ngpu, flags, steps, out_dir, gpus)
+            cores = None if gpus is None else cores_for(gpus, available)
+            running[i] = start_case(name, ngpu, flags, steps, out_dir, gpus, cores=cores)
             pending.remove(i)
         time.sleep(1)
         for i, case in list(running.items()):
@@ -259,8 +282,11 @@ def section(args, results: list[dict], missing: list[str], device: str, availabl
     stack = "; ".join(sorted({r.get("versions", "versions not recorded") for r in results})) or versions()
     kernels = ("Triton kernels" if available and os.environ.get("MOMTITAN_TRITON") != "0"
                else "PyTorch chunked path" + (" (MOMTITAN_TRITON=0)" if available else ""))
-    packed = (" Cases narrower than the machine ran at the same time on disjoint GPUs (`--pack`)."
-              if any(r.get("gpus") is not None for r in results) else "")
+    packed_runs = [r for r in results if r.get("gpus") is not None]
+    packed = (" Cases narrower than the machine ran at the same time on disjoint GPUs (`--pack`), "
+              + ("each on its share of the CPU cores." if all(r.get("cores") for r in packed_runs)
+                 else "some sharing the CPU cores (runs before the cores were split).")
+              if packed_runs else "")
     reused = [r["name"] for r in results if r.get("reused")] if args.report is None else []
     cut = (" A case cut off by its time limit (`--case-timeout`, `--deadline`) shows the steps it logged "
            "(\"166 of 200 (cut off)\") and its medians over them." if any(r.get("cut_off") for r in results) else "")

@@ -43,10 +43,11 @@ def test_parse_and_summarize_with_scaling_efficiency():
 
 def test_pack_runs_cases_side_by_side_on_disjoint_gpus(monkeypatch, tmp_path):
     """--pack: the widest cases first, each on free GPUs, the next one as soon as enough are free."""
-    started, polls = [], {}
+    started, pinned, polls = [], [], {}
 
-    def start(name, ngpu, flags, steps, out_dir, gpus):
+    def start(name, ngpu, flags, steps, out_dir, gpus, cores=None):
         started.append((name, gpus))
+        pinned.append(cores)
         return {"name": name, "ngpu": ngpu, "gpus": gpus}
 
     def finish(case, timeout):
@@ -57,15 +58,27 @@ def test_pack_runs_cases_side_by_side_on_disjoint_gpus(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "start_case", start)
     monkeypatch.setattr(bench, "finish_case", finish)
     monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: set(range(12)))
     order = []
     cases = [("a1", 1, []), ("b2", 2, []), ("c2", 2, []), ("d1", 1, [])]
     bench.run_cases(cases, 3, tmp_path, 10, available=3, pack=True, on_result=lambda i, r: order.append(cases[i][0]))
     assert started[:2] == [("b2", [0, 1]), ("a1", [2])]
     assert sorted(order) == ["a1", "b2", "c2", "d1"]
     assert all(len(gpus) == 2 for name, gpus in started if name in ("b2", "c2"))
+    # each packed case on its GPUs' share of the cores: the first two, side by side, on disjoint cores
+    assert pinned[:2] == [set(range(8)), set(range(8, 12))]
     started.clear()
     bench.run_cases(cases, 3, tmp_path, 10, available=3, pack=False, on_result=lambda i, r: None)
     assert started == [(name, None) for name, _, _ in cases]
+    assert pinned[-len(cases):] == [None] * len(cases)  # unpacked cases run on every core
+
+
+def test_cores_for_gives_each_gpu_an_equal_disjoint_share(monkeypatch):
+    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert bench.cores_for([0], 4) == set(range(16))
+    assert bench.cores_for([2, 3], 4) == set(range(32, 64))
+    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: {0, 1})  # fewer cores than GPUs: no pinning
+    assert bench.cores_for([3], 4) == {0, 1}
 
 
 def test_report_takes_the_longest_stored_run_of_each_case(tmp_path, capsys):
@@ -121,7 +134,7 @@ def test_deadline_cuts_off_the_running_case_and_starts_no_other(monkeypatch, tmp
     clock = [0.0]
     started, limits = [], []
 
-    def start(name, ngpu, flags, steps, out_dir, gpus):
+    def start(name, ngpu, flags, steps, out_dir, gpus, cores=None):
         started.append(name)
         return {"name": name, "ngpu": ngpu, "gpus": gpus, "start": clock[0]}
 
