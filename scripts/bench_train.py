@@ -94,7 +94,8 @@ SUITES = {
 
 # the scaling suite's cases without expert parallelism: small enough to run on one machine in one call, so
 # that the efficiencies compare runs measured side by side
-SUITES["fsdp_scaling_1p3b"] = [case for case in SUITES["scaling_1p3b"] if "EP" not in case[0]]
+SUITES["fsdp_scaling_1p3b"] = [case for case in SUITES["scaling_1p3b"]
+                               if "--parallelism.expert_parallel_degree" not in case[2]]
 
 STEP = re.compile(r"step:\s*(\d+)\s+loss:\s*([\d.]+|nan|-?inf).*?memory:\s*(-?[\d.]+)GiB.*?tps:\s*([\d,]+).*?mfu:\s*([\d.]+)%")
 A2A = re.compile(r"step:\s*(\d+)\s+ce:.*?a2a:\s*([\d.]+)ms\s*\(([\d.]+)%\)")  # expert-parallel runs only
@@ -168,7 +169,7 @@ def start_case(name: str, ngpu: int, flags: list[str], steps: int, out_dir: Path
                             preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, cores))
     return {"name": name, "ngpu": ngpu, "steps": steps, "cmd": f"NGPU={ngpu} " + " ".join(cmd), "proc": proc,
             "log_file": log_file, "log_path": log_path, "start": time.time(), "gpus": gpus,
-            "cores": None if cores is None else len(cores)}
+            "pinned": cores is not None}
 
 
 def finish_case(case: dict, timeout: float) -> dict | None:
@@ -187,7 +188,7 @@ def finish_case(case: dict, timeout: float) -> dict | None:
     log = case["log_path"].read_text()
     return {"name": case["name"], "ngpu": case["ngpu"], "cmd": case["cmd"], "rc": rc, "cut_off": cut_off,
             "steps": case["steps"], "rows": parse(log), "wall": elapsed, "tail": log[-2000:], "gpus": case["gpus"],
-            "cores": case.get("cores")}
+            "pinned": case.get("pinned", False)}
 
 
 def run_cases(cases: list[tuple[str, int, list[str]]], steps: int, out_dir: Path, timeout: float, available: int,
@@ -284,7 +285,7 @@ def section(args, results: list[dict], missing: list[str], device: str, availabl
                else "PyTorch chunked path" + (" (MOMTITAN_TRITON=0)" if available else ""))
     packed_runs = [r for r in results if r.get("gpus") is not None]
     packed = (" Cases narrower than the machine ran at the same time on disjoint GPUs (`--pack`), "
-              + ("each on its share of the CPU cores." if all(r.get("cores") for r in packed_runs)
+              + ("each on its share of the CPU cores." if all(r.get("pinned") for r in packed_runs)
                  else "some sharing the CPU cores (runs before the cores were split).")
               if packed_runs else "")
     reused = [r["name"] for r in results if r.get("reused")] if args.report is None else []
