@@ -562,6 +562,21 @@ def test_gpu_state_passes_split_along_k(rule, d, dtype, split, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_gpu_tiles_of_many_programs(rule, d, dtype, monkeypatch):
+    """These tests' shapes have few state programs, so their forward state pass runs narrowed (down to 16
+    wide, `_Plan._narrowed_for_few_programs`) and the passes split along K: here the choices of a shape of
+    many programs (a GPU of 0 SMs to the plan), against the fp64 loop."""
+    from momtitan.ops.triton import launch
+
+    monkeypatch.setattr(launch, "_multiprocessors", lambda device: 0)
+    spec = dict(rule=rule, shape=(1, 200, 2, d, d), cu=[0, 0, 70, 71, 71, 200], reset=0.02)
+    errs, finite = check_case(spec, "cuda", DTYPES[dtype])
+    _assert_errs(errs, finite, *GPU_TOL[dtype], f"{rule} d={d} {dtype} tiles of many programs")
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("rule", list(RULES))
 @pytest.mark.parametrize("d", [64, 256])
 def test_gpu_reads_no_unwritten_scratch(rule, d):

@@ -84,6 +84,40 @@ def test_a_failed_default_stops_the_run_before_the_candidates(monkeypatch):
     assert ran == ["default"]
 
 
+def test_forward_state_tile_narrows_where_its_programs_are_few(monkeypatch):
+    """The forward state pass halves its V tile (down to 16) while its programs, segments x heads x V tiles x
+    K splits, are at most the SMs and, halved, their k and W rows per chunk step at most 256 x SMs; an override
+    of BVS, and a GPU of 0 SMs (the CPU), leave it alone."""
+    from momtitan.ops.triton import launch
+
+    def plan(B, H, d, g=True, beta=True):
+        x = torch.zeros(B, 64, H, d, dtype=torch.bfloat16)
+        gate = torch.zeros(B, 64, H)
+        p = launch._Plan(x, x, x, gate if g else None, gate if beta else None, None, None, None, False, 64)
+        return p.BVS, p.N * H * p.NVBS * p.NKS
+
+    monkeypatch.setattr(launch, "_multiprocessors", lambda device: 132)
+    assert plan(8, 32, 128) == (64, 512)  # many programs: the widest tile
+    assert plan(2, 32, 128) == (32, 256)  # 128 at 64 wide
+    assert plan(1, 32, 128) == (16, 256)  # 64, then 128 (one per SM), then 256
+    assert plan(1, 16, 128) == (16, 128)  # 16 wide at the narrowest
+    assert plan(1, 4, 256) == (16, 64) and plan(2, 4, 256) == (16, 128)
+    assert plan(4, 4, 256) == (32, 128)  # 256 programs of 256 rows would load too much k and W per step
+    assert plan(8, 4, 256) == (32, 256)
+    # without beta the pass is split along K first (`state_k_split`), which counts
+    assert plan(1, 32, 128, beta=False) == (32, 256) and plan(2, 32, 128, beta=False) == (64, 256)
+    assert plan(1, 4, 256, beta=False) == (16, 256)
+    # the reverse pass keeps its tile
+    x = torch.zeros(1, 64, 32, 128, dtype=torch.bfloat16)
+    assert launch._Plan(x, x, x, None, x[..., 0], None, None, None, False, 64).BVS_bwd == 64
+    monkeypatch.setattr(launch, "OVERRIDES", {"BVS": 64})
+    assert plan(1, 32, 128) == (64, 64)
+    monkeypatch.setattr(launch, "OVERRIDES", {"warps_seq": 8})  # never 16 wide at 8 warps
+    assert plan(1, 32, 128) == (32, 128)
+    monkeypatch.setattr(launch, "OVERRIDES", {})
+    monkeypatch.setattr(launch, "_multiprocessors", lambda device: 0)
+    assert plan(1, 32, 128) == (64, 64)
+
 def test_overrides_reach_the_plan_and_bad_ones_raise(monkeypatch):
     from momtitan.ops.triton import launch
 

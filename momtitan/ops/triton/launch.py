@@ -107,6 +107,7 @@ class _Plan:
         # 8.29 -> 7.76 ms gated delta, 7.80 -> 7.29 delta, 4.88 -> 4.30 simple GLA at 32/128 B8 T4096
         # bf16 (H200, in turn). At d = 256 64 wide needs 254 KB of shared memory.
         wide_state_tiles = wide_chunk_tiles and self.BVF == 128
+        # The forward pass narrower where its programs are few (`_narrowed_for_few_programs`).
         self.BVS = self.BVS_bwd = 64 if wide_state_tiles else min(self.BVF, 32)
         # The state passes of the rules without beta, whose state rows (and state-gradient rows) evolve
         # apart, in NKB programs per V tile, one [BK, BVS] / [BK, BVS_bwd] block each (NKB times the
@@ -200,11 +201,13 @@ class _Plan:
         self.chunk_state_dtype = q.dtype if self.chunk_states_in_input_dtype else torch.float32
         self.wy_dtype = q.dtype if self.wy_in_input_dtype else torch.float32
         self.du_dtype = q.dtype if self.du_in_input_dtype else torch.float32
+        self.NKS, self.NKS_bwd = self.state_programs_along_k(self.delta)
+        if "BVS" not in self._overridden:
+            self.BVS = self._narrowed_for_few_programs(self.BVS, self.NKS, sms)
         self.NVB = self.BVF // self.BV
         self.NVBG = self.BVF // self.BVG
         self.NVBS = self.BVF // self.BVS
         self.NVBS_bwd = self.BVF // self.BVS_bwd
-        self.NKS, self.NKS_bwd = self.state_programs_along_k(self.delta)
         if self.state_tiles_side_by_side is None:
             state_programs = self.N * H * max(self.NVBS * self.NKS, self.NVBS_bwd * self.NKS_bwd)
             self.state_tiles_side_by_side = int(state_programs > 2 * sms)
@@ -213,7 +216,8 @@ class _Plan:
 
     def _apply_overrides(self) -> None:
         env = _env_overrides()
-        for name, value in {**env, **OVERRIDES}.items():
+        self._overridden = {**env, **OVERRIDES}
+        for name, value in self._overridden.items():
             source = "OVERRIDES" if name in OVERRIDES else OVERRIDES_ENV
             if name not in TUNABLE:
                 raise ValueError(f"{source} may set {tuple(TUNABLE)}, got {name!r}")
@@ -222,6 +226,25 @@ class _Plan:
                 raise ValueError(f"{source}[{name!r}] must be one of {allowed} at head dim {self.K} with "
                                  f"{self.q.dtype} inputs, got {value!r}")
             setattr(self, name, value)
+
+    def _narrowed_for_few_programs(self, tile: int, splits: int, sms: int) -> int:
+        """The forward state pass's V tile, halved (down to 16) while its programs (segments x heads x V
+        tiles x K splits) are at most the SMs and, halved, each chunk step's k and W rows over all programs
+        (a program's K / splits rows x programs) stay within 256 x SMs. Each program walks its segment's
+        chunks one after another, bound by the latency of each chunk's loads and dots; a second program
+        on an SM hides some of it, but every V tile loads the chunk's k and W rows again. Measured in turn
+        on an H200 (bf16, forward ms, main -> narrowed; 24th session): gated delta 32/128 B1 T32768 (64
+        programs) 2.44 -> 2.26 at 16 wide (fwd+bwd 9.11 -> 8.72), 16/128 B1 1.63 -> 1.46, B2 1.23 -> 1.14,
+        B4 (32 wide) 1.03 -> 1.00, 4/256 B1 1.43 -> 1.31, B2 0.93 -> 0.88; but 4/256 B4 T8192 (128
+        programs of 256 rows) 0.84 -> 0.90 at 16 wide, fwd+bwd 2.74 -> 3.16: the rows bound stops it there.
+        The reverse pass narrowed likewise was faster at some of these shapes and slower at others: not
+        done. 0 SMs (CPU): unchanged."""
+        rows = self.BKF // splits
+        programs = self.N * self.H * (self.BVF // tile) * splits
+        narrowest = 16 if self.warps_seq < 8 else 32  # 16-wide tiles at 8 warps miscompiled (above)
+        while tile > narrowest and programs <= sms and rows * 2 * programs <= 256 * sms:
+            tile, programs = tile // 2, programs * 2
+        return tile
 
     def allowed(self, name: str) -> tuple[int, ...]:
         """The values the tunable `name` may take at this plan's head dim and input dtype: a V tile is a
