@@ -16,6 +16,9 @@ choices and leaves the others at their defaults:
     order  a state pass's tiles of one (segment, head) side by side on the grid's axis 0, and on an axis of
            their own
 
+or, with `--choices`, exactly the candidates given (group "given"), e.g. a choice outside the groups'
+grids such as 4 pipeline stages in the forward state pass.
+
 Each candidate runs in its own process (a miscompiled choice may fault or hang the process) and
 reports forward and forward+backward time (median of `--reps`, CUDA events on a GPU) and the
 largest relative difference of the output, the final state and every gradient from the default
@@ -24,6 +27,7 @@ ranked. The table goes to docs/benchmarks.md ("Kernel tuning: ...") and stdout.
 
     python scripts/tune_kernels.py --heads 32x128 --seq-len 4096 --batch 8 --rule gated_delta
     python scripts/tune_kernels.py --groups seq --heads 4x256 ...
+    python scripts/tune_kernels.py --choices '[{"stages_state": 4}, {"stages_state": 3, "BVS": 16}]' ...
 
 On CPU (tests) the kernels run under TRITON_INTERPRET=1 at tiny shapes: the timings then mean nothing,
 the agreement checks still hold.
@@ -103,6 +107,26 @@ def candidates(groups: list[str], head_dim: int, dtype: str = "bfloat16") -> lis
                        and all(v in plan.allowed(k) for k, v in c.items())), key=lambda c: changed[id(c)])
         out += [dict(c, group=group) for c in grid]
     return out
+
+
+def given_candidates(text: str, head_dim: int, dtype: str = "bfloat16") -> list[dict]:
+    """`--choices`: a JSON list of objects, each a set of tile choices the plan allows at this head dim
+    and dtype (`_Plan.allowed`)."""
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError:
+        given = None
+    if not isinstance(given, list) or not given or not all(isinstance(c, dict) and c for c in given):
+        raise ValueError(f"--choices must be a JSON list of objects of tile choices, got {text!r}")
+    plan = cpu_plan(head_dim, dtype)
+    for choice in given:
+        for name, value in choice.items():
+            if name not in TUNABLE:
+                raise ValueError(f"--choices may set {tuple(TUNABLE)}, got {name!r}")
+            if value not in plan.allowed(name):
+                raise ValueError(f"--choices: {name} must be one of {plan.allowed(name)} at head dim {head_dim} with "
+                                 f"{dtype} inputs, got {value!r}")
+    return [dict(c, group="given") for c in given]
 
 
 def _narrow_at_8_warps(choice: dict) -> bool:
@@ -202,10 +226,12 @@ def run_candidate(a, overrides: dict, timeout: int) -> dict:
 
 def table(a, rows: list[dict], device: str, versions: str) -> str:
     default = rows[0]
-    lines = [f"## Kernel tuning: {a.rule}, {a.heads}, B {a.batch} x T {a.seq_len}, {a.dtype}, {'+'.join(a.groups)}", "",
+    what = "given" if a.choices else "+".join(a.groups)
+    how = f" --choices '{a.choices}'" if a.choices else f" --groups {','.join(a.groups)}" + (
+        f" --limit {a.limit}" if a.limit is not None else "")
+    lines = [f"## Kernel tuning: {a.rule}, {a.heads}, B {a.batch} x T {a.seq_len}, {a.dtype}, {what}", "",
              f"{time.strftime('%Y-%m-%d')}, {device}; {versions}; q/k L2 norm on, initial and final states. "
-             "`python scripts/tune_kernels.py " + " ".join(a.shape_args) + f" --groups {','.join(a.groups)}"
-             + (f" --limit {a.limit}" if a.limit is not None else "") + "`. "
+             "`python scripts/tune_kernels.py " + " ".join(a.shape_args) + how + "`. "
              f"Median of {a.reps} runs after "
              f"{a.warmup} warm-ups, each candidate in its own process; the difference is the largest relative "
              f"difference of the output, final state and gradients from the default choices' (ok: at most "
@@ -240,6 +266,8 @@ def parse_args(argv=None):
     p.add_argument("--groups", default="seq,chunk,inverse,grad,storage,dots,split,order",
                    help="comma list of seq, chunk, inverse, grad, storage, dots, split, order")
     p.add_argument("--limit", type=int, default=None, help="try only the first N candidates of each group")
+    p.add_argument("--choices", default=None,
+                   help='instead of --groups: a JSON list of candidates, e.g. \'[{"stages_state": 4}]\'')
     p.add_argument("--tolerance", type=float, default=2e-2)
     p.add_argument("--timeout", type=int, default=180, help="seconds per candidate")
     p.add_argument("--no-write", action="store_true")
@@ -258,6 +286,8 @@ def parse_args(argv=None):
     if not a.tolerance >= 0:  # NaN too: no difference would ever pass it
         raise ValueError(f"--tolerance must be >= 0, got {a.tolerance}")
     a.groups = [g for g in a.groups.split(",") if g]
+    if a.choices is not None:
+        given_candidates(a.choices, a.d, a.dtype)  # refused before any candidate runs
     return a
 
 
@@ -273,7 +303,10 @@ def main(argv=None):
 
     import torch
 
-    todo = [dict(group="default")] + [c for group in a.groups for c in candidates([group], a.d, a.dtype)[: a.limit]]
+    if a.choices:
+        todo = [dict(group="default")] + given_candidates(a.choices, a.d, a.dtype)
+    else:
+        todo = [dict(group="default")] + [c for group in a.groups for c in candidates([group], a.d, a.dtype)[: a.limit]]
     a.shape_args = ["--rule", a.rule, "--heads", a.heads, "--seq-len", str(a.seq_len), "--batch", str(a.batch),
                     "--dtype", a.dtype, "--seed", str(a.seed), "--warmup", str(a.warmup), "--reps", str(a.reps)]
     with tempfile.TemporaryDirectory() as a.workdir:

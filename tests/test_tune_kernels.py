@@ -252,3 +252,27 @@ def test_tuning_run_on_the_interpreter_agrees_with_the_defaults(tmp_path):
     assert [row.split("|")[1].strip() for row in rows] == ["seq", "inverse", "grad", "storage"], done.stdout
     assert all(row.rstrip().endswith("| ok |") for row in rows), done.stdout
     assert "| default | defaults |" in done.stdout and "Fastest agreeing candidate" in done.stdout
+
+
+def test_given_choices_are_checked_and_timed_on_the_interpreter(tmp_path):
+    """`--choices`: exactly the candidates given, each checked against what the plan allows before any runs,
+    then run like a group's (here 3 pipeline stages in the forward state pass, fp32 on the interpreter)."""
+    assert tune.given_candidates('[{"stages_state": 4}, {"BVS": 16, "warps_seq": 2}]', 128) == [
+        dict(stages_state=4, group="given"), dict(BVS=16, warps_seq=2, group="given")]
+    for text in ("stages_state=4", "{}", "[]", '[{"stages_state": 4}, 3]', "[{}]"):
+        with pytest.raises(ValueError, match=r"--choices must be a JSON list of objects of tile choices, got "):
+            tune.given_candidates(text, 128)
+    with pytest.raises(ValueError, match=r"--choices may set .* got 'tile'"):
+        tune.given_candidates('[{"tile": 16}]', 128)
+    with pytest.raises(ValueError, match=r"--choices: BV must be one of \(64, 128\) at head dim 128 with bfloat16 "
+                                         r"inputs, got 32"):
+        tune.parse_args(["--heads", "4x128", "--choices", '[{"BV": 32}]'])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / "scripts" / "tune_kernels.py"), "--heads", "1x32", "--seq-len", "40",
+           "--batch", "2", "--dtype", "float32", "--warmup", "0", "--reps", "1", "--choices", '[{"stages_state": 3}]',
+           "--no-write"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "float32, given" in done.stdout and "--choices '[{\"stages_state\": 3}]'" in done.stdout, done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| given |")]
+    assert len(rows) == 1 and "stages_state=3" in rows[0] and rows[0].rstrip().endswith("| ok |"), done.stdout
