@@ -151,6 +151,21 @@ def bench_one(fn, inputs, backward, params=()):
     return do_bench(grad_step(fn, inputs, params), warmup=25, rep=100, return_mode="median")
 
 
+def first_call(fn, inputs) -> str:
+    """One forward+backward of `fn` before its timed rounds: the seconds it took (its kernels' compiles,
+    and fla's autotuning at a head shape it has no results for, minutes on a fresh machine), or the
+    error's text (the timed rounds report the error as well)."""
+    t0 = time.perf_counter()
+    try:
+        grad_step(fn, inputs)()
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - report, keep going
+        return f"error: {type(e).__name__}"
+    finally:
+        torch.cuda.empty_cache()
+    return f"{time.perf_counter() - t0:.1f} s"
+
+
 def warm_gpu(seconds: float = 5.0) -> None:
     """Keep the GPU busy with bf16 matmuls for `seconds` before anything is timed. The ninth session's
     parallel parts each timed their first shape (and profiled the first layer) at about half the speed
@@ -351,6 +366,9 @@ def run(args, publish) -> str:
                 finally:  # after an error too (an OOM leaves its blocks cached for the next op)
                     torch.cuda.empty_cache()
 
+            for name in cands:  # a run cut off by fla's autotuning says so in its log
+                print(f"B{B} T{T} H{H} d{d} {name:28s} first fwd+bwd: {first_call(cands[name][1], inputs[name])}",
+                      flush=True)
             times = {mode: interleaved(list(cands), args.op_rounds, lambda name, b=mode == "fwd+bwd": measure(name, b))
                      for mode in ("fwd", "fwd+bwd")}
             for name, (kind, _) in cands.items():

@@ -92,6 +92,7 @@ def test_op_table_rows_are_rounds_of_the_ops_in_turn(monkeypatch):
         return 1.0 + len(order) % 3
 
     monkeypatch.setattr(bench, "bench_one", fake_bench)
+    monkeypatch.setattr(bench, "first_call", lambda fn, inputs: order.append((len(order), "first")) or "0.1 s")
     monkeypatch.setattr(bench, "warm_gpu", lambda: None)
     monkeypatch.setattr(bench, "load_fla", lambda: (None, None))
     real_inputs = bench.make_inputs
@@ -102,6 +103,19 @@ def test_op_table_rows_are_rounds_of_the_ops_in_turn(monkeypatch):
     text = bench.run(args, publish=lambda _: None)
     rows = [line for line in text.splitlines() if line.startswith("| 4x8 ") or line.startswith("| 2x16 ")]
     assert len(rows) == 2 * 4  # two shapes x (ours: three rules, SDPA)
-    assert len(order) == 2 * 2 * 3 * 4  # shapes x modes x rounds x ops
-    assert [b for _, b in order[:24]] == [False] * 12 + [True] * 12  # each mode's rounds, all ops in turn
+    assert len(order) == 2 * (4 + 2 * 3 * 4)  # shapes x (a first call per op + modes x rounds x ops)
+    # each shape: one untimed first call of every op, then each mode's rounds, all ops in turn
+    assert [b for _, b in order[:28]] == ["first"] * 4 + [False] * 12 + [True] * 12
     assert all("(" in row and "-" in row for row in rows) and "median (and range) of 3 rounds" in text
+
+
+def test_first_call_reports_its_seconds_or_the_error(monkeypatch):
+    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(bench.torch.cuda, "empty_cache", lambda: None)
+    x = torch.randn(3, 4)
+    assert bench.first_call(lambda t: (t * 2).sum(-1), (x,)).endswith(" s")
+
+    def broken(t):
+        raise ValueError("no")
+
+    assert bench.first_call(broken, (x,)) == "error: ValueError"
