@@ -111,7 +111,7 @@ def candidates(groups: list[str], head_dim: int, dtype: str = "bfloat16") -> lis
 
 def given_candidates(text: str, head_dim: int, dtype: str = "bfloat16") -> list[dict]:
     """`--choices`: a JSON list of objects, each a set of tile choices the plan allows at this head dim
-    and dtype (`_Plan.allowed`)."""
+    and dtype (`_Plan.check_choice`, as for `launch.OVERRIDES`)."""
     try:
         given = json.loads(text)
     except json.JSONDecodeError:
@@ -121,11 +121,7 @@ def given_candidates(text: str, head_dim: int, dtype: str = "bfloat16") -> list[
     plan = cpu_plan(head_dim, dtype)
     for choice in given:
         for name, value in choice.items():
-            if name not in TUNABLE:
-                raise ValueError(f"--choices may set {tuple(TUNABLE)}, got {name!r}")
-            if value not in plan.allowed(name):
-                raise ValueError(f"--choices: {name} must be one of {plan.allowed(name)} at head dim {head_dim} with "
-                                 f"{dtype} inputs, got {value!r}")
+            plan.check_choice(name, value, "--choices")
     return [dict(c, group="given") for c in given]
 
 

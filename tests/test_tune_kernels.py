@@ -264,8 +264,8 @@ def test_given_choices_are_checked_and_timed_on_the_interpreter(tmp_path):
             tune.given_candidates(text, 128)
     with pytest.raises(ValueError, match=r"--choices may set .* got 'tile'"):
         tune.given_candidates('[{"tile": 16}]', 128)
-    with pytest.raises(ValueError, match=r"--choices: BV must be one of \(64, 128\) at head dim 128 with bfloat16 "
-                                         r"inputs, got 32"):
+    with pytest.raises(ValueError, match=r"--choices\['BV'\] must be one of \(64, 128\) at head dim 128 with "
+                                         r"torch.bfloat16 inputs, got 32"):
         tune.parse_args(["--heads", "4x128", "--choices", '[{"BV": 32}]'])
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, str(ROOT / "scripts" / "tune_kernels.py"), "--heads", "1x32", "--seq-len", "40",

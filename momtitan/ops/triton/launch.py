@@ -107,8 +107,9 @@ class _Plan:
         # 8.29 -> 7.76 ms gated delta, 7.80 -> 7.29 delta, 4.88 -> 4.30 simple GLA at 32/128 B8 T4096
         # bf16 (H200, in turn). At d = 256 64 wide needs 254 KB of shared memory.
         wide_state_tiles = wide_chunk_tiles and self.BVF == 128
-        # The forward pass narrower where its programs are few (`_narrowed_for_few_programs`).
-        self.BVS = self.BVS_bwd = 64 if wide_state_tiles else min(self.BVF, 32)
+        widest_state_tile = 64 if wide_state_tiles else min(self.BVF, 32)
+        self.BVS_bwd = widest_state_tile
+        self.BVS = None  # chosen below: the widest, narrower where its programs are few (`_narrowed_for_few_programs`)
         # The state passes of the rules without beta, whose state rows (and state-gradient rows) evolve
         # apart, in NKB programs per V tile, one [BK, BVS] / [BK, BVS_bwd] block each (NKB times the
         # programs; fla's `chunk_fwd_h` and `chunk_bwd_dh` split K likewise); the delta rules always hold
@@ -192,7 +193,8 @@ class _Plan:
         self._apply_overrides()
         sms = _multiprocessors(dev)  # 0 on CPU: no split, the tiles side by side
         if self.state_k_split is None:
-            fwd_programs, bwd_programs = self.N * H * (self.BVF // self.BVS), self.N * H * (self.BVF // self.BVS_bwd)
+            fwd_tile = self.BVS or widest_state_tile
+            fwd_programs, bwd_programs = self.N * H * (self.BVF // fwd_tile), self.N * H * (self.BVF // self.BVS_bwd)
             self.state_k_split = 1 if fwd_programs <= sms else 2 if bwd_programs <= 2 * sms else 0
         if q.dtype == torch.float32:
             self.dot_mode_state_bwd = 0
@@ -202,8 +204,8 @@ class _Plan:
         self.wy_dtype = q.dtype if self.wy_in_input_dtype else torch.float32
         self.du_dtype = q.dtype if self.du_in_input_dtype else torch.float32
         self.NKS, self.NKS_bwd = self.state_programs_along_k(self.delta)
-        if "BVS" not in self._overridden:
-            self.BVS = self._narrowed_for_few_programs(self.BVS, self.NKS, sms)
+        if self.BVS is None:
+            self.BVS = self._narrowed_for_few_programs(widest_state_tile, self.NKS, sms)
         self.NVB = self.BVF // self.BV
         self.NVBG = self.BVF // self.BVG
         self.NVBS = self.BVF // self.BVS
@@ -216,16 +218,19 @@ class _Plan:
 
     def _apply_overrides(self) -> None:
         env = _env_overrides()
-        self._overridden = {**env, **OVERRIDES}
-        for name, value in self._overridden.items():
-            source = "OVERRIDES" if name in OVERRIDES else OVERRIDES_ENV
-            if name not in TUNABLE:
-                raise ValueError(f"{source} may set {tuple(TUNABLE)}, got {name!r}")
-            allowed = self.allowed(name)
-            if value not in allowed:
-                raise ValueError(f"{source}[{name!r}] must be one of {allowed} at head dim {self.K} with "
-                                 f"{self.q.dtype} inputs, got {value!r}")
+        for name, value in {**env, **OVERRIDES}.items():
+            self.check_choice(name, value, "OVERRIDES" if name in OVERRIDES else OVERRIDES_ENV)
             setattr(self, name, value)
+
+    def check_choice(self, name: str, value, source: str) -> None:
+        """Raises a ValueError naming `source` unless `name` is a tunable choice and `value` one it may take
+        at this plan's head dim and input dtype (`allowed`)."""
+        if name not in TUNABLE:
+            raise ValueError(f"{source} may set {tuple(TUNABLE)}, got {name!r}")
+        allowed = self.allowed(name)
+        if value not in allowed:
+            raise ValueError(f"{source}[{name!r}] must be one of {allowed} at head dim {self.K} with "
+                             f"{self.q.dtype} inputs, got {value!r}")
 
     def _narrowed_for_few_programs(self, tile: int, splits: int, sms: int) -> int:
         """The forward state pass's V tile, halved (down to 16) while its programs (segments x heads x V
