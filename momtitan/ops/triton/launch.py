@@ -237,11 +237,12 @@ class _Plan:
         tiles x K splits) are at most the SMs and, halved, each chunk step's k and W rows over all programs
         (a program's K / splits rows x programs) stay within 256 x SMs. Each program walks its segment's
         chunks one after another, bound by the latency of each chunk's loads and dots; a second program
-        on an SM hides some of it, but every V tile loads the chunk's k and W rows again. Measured in turn
-        on an H200 (bf16, forward ms, main -> narrowed; 24th session): gated delta 32/128 B1 T32768 (64
-        programs) 2.44 -> 2.26 at 16 wide (fwd+bwd 9.11 -> 8.72), 16/128 B1 1.63 -> 1.46, B2 1.23 -> 1.14,
-        B4 (32 wide) 1.03 -> 1.00, 4/256 B1 1.43 -> 1.31, B2 0.93 -> 0.88; but 4/256 B4 T8192 (128
-        programs of 256 rows) 0.84 -> 0.90 at 16 wide, fwd+bwd 2.74 -> 3.16: the rows bound stops it there.
+        on an SM hides some of it, but every V tile loads the chunk's k and W rows again. Measured on one
+        H200, main and the rule in calls one after the other (bf16, forward ms, main -> narrowed; 24th
+        session): gated delta 32/128 B1 T32768 (64 programs) 2.44 -> 2.26 at 16 wide (fwd+bwd 9.11 ->
+        8.72), 16/128 B1 1.63 -> 1.46, B2 1.23 -> 1.14, B4 (32 wide) 1.03 -> 1.00, 4/256 B1 1.43 -> 1.31,
+        B2 0.93 -> 0.88; but 4/256 B4 T8192 (128 programs of 256 rows) 0.84 -> 0.90 at 16 wide, fwd+bwd
+        2.74 -> 3.16: the rows bound stops it there.
         The reverse pass narrowed likewise was faster at some of these shapes and slower at others: not
         done. 0 SMs (CPU): unchanged."""
         rows = self.BKF // splits
