@@ -118,6 +118,29 @@ def test_forward_state_tile_narrows_where_its_programs_are_few(monkeypatch):
     monkeypatch.setattr(launch, "_multiprocessors", lambda device: 0)
     assert plan(1, 32, 128) == (64, 64)
 
+def test_forward_state_pass_pipelines_deeper_where_split_and_narrowed(monkeypatch):
+    """4 pipeline stages in the forward state pass where it is split along K (no beta) and its V tile was
+    narrowed for few programs, with 16-bit inputs; 2 elsewhere, and an override wins."""
+    from momtitan.ops.triton import launch
+
+    def stages(B, H, d, beta=False, dtype=torch.bfloat16):
+        x = torch.zeros(B, 64, H, d, dtype=dtype)
+        gate = torch.zeros(B, 64, H)
+        return launch._Plan(x, x, x, gate, gate if beta else None, None, None, None, False, 64).stages_state
+
+    monkeypatch.setattr(launch, "_multiprocessors", lambda device: 132)
+    assert stages(1, 4, 256) == 4 and stages(1, 32, 128) == 4 and stages(1, 16, 128) == 4
+    assert stages(2, 32, 128) == 2  # split, not narrowed
+    assert stages(8, 32, 128) == 2  # neither
+    assert stages(1, 4, 256, beta=True) == 2 and stages(1, 32, 128, beta=True) == 2  # the delta rules
+    assert stages(1, 4, 256, dtype=torch.float32) == 2
+    monkeypatch.setattr(launch, "OVERRIDES", {"stages_state": 3})
+    assert stages(1, 4, 256) == 3
+    monkeypatch.setattr(launch, "OVERRIDES", {})
+    monkeypatch.setattr(launch, "_multiprocessors", lambda device: 0)  # CPU: no split, no narrowing
+    assert stages(1, 4, 256) == 2
+
+
 def test_overrides_reach_the_plan_and_bad_ones_raise(monkeypatch):
     from momtitan.ops.triton import launch
 

@@ -156,8 +156,9 @@ class _Plan:
         # the sequential passes' tile loads software-pipelined (their small per-chunk weights are loaded a
         # chunk ahead by hand, `stored_row_weights`): 2 stages, 1.09x / 1.12x the op's fwd+bwd at 32x128 /
         # 4x256 against 1 (B8 T4096 bf16 gated delta, H200); 3 fit the forward only (the reverse pass at
-        # d = 256 needs 259 KB) and were no faster; fp32 at d = 256 fits 2 (229,376 of sm_90's 232,448 bytes)
-        self.stages_state = 2
+        # d = 256 needs 259 KB) and were no faster; fp32 at d = 256 fits 2 (229,376 of sm_90's 232,448 bytes).
+        # The forward pass: chosen below (`_forward_stages`), 2 or, where its programs are few, 4.
+        self.stages_state = None
         self.stages_state_bwd = 2
         # the gradient kernel's V/K-block loops are software-pipelined (Triton's default of 3 stages);
         # with fp32 inputs 3 stages need 240 KB of shared memory, over Hopper's 227 KB per block, so 2
@@ -206,6 +207,8 @@ class _Plan:
         self.NKS, self.NKS_bwd = self.state_programs_along_k(self.delta)
         if self.BVS is None:
             self.BVS = self._narrowed_for_few_programs(widest_state_tile, self.NKS, sms)
+        if self.stages_state is None:
+            self.stages_state = self._forward_stages(widest_state_tile, wide_chunk_tiles)
         self.NVB = self.BVF // self.BV
         self.NVBG = self.BVF // self.BVG
         self.NVBS = self.BVF // self.BVS
@@ -251,6 +254,20 @@ class _Plan:
         while tile > narrowest and programs <= sms and rows * 2 * programs <= 256 * sms:
             tile, programs = tile // 2, programs * 2
         return tile
+
+    def _forward_stages(self, widest_state_tile: int, sixteen_bit: bool) -> int:
+        """The forward state pass's pipeline stages: 4 where it is split along K (the rules without beta)
+        and its V tile was narrowed for few programs, else 2. A program then holds a [BK, 16 or 32]
+        block and walks its segment's chunks with little to do per chunk: each chunk's loads, issued a
+        chunk ahead at 2 stages, are waited on; at 4 stages three chunks ahead. Simple GLA 4/256 B1
+        T32768 bf16 (256 programs, 16 wide; H200, `tune_kernels.py --choices`, 25th session): forward
+        1.11 -> 0.99 -> 0.79 ms at 2 / 3 / 4 stages, fwd+bwd 3.21 -> 3.06 (fla's own forward state kernel,
+        at these tiles: 0.554 / 0.339 / 0.265 ms at 2 / 3 / 4 stages). Not for the delta rules, whose
+        forward pass holds every row of the state and of W: 4 stages were slower at 32/128 B1 (2.44 ->
+        2.97 ms) and 16/128 B2 (1.37 -> 1.76). 16-bit inputs only (fp32 doubles the shared memory: not
+        measured). The split pass at d = 256 needs 49 KB of shared memory at 4 stages."""
+        narrowed = self.BVS < widest_state_tile
+        return 4 if sixteen_bit and not self.delta and self.NKS > 1 and narrowed else 2
 
     def allowed(self, name: str) -> tuple[int, ...]:
         """The values the tunable `name` may take at this plan's head dim and input dtype: a V tile is a
