@@ -31,8 +31,15 @@ launches, not its kernels); not written.
     python scripts/bench_ops.py [--seq-lens 2048,8192,32768] [--heads 32x128,16x128,4x256] [--no-write] [--profile]
     python scripts/bench_ops.py --profile --ops ours --heads 32x128 --seq-lens 4096 --no-layer --no-write
 
-fla autotunes each of its kernels at every new shape, which makes a full run long. On a machine of
-several GPUs, `--part` splits it: each part writes its own section, "## Ops: linear_recurrence, part
+fla autotunes its kernels, keyed by head shape and chunk size but not by batch or length: left alone
+it would keep, at every length of a head shape, the choices it benchmarked at the first length it ran
+(and, through Triton's disk cache, at the first length any earlier run used). In the 25th session its
+simple GLA at B1 T32768 ran 1.2-1.4x faster tuned there than under the choices of a run that started
+at B16 T2048. So by default (`--fla-tuning per-shape`) every fla autotuner forgets its choices before
+each shape and skips the disk cache, and fla is timed as tuned for that shape, as a user training at
+one shape would run it; `--fla-tuning first` keeps fla's own behaviour. Tuning at each shape costs
+fla's config benchmarks each time (their compiles are cached after the first shape), so a full run is
+long. On a machine of several GPUs, `--part` splits it: each part writes its own section, "## Ops: linear_recurrence, part
 <name>", and the MoM layer comparison runs in the part named `layer` only:
 
     CUDA_VISIBLE_DEVICES=0 python scripts/bench_ops.py --part layer --heads "" &
@@ -89,6 +96,35 @@ def load_fla():
     except importlib.metadata.PackageNotFoundError:
         version = getattr(sys.modules.get("fla"), "__version__", "?")
     return dict(gdn=chunk_gated_delta_rule, delta=chunk_delta_rule, sgla=chunk_simple_gla), version
+
+
+def fla_autotuners() -> list:
+    """Every Triton autotuner in fla's loaded modules (a kernel may sit under a `triton.heuristics`
+    wrapper, or wrap one)."""
+    from triton.runtime.autotuner import Autotuner
+
+    found = {}
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("fla."):
+            continue
+        for obj in list(vars(module).values()):
+            for _ in range(3):  # Heuristics -> Autotuner -> Heuristics -> JITFunction at most
+                if isinstance(obj, Autotuner):
+                    found[id(obj)] = obj
+                obj = getattr(obj, "fn", None)
+                if obj is None:
+                    break
+    return list(found.values())
+
+
+def forget_fla_tuning() -> int:
+    """Makes fla benchmark its configs again at the next call of each kernel: its autotuners drop their
+    choices and stop reading and writing Triton's disk cache of them. Returns how many there were."""
+    tuners = fla_autotuners()
+    for tuner in tuners:
+        tuner.cache.clear()
+        tuner.cache_results = False
+    return len(tuners)
 
 
 def make_inputs(B, T, H, d, device="cuda", dtype=torch.bfloat16):
@@ -336,6 +372,8 @@ def run(args, publish) -> str:
         "4Cd+4d^2, SDPA causal 2Td per token-head (C = 64); fwd+bwd counted as 3x fwd. \"ours\" = "
         "`momtitan.ops.triton.triton_linear_recurrence` (qk L2 norm in kernel for the delta rules). fla's gated "
         "backward rows run with its triton < 3.7.1 Hopper guard lifted (timing only; see the script's docstring)."
+        + (" fla autotuned at each shape (`--fla-tuning per-shape`)." if args.fla_tuning == "per-shape" else
+           " fla's autotuning as fla does it: the choices of each head shape's first length (`--fla-tuning first`).")
         + (f" Each cell: the median (and range) of {args.op_rounds} rounds, the ops of a shape measured in turn "
            "in each round." if args.op_rounds > 1 else ""),
     ]
@@ -366,6 +404,8 @@ def run(args, publish) -> str:
                 finally:  # after an error too (an OOM leaves its blocks cached for the next op)
                     torch.cuda.empty_cache()
 
+            if args.fla_tuning == "per-shape" and any(name.startswith("fla ") for name in cands):
+                print(f"B{B} T{T} H{H} d{d} fla autotuners reset: {forget_fla_tuning()}", flush=True)
             for name in cands:  # a run cut off by fla's autotuning says so in its log
                 print(f"B{B} T{T} H{H} d{d} {name:28s} first fwd+bwd: {first_call(cands[name][1], inputs[name])}",
                       flush=True)
@@ -407,6 +447,9 @@ def main():
     ap.add_argument("--no-layer", action="store_true", help="skip the MoM layer comparison")
     ap.add_argument("--ops", default="", help="comma list: time only the ops whose name contains one of these "
                     "(e.g. 'ours' or 'gated delta'); default all")
+    ap.add_argument("--fla-tuning", choices=("per-shape", "first"), default="per-shape",
+                    help="per-shape: fla benchmarks its configs again at every shape (default); first: fla's "
+                    "own behaviour, the choices made at the first length of each head shape (see the docstring)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     for flag in ("op_rounds", "layer_rounds"):

@@ -1,6 +1,8 @@
 """scripts/bench_ops.py's CPU-checkable parts: the timed fwd+bwd step and the op filter."""
 
 
+import sys
+
 import pytest
 import torch
 
@@ -94,19 +96,26 @@ def test_op_table_rows_are_rounds_of_the_ops_in_turn(monkeypatch):
     monkeypatch.setattr(bench, "bench_one", fake_bench)
     monkeypatch.setattr(bench, "first_call", lambda fn, inputs: order.append((len(order), "first")) or "0.1 s")
     monkeypatch.setattr(bench, "warm_gpu", lambda: None)
-    monkeypatch.setattr(bench, "load_fla", lambda: (None, None))
+    fla_op = lambda *a, **k: (None,)  # noqa: E731  (never called: the timing is faked)
+    monkeypatch.setattr(bench, "load_fla", lambda: (dict(gdn=fla_op, delta=fla_op, sgla=fla_op), "0.6.0"))
+    monkeypatch.setattr(bench, "forget_fla_tuning", lambda: order.append((len(order), "retune")) or 7)
     real_inputs = bench.make_inputs
     monkeypatch.setattr(bench, "make_inputs", lambda B, T, H, d: real_inputs(B, T, H, d, device="cpu"))
     monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda: "fake GPU")
     args = bench.argparse.Namespace(ops="", profile=False, heads="2x16", seq_lens="8,16", tokens=32, part="",
-                                    no_layer=True, op_rounds=3)
+                                    no_layer=True, op_rounds=3, fla_tuning="per-shape")
     text = bench.run(args, publish=lambda _: None)
     rows = [line for line in text.splitlines() if line.startswith("| 4x8 ") or line.startswith("| 2x16 ")]
-    assert len(rows) == 2 * 4  # two shapes x (ours: three rules, SDPA)
-    assert len(order) == 2 * (4 + 2 * 3 * 4)  # shapes x (a first call per op + modes x rounds x ops)
-    # each shape: one untimed first call of every op, then each mode's rounds, all ops in turn
-    assert [b for _, b in order[:28]] == ["first"] * 4 + [False] * 12 + [True] * 12
+    assert len(rows) == 2 * 7  # two shapes x (ours: three rules, fla's three, SDPA)
+    assert len(order) == 2 * (1 + 7 + 2 * 3 * 7)  # shapes x (fla retuned, a first call per op, modes x rounds x ops)
+    # each shape: fla told to tune again, one untimed first call of every op, then each mode's rounds, all ops in turn
+    assert [b for _, b in order[:50]] == ["retune"] + ["first"] * 7 + [False] * 21 + [True] * 21
     assert all("(" in row and "-" in row for row in rows) and "median (and range) of 3 rounds" in text
+    assert "fla autotuned at each shape" in text
+    order.clear()
+    args.fla_tuning, args.ops = "first", "ours,fla"
+    text = bench.run(args, publish=lambda _: None)
+    assert "retune" not in [b for _, b in order] and "first length (`--fla-tuning first`)" in text
 
 
 def test_first_call_reports_its_seconds_or_the_error(monkeypatch):
@@ -119,3 +128,34 @@ def test_first_call_reports_its_seconds_or_the_error(monkeypatch):
         raise ValueError("no")
 
     assert bench.first_call(broken, (x,)) == "error: ValueError"
+
+
+def test_forget_fla_tuning_reaches_autotuners_under_heuristics(monkeypatch):
+    """fla's kernels sit in autotuners, some under a heuristics wrapper: each is found once, drops its
+    choices and stops using the disk cache; autotuners outside fla's modules are left alone."""
+    import types
+
+    import triton
+    import triton.language as tl
+
+    def tuned():
+        @triton.jit
+        def kernel(x, N: tl.constexpr):
+            pass
+
+        return triton.autotune(configs=[triton.Config({}, num_warps=4)], key=["N"], cache_results=True)(kernel)
+
+    inner = tuned()
+    wrapped = triton.heuristics({"N": lambda args: 1})(inner)
+    outside = tuned()
+    for tuner in (inner, outside):
+        tuner.cache[(1,)] = "chosen"
+    module = types.ModuleType("fla.ops.fake")
+    module.kernel, module.alias = wrapped, inner
+    monkeypatch.setitem(sys.modules, "fla.ops.fake", module)
+    other = types.ModuleType("not_fla")
+    other.kernel = outside
+    monkeypatch.setitem(sys.modules, "not_fla", other)
+    assert bench.forget_fla_tuning() == 1
+    assert inner.cache == {} and inner.cache_results is False
+    assert outside.cache == {(1,): "chosen"}
