@@ -100,6 +100,51 @@ def test_compiled_block_on_cuda_has_no_graph_break_and_matches_eager():
     assert_close("dx", gx, gx_ref, 1e-3)
 
 
+def test_block_in_bf16_is_repeatable_and_blind_to_uninitialised_memory():
+    """One block at the 1.3B head shape (4 heads of 256, top-2 of 4 memories and the shared one), bf16,
+    T not a multiple of the chunk, document starts: forward+backward gives the same bits every time, and
+    the same results again when every buffer PyTorch leaves uninitialised holds NaN (deterministic mode's
+    fill, and a freed NaN block in the caching allocator), so no kernel reads memory it did not write.
+    (The 25th session's one 2-GPU run that trained wrong, `benchmarks.md`, prompted it.)"""
+    from momtitan.model import Block
+
+    args = get_flavor("1.3B").replace(hidden_size=512, intermediate_size=1024, num_hidden_layers=1)
+    block = Block(args, 0)
+    block.mixer.reset_parameters()
+    block.mlp.reset_parameters(0.02)
+    block = block.cuda().to(torch.bfloat16)
+    x = torch.randn(2, 700, args.hidden_size, device="cuda", dtype=torch.bfloat16)
+    doc_starts = torch.rand(2, 700, device="cuda") < 1 / 150
+    doc_starts[:, 0] = True
+
+    def fwd_bwd():
+        xs = x.clone().requires_grad_()
+        h, aux, _ = block(xs, doc_starts)
+        ((h.float() * torch.linspace(-1, 1, h.shape[-1], device="cuda")).square().mean() + aux.float()).backward()
+        out = [h.detach(), xs.grad] + [p.grad.clone() for p in block.parameters()]
+        block.zero_grad(set_to_none=True)
+        return out
+
+    first = fwd_bwd()
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(fwd_bwd(), first)), "fwd+bwd not repeatable"
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        torch.cuda.empty_cache()
+        junk = torch.full((1 << 28,), float("nan"), device="cuda")
+        del junk  # a freed block of NaN, which the allocator hands out again
+        poisoned = fwd_bwd()
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    names = ["out", "dx"] + [n for n, _ in block.named_parameters()]
+    for name, a, b in zip(names, poisoned, first):
+        assert torch.isfinite(a).all(), f"{name}: non-finite with NaN in uninitialised memory"
+        assert_close(name, a.float(), b.float(), 1e-3)
+
+
 def test_compiled_block_under_a_memory_budget_matches_eager():
     """`activation_checkpoint.mode = "memory_budget"`: inductor's partitioner recomputes part of the
     block in the backward; the gradients stay those of the eager block."""
