@@ -262,7 +262,9 @@ class _Plan:
         chunk ahead at 2 stages, are waited on; at 4 stages three chunks ahead. Simple GLA 4/256 B1
         T32768 bf16 (256 programs, 16 wide; H200, `tune_kernels.py --choices`, 25th session): forward
         1.11 -> 0.99 -> 0.79 ms at 2 / 3 / 4 stages, fwd+bwd 3.21 -> 3.06 (fla's own forward state kernel,
-        at these tiles: 0.554 / 0.339 / 0.265 ms at 2 / 3 / 4 stages). Not for the delta rules, whose
+        at BK 64 and BV 32: 0.554 / 0.339 / 0.265 ms at 2 / 3 / 4 stages). Against 2 stages in turn
+        (`bench_ops.py`, B1 T32768): forward 1.15x at 4/256, 1.12x at 16/128, 1.03x at 32/128, fwd+bwd
+        1.07x / 1.06x / 1.01x. Not for the delta rules, whose
         forward pass holds every row of the state and of W: 4 stages were slower at 32/128 B1 (2.44 ->
         2.97 ms) and 16/128 B2 (1.37 -> 1.76). 16-bit inputs only (fp32 doubles the shared memory: not
         measured). The split pass at d = 256 needs 49 KB of shared memory at 4 stages."""
