@@ -34,13 +34,13 @@ launches, not its kernels); not written.
 fla autotunes its kernels, keyed by head shape and chunk size but not by batch or length: left alone
 it would keep, at every length of a head shape, the choices it benchmarked at the first length it ran
 (and, through Triton's disk cache, at the first length any earlier run used). In the 25th session its
-simple GLA at B1 T32768 ran 1.2-1.4x faster tuned there than under the choices of a run that started
+simple GLA at B1 T32768 ran 1.2-1.7x faster tuned there than under the choices of a run that started
 at B16 T2048. So by default (`--fla-tuning per-shape`) every fla autotuner forgets its choices before
 each shape and skips the disk cache, and fla is timed as tuned for that shape, as a user training at
 one shape would run it; `--fla-tuning first` keeps fla's own behaviour. Tuning at each shape costs
 fla's config benchmarks each time (their compiles are cached after the first shape), so a full run is
-long. On a machine of several GPUs, `--part` splits it: each part writes its own section, "## Ops: linear_recurrence, part
-<name>", and the MoM layer comparison runs in the part named `layer` only:
+long. On a machine of several GPUs, `--part` splits it: each part writes its own section, "## Ops:
+linear_recurrence, part <name>", and the MoM layer comparison runs in the part named `layer` only:
 
     CUDA_VISIBLE_DEVICES=0 python scripts/bench_ops.py --part layer --heads "" &
     CUDA_VISIBLE_DEVICES=1 python scripts/bench_ops.py --part 32x128 --heads 32x128 --no-layer &
