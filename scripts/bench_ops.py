@@ -189,8 +189,8 @@ def bench_one(fn, inputs, backward, params=()):
 
 def first_call(fn, inputs) -> str:
     """One forward+backward of `fn` before its timed rounds: the seconds it took (its kernels' compiles,
-    and fla's autotuning at a head shape it has no results for, minutes on a fresh machine), or the
-    error's text (the timed rounds report the error as well)."""
+    and fla's autotuning, at every shape under `--fla-tuning per-shape`), or the error's text (the timed
+    rounds report the error as well)."""
     t0 = time.perf_counter()
     try:
         grad_step(fn, inputs)()

@@ -576,6 +576,7 @@ def test_gpu_tiles_of_many_programs(rule, d, dtype, monkeypatch):
     errs, finite = check_case(spec, "cuda", DTYPES[dtype])
     _assert_errs(errs, finite, *GPU_TOL[dtype], f"{rule} d={d} {dtype} tiles of many programs")
 
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rule", list(RULES))
 @pytest.mark.parametrize("d", [64, 256])

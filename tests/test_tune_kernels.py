@@ -118,6 +118,7 @@ def test_forward_state_tile_narrows_where_its_programs_are_few(monkeypatch):
     monkeypatch.setattr(launch, "_multiprocessors", lambda device: 0)
     assert plan(1, 32, 128) == (64, 64)
 
+
 def test_forward_state_pass_pipelines_deeper_where_split_and_narrowed(monkeypatch):
     """4 pipeline stages in the forward state pass where it is split along K (no beta) and its V tile was
     narrowed for few programs, with 16-bit inputs; 2 elsewhere, and an override wins."""

@@ -7,9 +7,10 @@
 # baseline commit, with its own Inductor cache: torch's FX graph cache keys a custom op by name, not
 # schema, pytorch#187319) and `pack_logs` (the logs as one tar, and fla's autotune results beside it:
 # a call returns at most eight files). `in_tree` is a shell function: give `timeout` the command inside it
-# (`in_tree main timeout 150 python3 ...`), not the function. Each machine starts bare: fla autotunes every kernel it has no
-# result for, minutes per head shape; store the returned fla_autotune.tgz over
-# scripts/gpu/fla_autotune_h200.tgz when it has more.
+# (`in_tree main timeout 150 python3 ...`), not the function. Each machine starts bare: fla autotunes
+# every kernel it has no result for, minutes per head shape; the seeded results serve fla's MoM layer
+# and `bench_ops.py --fla-tuning first` (its default, per-shape, tunes fla again at every shape). Store
+# the returned fla_autotune.tgz over scripts/gpu/fla_autotune_h200.tgz when it has more.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MOMTITAN_CACHE=/tmp/mtc PYTHON=python3
 export TRITON_CACHE_DIR=/tmp/triton_cache TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_main
